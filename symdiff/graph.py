@@ -1,0 +1,211 @@
+"""Registers, the expression manager ``XMan`` and Wengert lists.
+
+A model is plain Python over *registers*: inputs, params and the outputs of
+operations. ``XMan.setup()`` names them; ``operationSequence(reg)`` turns the
+graph below ``reg`` into a Wengert list, the topologically ordered steps that
+the compiler in :mod:`symdiff.autograd` runs. No numeric code lives here.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, NamedTuple, Sequence
+
+from .registry import Op, get_op
+
+INPUT, PARAM, OPERATION = "input", "param", "operationOutput"
+
+
+class Register:
+    """A node of the expression graph.
+
+    ``role`` is ``"input"`` (data fed at each step), ``"param"`` (trained) or
+    ``"operationOutput"``. Operators build operations the way the seed did:
+    ``+`` add, ``-`` subtract, ``*`` and ``@`` the matrix product.
+    """
+
+    __slots__ = ("name", "role", "default", "op", "inputs")
+
+    def __init__(self, role: str, name: str | None = None, default: Any = None,
+                 op: Op | None = None, inputs: tuple["Register", ...] = ()) -> None:
+        self.name = name
+        self.role = role
+        self.default = default
+        self.op = op
+        self.inputs = inputs
+
+    @classmethod
+    def operation(cls, op: Op, inputs: Sequence[Any]) -> "Register":
+        """The register computed by ``op`` from ``inputs`` (checked here, at build time)."""
+        if len(inputs) != op.arity:
+            raise TypeError(f"op {op.name!r} takes {op.arity} register(s), got {len(inputs)}")
+        for k, r in enumerate(inputs):
+            if not isinstance(r, Register):
+                raise TypeError(
+                    f"input {k} of op {op.name!r} is a {type(r).__name__}, not a register; "
+                    f"wrap constants with f.input(name=..., default=value)"
+                )
+        return cls(OPERATION, op=op, inputs=tuple(inputs))
+
+    def isInput(self) -> bool:
+        return self.role == INPUT
+
+    def isParam(self) -> bool:
+        return self.role == PARAM
+
+    def isOperationOutput(self) -> bool:
+        return self.role == OPERATION
+
+    # seed-style operator overloading
+    def __add__(self, other: "Register") -> "Register":
+        return Register.operation(get_op("add"), (self, other))
+
+    def __sub__(self, other: "Register") -> "Register":
+        return Register.operation(get_op("subtract"), (self, other))
+
+    def __mul__(self, other: "Register") -> "Register":
+        return Register.operation(get_op("mul"), (self, other))
+
+    __matmul__ = __mul__
+
+    def __repr__(self) -> str:
+        what = self.op.name if self.op is not None else self.role
+        return f"<Register {self.name or '?'}: {what}>"
+
+
+class _Builder:
+    """``f``: ``f.input``/``f.param`` make leaves, ``f.<op>(...)`` applies any registered op."""
+
+    @staticmethod
+    def input(name: str | None = None, default: Any = None) -> Register:
+        return Register(INPUT, name=name, default=default)
+
+    @staticmethod
+    def param(name: str | None = None, default: Any = None) -> Register:
+        return Register(PARAM, name=name, default=default)
+
+    def __getattr__(self, opname: str) -> Any:
+        if opname.startswith("__"):
+            raise AttributeError(opname)
+        return get_op(opname)
+
+    def __dir__(self) -> list[str]:
+        from .registry import OPS
+
+        return ["input", "param", *OPS]
+
+
+f = _Builder()
+
+
+class Step(NamedTuple):
+    """One Wengert-list entry: ``output = op(*inputs)``, all by register name."""
+
+    output: str
+    op: str
+    inputs: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.output} = {self.op}({', '.join(self.inputs)})"
+
+
+class WengertList(list):
+    """A list of :class:`Step` s that prints one step a line."""
+
+    def __str__(self) -> str:
+        width = len(str(len(self)))
+        return "\n".join(f"{k:>{width}}  {step}" for k, step in enumerate(self, 1))
+
+
+class XMan:
+    """The expression manager: assign registers as attributes, then ``setup()``.
+
+    Attribute names become register names (unless the register was given one),
+    remaining intermediate registers are named ``z1, z2, ...`` in build order.
+    """
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_registers", {})
+
+    def setup(self) -> "XMan":
+        """Name every register reachable from an attribute; returns the manager."""
+        regs: dict[str, Register] = {}
+        attrs = [(k, v) for k, v in vars(self).items() if isinstance(v, Register)]
+        for attr, reg in attrs:
+            if reg.name is None:
+                reg.name = attr
+        taken = {reg.name for _, reg in attrs} | {
+            r.name for _, reg in attrs for r in _walk(reg) if r.name is not None}
+        counter = 0
+        for _, reg in attrs:
+            for r in _walk(reg):
+                if r.name is None:
+                    counter += 1
+                    while f"z{counter}" in taken:
+                        counter += 1
+                    r.name = f"z{counter}"
+                    taken.add(r.name)
+                other = regs.setdefault(r.name, r)
+                if other is not r:
+                    raise ValueError(
+                        f"two different registers are both named {r.name!r}; give each "
+                        f"input/param a unique name=")
+        object.__setattr__(self, "_registers", regs)
+        return self
+
+    def register(self, name: str) -> Register:
+        """The register called ``name`` (after ``setup``)."""
+        try:
+            return self._registers[name]
+        except KeyError:
+            raise KeyError(f"no register named {name!r}; did you call setup()?") from None
+
+    def registers(self) -> dict[str, Register]:
+        return dict(self._registers)
+
+    def isParam(self, name: str) -> bool:
+        return self.register(name).role == PARAM
+
+    def isInput(self, name: str) -> bool:
+        return self.register(name).role == INPUT
+
+    def params(self) -> list[str]:
+        return [n for n, r in self._registers.items() if r.role == PARAM]
+
+    def inputDict(self, **overrides: Any) -> dict[str, Any]:
+        """Default values of every input and param (copies), updated by ``overrides``."""
+        out: dict[str, Any] = {}
+        for name, r in self._registers.items():
+            if r.role in (INPUT, PARAM) and r.default is not None:
+                d = r.default
+                out[name] = d.copy() if hasattr(d, "copy") else d
+        out.update(overrides)
+        return out
+
+    def operationSequence(self, reg: Register) -> WengertList:
+        """The Wengert list computing ``reg``: each register once, inputs first."""
+        if not isinstance(reg, Register):
+            raise TypeError(f"operationSequence needs a register, got {type(reg).__name__}")
+        steps = WengertList()
+        for r in _walk(reg):
+            if r.name is None:
+                raise ValueError("unnamed register in the graph: call xm.setup() before operationSequence()")
+            if r.role == OPERATION:
+                steps.append(Step(r.name, r.op.name, tuple(i.name for i in r.inputs)))
+        return steps
+
+
+def _walk(root: Register) -> Iterator[Register]:
+    """Post-order over the graph below ``root``, each register once (iterative: deep LSTMs)."""
+    seen: set[int] = set()
+    stack: list[tuple[Register, bool]] = [(root, False)]
+    while stack:
+        reg, expanded = stack.pop()
+        if expanded:
+            yield reg
+            continue
+        if id(reg) in seen:
+            continue
+        seen.add(id(reg))
+        stack.append((reg, True))
+        for child in reversed(reg.inputs):
+            if id(child) not in seen:
+                stack.append((child, False))

@@ -1,0 +1,95 @@
+"""A sparse one-hot matrix value, so ``X·W`` with one-hot ``X`` is a row gather.
+
+Character models multiply one-hot rows by weight matrices; doing that as a
+dense matrix product wastes almost all its FLOPs. A :class:`OneHot` input value
+lets the ``mul`` op gather rows of ``W`` forward and scatter-add ``delta`` rows
+backward, with the same math. Anything else that touches a ``OneHot`` sees the
+dense matrix through ``__array__``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class OneHot:
+    """An ``(n, depth)`` 0/1 matrix with at most ``k`` ones per row.
+
+    ``indices`` is an ``(n, k)`` integer array of the columns holding a one;
+    ``-1`` marks an unused slot (a padded character). Rows may not repeat a
+    column (each slot is a distinct one-hot position).
+    """
+
+    __slots__ = ("indices", "depth", "dtype", "_valid", "_flat")
+    __array_priority__ = 100
+
+    def __init__(self, indices: np.ndarray, depth: int, dtype: Any = np.float64) -> None:
+        idx = np.asarray(indices)
+        if idx.ndim == 1:
+            idx = idx[:, None]
+        if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"OneHot indices must be an integer array of shape (n, k), got {idx.dtype} {idx.shape}")
+        if idx.size and (idx.max() >= depth or idx.min() < -1):
+            raise ValueError(f"OneHot indices must lie in [-1, {depth - 1}], got [{idx.min()}, {idx.max()}]")
+        self.indices = idx
+        self.depth = int(depth)
+        self.dtype = np.dtype(dtype)
+        self._valid: np.ndarray | None = None
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.indices.shape[0], self.depth)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        dense = np.zeros(self.shape, dtype=dtype or self.dtype)
+        rows, cols = self._nonzeros()
+        dense[rows, cols] = 1
+        return dense
+
+    def _nonzeros(self) -> tuple[np.ndarray, np.ndarray]:
+        """Row and column of every one (cached: the same batch is used forward and backward)."""
+        if self._flat is None:
+            n, k = self.indices.shape
+            rows = np.repeat(np.arange(n), k)
+            cols = self.indices.ravel()
+            keep = cols >= 0
+            self._flat = (rows[keep], cols[keep])
+        return self._flat
+
+    def matmul(self, w: np.ndarray) -> np.ndarray:
+        """``self @ w`` as a gather: the sum of the rows of ``w`` each row selects."""
+        idx = self.indices
+        if w.ndim != 2 or w.shape[0] != self.depth:
+            raise ValueError(f"matrix product of one-hot {self.shape} with {w.shape}: inner sizes differ")
+        padded = self._padding()
+        if idx.shape[1] == 1:
+            out = w[idx[:, 0]]
+            if padded is not None:
+                out[padded[:, 0]] = 0
+            return out
+        rows = w[idx]  # (n, k, h)
+        if padded is not None:
+            rows[padded] = 0
+        return rows.sum(axis=1)
+
+    def rmatmul_grad(self, delta: np.ndarray) -> np.ndarray:
+        """``self.T @ delta`` (the weight gradient) as a scatter-add of ``delta`` rows."""
+        rows, cols = self._nonzeros()
+        out = np.zeros((self.depth, delta.shape[1]), dtype=delta.dtype)
+        np.add.at(out, cols, delta[rows])
+        return out
+
+    def _padding(self) -> np.ndarray | None:
+        if self._valid is None:
+            pad = self.indices < 0
+            self._valid = pad if pad.any() else np.zeros(0, bool)
+        return self._valid if self._valid.size else None
+
+    def __repr__(self) -> str:
+        return f"OneHot(shape={self.shape}, ones_per_row<={self.indices.shape[1]})"

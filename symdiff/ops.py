@@ -1,0 +1,131 @@
+"""Built-in primitives, in one table-like place.
+
+Elementwise ops are one line of SymPy each; :func:`symdiff.defop` derives,
+stabilises and compiles their gradients. Structural ops (matrix product,
+softmax, cross-entropy, mean, transpose) are written by hand below them,
+because their Jacobians are not elementwise.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import sympy as sp
+
+from .onehot import OneHot
+from .registry import Op, register
+from .symbolic import defop
+
+x, y = sp.symbols("x y")
+
+# ---- elementwise: declared once, derived by SymPy ---------------------------------------
+defop("add", x + y, args=[x, y], doc="x + y (numpy broadcasting; gradients summed back)")
+defop("subtract", x - y, args=[x, y], doc="x - y")
+defop("hadamard", x * y, args=[x, y], doc="elementwise product x ⊙ y")
+defop("relu", sp.Max(x, 0), args=[x], doc="max(x, 0); relu'(0) = 0")
+defop("sigmoid", 1 / (1 + sp.exp(-x)), args=[x], doc="logistic sigmoid, stable for any x")
+defop("tanh", sp.tanh(x), args=[x], doc="hyperbolic tangent")
+defop("exp", sp.exp(x), args=[x], doc="exponential")
+defop("log", sp.log(x), args=[x], doc="natural logarithm (x > 0)")
+defop("square", x**2, args=[x], doc="x squared")
+defop("negate", -x, args=[x], doc="-x")
+
+
+# ---- structural: hand-written ------------------------------------------------------------
+def _mul(a: Any, b: np.ndarray) -> np.ndarray:
+    if isinstance(a, OneHot):
+        return a.matmul(b)
+    return a @ b
+
+
+def _mul_da(delta: np.ndarray, out: Any, a: Any, b: np.ndarray) -> np.ndarray:
+    return delta @ b.T
+
+
+def _mul_db(delta: np.ndarray, out: Any, a: Any, b: np.ndarray) -> np.ndarray:
+    if isinstance(a, OneHot):
+        return a.rmatmul_grad(delta)
+    return a.T @ delta
+
+
+def _softmax(o: np.ndarray) -> np.ndarray:
+    z = o - o.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def _softmax_back(delta: np.ndarray, p: np.ndarray, o: np.ndarray) -> np.ndarray:
+    return p * (delta - (delta * p).sum(axis=1, keepdims=True))
+
+
+def _log_softmax(o: np.ndarray) -> np.ndarray:
+    z = o - o.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _crossent(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    # log of an underflowed probability is -inf by definition; the fused pass avoids it
+    with np.errstate(divide="ignore"):
+        logp = np.log(p)
+    return -(t * np.where(t != 0, logp, 0)).sum(axis=1)
+
+
+def _crossent_dp(delta: np.ndarray, out: Any, p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return -delta[:, None] * t / p
+
+
+def _crossent_dt(delta: np.ndarray, out: Any, p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return -delta[:, None] * np.log(p)
+
+
+def _crossent_softmax(o: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return -(t * _log_softmax(o)).sum(axis=1)
+
+
+def _crossent_softmax_do(delta: np.ndarray, out: Any, o: np.ndarray, t: np.ndarray) -> np.ndarray:
+    # d/do_k of -sum_j t_j log softmax(o)_j = p_k * sum_j t_j - t_k   (= p - t for one-hot t)
+    g = _softmax(o) * t.sum(axis=1, keepdims=True) - t
+    g *= delta[:, None]
+    return g
+
+
+def _crossent_softmax_dt(delta: np.ndarray, out: Any, o: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return -delta[:, None] * _log_softmax(o)
+
+
+def _mean(a: np.ndarray) -> np.ndarray:
+    return np.asarray(np.mean(a))
+
+
+def _mean_back(delta: Any, out: Any, a: np.ndarray) -> np.ndarray:
+    return np.full(np.shape(a), delta / np.size(a), dtype=np.result_type(a, delta))
+
+
+def _transpose(a: np.ndarray) -> np.ndarray:
+    return np.transpose(a)
+
+
+def _transpose_back(delta: np.ndarray, out: Any, a: np.ndarray) -> np.ndarray:
+    return np.transpose(delta)
+
+
+STRUCTURAL = (
+    Op("mul", 2, _mul, (_mul_da, _mul_db), formula="a @ b (matrix product; one-hot a gathers rows of b)",
+       derivative_formulas=("delta @ b.T", "a.T @ delta (scatter-add for one-hot a)"),
+       doc="matrix product, also written a * b and a @ b"),
+    Op("softMax", 1, _softmax, (_softmax_back,), formula="exp(o - max o) / sum exp(o - max o), row-wise",
+       derivative_formulas=("out * (delta - sum(delta * out, axis=1))",), doc="row-wise softmax"),
+    Op("crossEnt", 2, _crossent, (_crossent_dp, _crossent_dt), formula="-sum(t * log p, axis=1)",
+       derivative_formulas=("-delta * t / p", "-delta * log p"), doc="per-row cross-entropy of probabilities p against targets t"),
+    Op("crossEnt-softMax", 2, _crossent_softmax, (_crossent_softmax_do, _crossent_softmax_dt),
+       formula="-sum(t * log_softmax(o), axis=1)",
+       derivative_formulas=("delta * (softmax(o) * sum(t) - t)", "-delta * log_softmax(o)"),
+       doc="crossEnt(softMax(o), t) fused by the crossent_softmax pass: stable, gradient p - t"),
+    Op("mean", 1, _mean, (_mean_back,), formula="mean of all elements", derivative_formulas=("delta / size",),
+       doc="mean of all elements (a scalar)"),
+    Op("transpose", 1, _transpose, (_transpose_back,), formula="a.T", derivative_formulas=("delta.T",),
+       doc="matrix transpose"),
+)
+for _op in STRUCTURAL:
+    register(_op)

@@ -1,0 +1,589 @@
+"""Optimisers and learning-rate schedules for symdiff's training loop.
+
+Optimisers update numpy parameter arrays *in place*: the model, the optimiser
+and any checkpoint code all hold references to the same arrays, so rebinding
+a name (``w = w - lr * g``) would silently detach the model from its
+optimiser.  Every update is written with in-place ufuncs on the parameter and
+on state buffers created with ``np.zeros_like(param)``, so float32 models stay
+float32 (numpy keeps the dtype of the output operand of an in-place op).
+
+Conventions follow PyTorch so that hyper-parameters carry over:
+
+* SGD momentum: ``v = mu*v + g``; plain ``w -= lr*v``;
+  Nesterov ``w -= lr*(g + mu*v)``.
+* Adam: bias-corrected moments, ``eps`` added to ``sqrt(v)/sqrt(1-beta2**t)``.
+* ``weight_decay`` on SGD/Adam is L2 (``g + wd*w``); AdamW decouples it
+  (``w *= 1 - lr*wd`` before the Adam step).
+
+Schedules are plain objects queried once after every epoch; they return the
+learning rate for the next epoch and the training loop assigns it to
+``optimizer.lr``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+__all__ = [
+    "Optimizer",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "clip_grad_norm",
+    "make_optimizer",
+    "OPTIMIZERS",
+    "Schedule",
+    "Constant",
+    "StepDecay",
+    "HalveOnPlateau",
+    "Cosine",
+    "make_schedule",
+    "SCHEDULES",
+]
+
+StateDict = dict[str, "np.ndarray | float | int"]
+
+
+# --------------------------------------------------------------------------
+# argument validation helpers
+# --------------------------------------------------------------------------
+
+def _as_float(name: str, value: Any) -> float:
+    """Convert to float, rejecting bools/strings so typos fail loudly."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _positive(name: str, value: Any) -> float:
+    v = _as_float(name, value)
+    if not (math.isfinite(v) and v > 0.0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return v
+
+
+def _non_negative(name: str, value: Any) -> float:
+    v = _as_float(name, value)
+    if not (math.isfinite(v) and v >= 0.0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return v
+
+
+def _unit_interval(name: str, value: Any) -> float:
+    """Value in [0, 1): decay factors of 1 never forget, > 1 diverge."""
+    v = _as_float(name, value)
+    if not (0.0 <= v < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return v
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}") from None
+    if v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return v
+
+
+# --------------------------------------------------------------------------
+# optimisers
+# --------------------------------------------------------------------------
+
+class Optimizer:
+    """Base class: owns a name -> array mapping and updates it in place.
+
+    ``params`` is kept by reference (not copied) so the optimiser and the
+    model always see the same arrays.  Subclasses implement ``_update`` for a
+    single parameter and declare their per-parameter state buffers in
+    ``_slots`` so that ``state_dict`` can be generic.
+    """
+
+    _slots: tuple[str, ...] = ()
+    _counts_steps: bool = False  # whether a per-parameter step count is kept
+
+    def __init__(self, params: dict[str, np.ndarray], lr: float):
+        if not isinstance(params, dict):
+            raise ValueError(
+                f"params must be a dict mapping names to numpy arrays, got {type(params).__name__}"
+            )
+        if not params:
+            raise ValueError("params must contain at least one parameter, got an empty dict")
+        for name, p in params.items():
+            if not isinstance(p, np.ndarray):
+                raise ValueError(
+                    f"params[{name!r}] must be a numpy ndarray (updated in place), "
+                    f"got {type(p).__name__}"
+                )
+            if not np.issubdtype(p.dtype, np.floating):
+                raise ValueError(
+                    f"params[{name!r}] must have a floating dtype, got {p.dtype}"
+                )
+            if not p.flags.writeable:
+                raise ValueError(f"params[{name!r}] must be writeable (updated in place)")
+        self.params = params
+        self._lr = _positive("lr", lr)
+        # Buffers are created eagerly so state_dict() is complete from step 0.
+        self._state: dict[str, dict[str, np.ndarray]] = {
+            slot: {name: np.zeros_like(p) for name, p in params.items()}
+            for slot in self._slots
+        }
+        self._steps: dict[str, int] = (
+            {name: 0 for name in params} if self._counts_steps else {}
+        )
+
+    # ``lr`` is a property so schedules cannot set a NaN/negative rate.  Zero
+    # is allowed here (unlike in the constructor) because annealing schedules
+    # legitimately end at min_lr=0.
+    @property
+    def lr(self) -> float:
+        """Current learning rate; schedules assign it between epochs."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = _non_negative("lr", value)
+
+    def step(self, grads: Mapping[str, np.ndarray]) -> None:
+        """Apply one update for every gradient whose name is a parameter.
+
+        Names that are not parameters (e.g. gradients w.r.t. inputs) are
+        ignored so the caller can pass the autodiff engine's output as is.
+        Gradients are never modified.
+        """
+        for name, g in grads.items():
+            p = self.params.get(name)
+            if p is None:
+                continue
+            g = np.asarray(g)
+            if g.shape != p.shape:
+                raise ValueError(
+                    f"gradient for {name!r} has shape {g.shape}, "
+                    f"expected the parameter's shape {p.shape}"
+                )
+            if name not in self._steps and self._counts_steps:
+                self._steps[name] = 0
+            for slot in self._slots:  # parameters added after construction
+                if name not in self._state[slot]:
+                    self._state[slot][name] = np.zeros_like(p)
+            self._update(name, p, g)
+
+    def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> StateDict:
+        """Flat snapshot (copies) that ``np.savez`` can store without pickle.
+
+        Keys: ``"lr"``, ``"<slot>/<param name>"`` for buffers and
+        ``"step/<param name>"`` for step counts.  Hyper-parameters are not
+        included; they come from the constructor of the restoring optimiser.
+        """
+        out: StateDict = {"lr": float(self._lr)}
+        for slot in self._slots:
+            for name, buf in self._state[slot].items():
+                out[f"{slot}/{name}"] = buf.copy()
+        for name, t in self._steps.items():
+            out[f"step/{name}"] = int(t)
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from ``state_dict()`` output (or an ``np.load`` of it).
+
+        Strict about keys so that loading another optimiser's state (e.g.
+        Adam moments into momentum SGD) fails instead of silently resetting.
+        Buffers are copied into the existing arrays, keeping their dtype.
+        """
+        expected = set(self.state_dict())
+        got = set(state.keys())
+        if got != expected:
+            missing = sorted(expected - got)
+            unexpected = sorted(got - expected)
+            raise ValueError(
+                f"state does not match {type(self).__name__}: "
+                f"missing keys {missing}, unexpected keys {unexpected}"
+            )
+        new_bufs: list[tuple[np.ndarray, np.ndarray]] = []
+        for slot in self._slots:
+            for name, buf in self._state[slot].items():
+                value = np.asarray(state[f"{slot}/{name}"])
+                if value.shape != buf.shape:
+                    raise ValueError(
+                        f"state[{slot + '/' + name!r}] has shape {value.shape}, "
+                        f"expected {buf.shape}"
+                    )
+                new_bufs.append((buf, value))
+        steps = {}
+        for name in self._steps:
+            t = int(np.asarray(state[f"step/{name}"]))
+            if t < 0:
+                raise ValueError(f"state['step/{name}'] must be >= 0, got {t}")
+            steps[name] = t
+        lr = _non_negative("lr", float(np.asarray(state["lr"])))
+        # Everything validated: now mutate, so a bad state leaves us untouched.
+        for buf, value in new_bufs:
+            np.copyto(buf, value, casting="same_kind")
+        self._steps.update(steps)
+        self._lr = lr
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, optionally with (Nesterov) momentum.
+
+    With ``momentum == 0`` and ``weight_decay == 0`` the update is exactly
+    ``p -= lr * g``, bit-identical to the original hand-written loop, so
+    switching the training code to this class changes no results.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        lr: float,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ):
+        self.momentum = _unit_interval("momentum", momentum)
+        self.nesterov = bool(nesterov)
+        if self.nesterov and self.momentum == 0.0:
+            raise ValueError(
+                f"nesterov=True requires momentum in (0, 1), got momentum={momentum!r}"
+            )
+        self.weight_decay = _non_negative("weight_decay", weight_decay)
+        # Only allocate a velocity buffer when it is used.
+        self._slots = ("momentum",) if self.momentum > 0.0 else ()
+        super().__init__(params, lr)
+
+    def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
+        lr = self._lr
+        if self.weight_decay:
+            g = g + self.weight_decay * p  # new array: never touch caller's grads
+        if not self.momentum:
+            p -= lr * g
+            return
+        v = self._state["momentum"][name]
+        v *= self.momentum
+        v += g
+        if self.nesterov:
+            p -= lr * (g + self.momentum * v)
+        else:
+            p -= lr * v
+
+
+class Adam(Optimizer):
+    """Adam with bias correction (Kingma & Ba), PyTorch formulation.
+
+    ``weight_decay`` here is classic L2 (added to the gradient, hence also
+    rescaled by the adaptive denominator); use ``AdamW`` for decoupled decay.
+    Step counts are per parameter, so a parameter that receives no gradient in
+    some step still gets the right bias correction.
+    """
+
+    _slots = ("exp_avg", "exp_avg_sq")
+    _counts_steps = True
+    _decoupled = False
+
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        try:
+            b1, b2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+        self.betas = (_unit_interval("betas[0]", b1), _unit_interval("betas[1]", b2))
+        self.eps = _positive("eps", eps)
+        self.weight_decay = _non_negative("weight_decay", weight_decay)
+        super().__init__(params, lr)
+
+    def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
+        lr = self._lr
+        b1, b2 = self.betas
+        if self.weight_decay:
+            if self._decoupled:
+                p *= 1.0 - lr * self.weight_decay
+            else:
+                g = g + self.weight_decay * p
+        t = self._steps[name] + 1
+        self._steps[name] = t
+        m = self._state["exp_avg"][name]
+        v = self._state["exp_avg_sq"][name]
+        m *= b1
+        m += (1.0 - b1) * g
+        v *= b2
+        v += (1.0 - b2) * (g * g)
+        bias1 = 1.0 - b1**t
+        bias2 = 1.0 - b2**t
+        denom = np.sqrt(v)
+        denom /= math.sqrt(bias2)
+        denom += self.eps
+        p -= (lr / bias1) * (m / denom)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter).
+
+    Decay is applied directly to the weights (``w *= 1 - lr*wd``, i.e.
+    ``w -= lr*wd*w``) before the Adam step, so its strength does not depend on
+    the gradient scale the way L2-in-Adam does.
+    """
+
+    _decoupled = True
+
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ):
+        super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float) -> float:
+    """Rescale all gradients in place so their global L2 norm <= max_norm.
+
+    One global norm (rather than per-array) preserves the update direction.
+    Returns the norm *before* clipping so the caller can log it; if it is not
+    finite the arrays are left untouched and the caller should treat the step
+    as diverged.  The norm is accumulated in float64 to avoid float32 overflow.
+    """
+    max_norm = _positive("max_norm", max_norm)
+    arrays = []
+    for name, g in grads.items():
+        if not isinstance(g, np.ndarray):
+            raise ValueError(
+                f"grads[{name!r}] must be a numpy ndarray (clipped in place), "
+                f"got {type(g).__name__}"
+            )
+        arrays.append(g)
+    total = 0.0
+    for g in arrays:
+        total += float(np.sum(np.square(g, dtype=np.float64)))
+    norm = math.sqrt(total)
+    if not math.isfinite(norm):
+        return norm
+    if norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in arrays:
+            g *= scale
+    return norm
+
+
+_OPTIMIZER_FACTORIES: dict[str, Callable[..., Optimizer]] = {
+    "sgd": lambda params, lr, momentum, wd: SGD(params, lr, weight_decay=wd),
+    "momentum": lambda params, lr, momentum, wd: SGD(
+        params, lr, momentum=momentum, weight_decay=wd
+    ),
+    "nesterov": lambda params, lr, momentum, wd: SGD(
+        params, lr, momentum=momentum, nesterov=True, weight_decay=wd
+    ),
+    "adam": lambda params, lr, momentum, wd: Adam(params, lr, weight_decay=wd),
+    "adamw": lambda params, lr, momentum, wd: AdamW(params, lr, weight_decay=wd),
+}
+
+OPTIMIZERS: tuple[str, ...] = tuple(_OPTIMIZER_FACTORIES)
+
+
+def make_optimizer(
+    name: str,
+    params: dict[str, np.ndarray],
+    lr: float,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+) -> Optimizer:
+    """Build an optimiser from a CLI-style name (case-insensitive).
+
+    ``momentum`` is used only by "momentum" and "nesterov"; "sgd" is the plain
+    seed update.  ``weight_decay`` is L2 for sgd/momentum/nesterov/adam and
+    decoupled for adamw.
+    """
+    key = name.lower() if isinstance(name, str) else name
+    factory = _OPTIMIZER_FACTORIES.get(key)
+    if factory is None:
+        raise ValueError(
+            f"unknown optimizer {name!r}; valid names are: {', '.join(OPTIMIZERS)}"
+        )
+    return factory(params, lr, momentum, weight_decay)
+
+
+# --------------------------------------------------------------------------
+# learning-rate schedules
+# --------------------------------------------------------------------------
+
+class Schedule:
+    """Base schedule: ``after_epoch`` is called once after every epoch.
+
+    It returns the learning rate for the *next* epoch (epochs count from 1),
+    so epoch 1 always runs at ``base_lr``.  The current value is also kept in
+    ``self.lr``.
+    """
+
+    def __init__(self, base_lr: float):
+        self.base_lr = _positive("base_lr", base_lr)
+        self.lr = self.base_lr
+
+    def after_epoch(self, epoch: int, valid_loss: float) -> float:
+        """Record the finished epoch and return the next epoch's lr."""
+        if isinstance(epoch, (bool, np.bool_)):
+            raise ValueError(f"epoch must be an integer >= 1, got {epoch!r}")
+        try:
+            e = operator.index(epoch)
+        except TypeError:
+            raise ValueError(f"epoch must be an integer >= 1, got {epoch!r}") from None
+        if e < 1:
+            raise ValueError(f"epoch must be an integer >= 1 (epochs count from 1), got {epoch!r}")
+        self.lr = float(self._next_lr(e, float(valid_loss)))
+        return self.lr
+
+    def _next_lr(self, epoch: int, valid_loss: float) -> float:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, float | int]:
+        """Flat, numpy-savable state for resuming (only ``lr`` here)."""
+        return {"lr": float(self.lr)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from ``state_dict()`` output (or an ``np.load`` of it)."""
+        self.lr = _non_negative("lr", float(np.asarray(state["lr"])))
+
+
+class Constant(Schedule):
+    """Keep ``base_lr`` for every epoch (the seed behaviour)."""
+
+    def _next_lr(self, epoch: int, valid_loss: float) -> float:
+        return self.base_lr
+
+
+class StepDecay(Schedule):
+    """Multiply the lr by ``gamma`` every ``step_size`` epochs.
+
+    ``lr = base * gamma ** (epoch // step_size)``: with step_size=5 epochs
+    1-5 run at base, 6-10 at base*gamma, and so on.
+    """
+
+    def __init__(self, base_lr: float, step_size: int = 5, gamma: float = 0.5):
+        super().__init__(base_lr)
+        self.step_size = _positive_int("step_size", step_size)
+        g = _as_float("gamma", gamma)
+        if not (0.0 < g <= 1.0):
+            raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+        self.gamma = g
+
+    def _next_lr(self, epoch: int, valid_loss: float) -> float:
+        return self.base_lr * self.gamma ** (epoch // self.step_size)
+
+
+class HalveOnPlateau(Schedule):
+    """Cut the lr by ``factor`` when the validation loss stalls.
+
+    A loss counts as an improvement only if strictly less than the best so
+    far (NaN never improves).  After ``patience`` consecutive non-improving
+    epochs the lr is multiplied by ``factor`` (floored at ``min_lr``) and the
+    counter restarts, so a long plateau cuts once every ``patience`` epochs.
+    """
+
+    def __init__(
+        self,
+        base_lr: float,
+        patience: int = 1,
+        factor: float = 0.5,
+        min_lr: float = 0.0,
+    ):
+        super().__init__(base_lr)
+        self.patience = _positive_int("patience", patience)
+        f = _as_float("factor", factor)
+        if not (0.0 < f < 1.0):
+            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+        self.factor = f
+        m = _non_negative("min_lr", min_lr)
+        if m > self.base_lr:
+            raise ValueError(f"min_lr must be in [0, base_lr={self.base_lr}], got {min_lr!r}")
+        self.min_lr = m
+        self.best = math.inf
+        self.num_bad_epochs = 0
+
+    def _next_lr(self, epoch: int, valid_loss: float) -> float:
+        if valid_loss < self.best:
+            self.best = valid_loss
+            self.num_bad_epochs = 0
+            return self.lr
+        self.num_bad_epochs += 1
+        if self.num_bad_epochs >= self.patience:
+            self.num_bad_epochs = 0
+            return max(self.lr * self.factor, self.min_lr)
+        return self.lr
+
+    def state_dict(self) -> dict[str, float | int]:
+        """Includes best loss and the bad-epoch counter, needed to resume."""
+        return {"lr": float(self.lr), "best": float(self.best),
+                "num_bad_epochs": int(self.num_bad_epochs)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.best = float(np.asarray(state["best"]))
+        self.num_bad_epochs = int(np.asarray(state["num_bad_epochs"]))
+
+
+class Cosine(Schedule):
+    """Cosine annealing from ``base_lr`` to ``min_lr`` over ``total_epochs``.
+
+    ``lr = min + (base - min) * (1 + cos(pi * epoch / total)) / 2``, held at
+    ``min_lr`` once ``epoch >= total_epochs`` so extra epochs do not warm up
+    again.
+    """
+
+    def __init__(self, base_lr: float, total_epochs: int, min_lr: float = 0.0):
+        super().__init__(base_lr)
+        self.total_epochs = _positive_int("total_epochs", total_epochs)
+        m = _non_negative("min_lr", min_lr)
+        if m > self.base_lr:
+            raise ValueError(f"min_lr must be in [0, base_lr={self.base_lr}], got {min_lr!r}")
+        self.min_lr = m
+
+    def _next_lr(self, epoch: int, valid_loss: float) -> float:
+        if epoch >= self.total_epochs:
+            return self.min_lr
+        frac = epoch / self.total_epochs
+        return self.min_lr + (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * frac)) / 2.0
+
+
+_SCHEDULE_FACTORIES: dict[str, Callable[..., Schedule]] = {
+    "constant": lambda base_lr, total_epochs, **kw: Constant(base_lr, **kw),
+    "step": lambda base_lr, total_epochs, **kw: StepDecay(base_lr, **kw),
+    "plateau": lambda base_lr, total_epochs, **kw: HalveOnPlateau(base_lr, **kw),
+    "cosine": lambda base_lr, total_epochs, **kw: Cosine(base_lr, total_epochs, **kw),
+}
+
+SCHEDULES: tuple[str, ...] = tuple(_SCHEDULE_FACTORIES)
+
+
+def make_schedule(name: str, base_lr: float, total_epochs: int, **kw: Any) -> Schedule:
+    """Build a schedule from a CLI-style name (case-insensitive).
+
+    ``total_epochs`` is only used by "cosine" but is always validated, since
+    the training loop always knows it.  Extra keyword arguments go to the
+    schedule's constructor (e.g. ``step_size``, ``patience``, ``min_lr``).
+    """
+    key = name.lower() if isinstance(name, str) else name
+    factory = _SCHEDULE_FACTORIES.get(key)
+    if factory is None:
+        raise ValueError(
+            f"unknown schedule {name!r}; valid names are: {', '.join(SCHEDULES)}"
+        )
+    total_epochs = _positive_int("total_epochs", total_epochs)
+    return factory(base_lr, total_epochs, **kw)

@@ -1,0 +1,100 @@
+"""The op registry: one table of every primitive the engine knows.
+
+Kept free of SymPy and of graph code so that both the graph builder and the
+compiler can look ops up without pulling in the symbolic machinery.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+Kernel = Callable[..., Any]
+
+
+@dataclass(eq=False)
+class Op:
+    """A primitive: a forward kernel and one backward kernel per input.
+
+    ``backward[j](delta, out, *inputs)`` returns dL/d(input j) given
+    ``delta = dL/d(out)``; it already has input j's shape (broadcast
+    reductions are applied inside it), as the seed's ``BP_FUNS`` did.
+    ``symbolic`` carries the SymPy side (expression, derivatives) for ops
+    declared with :func:`symdiff.defop`, and is ``None`` for hand-written ops.
+    """
+
+    name: str
+    arity: int
+    forward: Kernel
+    backward: tuple[Kernel, ...]
+    elementwise: bool = False
+    doc: str = ""
+    symbolic: Any = None
+    # names of hand-written forward/backward formulas, for `symdiff ops`
+    formula: str = ""
+    derivative_formulas: tuple[str, ...] = field(default_factory=tuple)
+
+    def __call__(self, *inputs: Any) -> Any:
+        """Build a register computed by this op: ``gate(a, b)`` is ``f.gate(a, b)``."""
+        from .graph import Register  # graph imports this module; import here to avoid a cycle
+
+        return Register.operation(self, inputs)
+
+    def __repr__(self) -> str:
+        kind = "elementwise" if self.elementwise else "structural"
+        return f"<Op {self.name}/{self.arity} {kind}>"
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(op: Op, *, replace: bool = False) -> Op:
+    """Add ``op`` to the registry; refuse to silently shadow an existing op."""
+    if op.name in OPS and not replace:
+        raise ValueError(
+            f"an op named {op.name!r} already exists ({OPS[op.name]!r}); "
+            f"pick another name, or pass replace=True to redefine it"
+        )
+    if len(op.backward) != op.arity:
+        raise ValueError(f"op {op.name!r}: {op.arity} inputs but {len(op.backward)} backward kernels")
+    OPS[op.name] = op
+    return op
+
+
+def get_op(name: str) -> Op:
+    """Look an op up by name, with a did-you-mean hint when it is unknown."""
+    try:
+        return OPS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, OPS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown op {name!r}.{hint} Declare it with symdiff.defop(...) first; "
+            f"known ops: {', '.join(sorted(OPS))}"
+        ) from None
+
+
+def sum_to_shape(grad: Any, shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """Sum a gradient back to the shape of an input that numpy broadcast.
+
+    Leading axes that broadcasting added are summed away, axes where the input
+    had size 1 are summed with keepdims. A constant derivative (a Python
+    scalar from lambdify) becomes a full array of the input's shape.
+    """
+    shape = tuple(shape)
+    g = np.asarray(grad)
+    if g.shape == shape:
+        return g
+    if g.ndim == 0:
+        return np.full(shape, g, dtype=dtype)
+    lead = g.ndim - len(shape)
+    if lead > 0:
+        g = g.sum(axis=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    if g.shape != shape:  # the derivative did not depend on a broadcast axis
+        g = np.broadcast_to(g, shape).copy()
+    return g

@@ -1,0 +1,322 @@
+"""``defop``: one SymPy expression in, a forward kernel and derived backward kernels out.
+
+The pipeline, run once per declaration (never during training):
+
+1. **validate** the declaration (SymPy objects only, every symbol an argument,
+   no undefined functions);
+2. **stabilise** the forward expression: unstable patterns such as
+   ``log(1+exp(u))`` or ``1/(1+exp(-u))`` become functions that carry their
+   own stable numpy code and derivative (see :data:`REWRITES`);
+3. **differentiate** with respect to every argument and stabilise the result
+   again (so raw derivatives never reintroduce ``exp(u)/(1+exp(u))**2``);
+4. **output form**: substitute the forward expression by ``out``; keep it when
+   no input symbol is left (σ' = out·(1−out), tanh' = 1−out², exp' = out),
+   because the backward pass already has ``out`` and this skips recomputation;
+5. **lambdify** to numpy with common-subexpression elimination, then smoke-test
+   the kernels once so a function numpy cannot evaluate fails *here*.
+
+This is the only module that imports SymPy.
+"""
+from __future__ import annotations
+
+import keyword
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import sympy as sp
+from sympy.core.function import AppliedUndef
+
+from .registry import Op, register, sum_to_shape
+
+
+# --------------------------------------------------------------------------------------
+# Stable functions: each prints itself as numpy code and knows its own derivative.
+# --------------------------------------------------------------------------------------
+class _StableFunction(sp.Function):
+    """A SymPy function with a fixed numpy template (``{0}`` is the argument)."""
+
+    numpy_template = ""
+
+    def _numpycode(self, printer: Any) -> str:
+        return self.numpy_template.format(*(printer._print(a) for a in self.args))
+
+    _pythoncode = _numpycode  # lambdify's numpy printer looks for this name
+
+
+class Softplus(_StableFunction):
+    """log(1 + exp(u)), printed as numpy.logaddexp(0, u): finite for any u."""
+
+    nargs = 1
+    numpy_template = "numpy.logaddexp(0, {0})"
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return Sigmoid(self.args[0])
+
+
+class Sigmoid(_StableFunction):
+    """1 / (1 + exp(-u)), printed through tanh: no overflow, no division by inf."""
+
+    nargs = 1
+    numpy_template = "(0.5 + 0.5*numpy.tanh(0.5*{0}))"
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        s = Sigmoid(self.args[0])
+        return s * (1 - s)
+
+
+class Step(_StableFunction):
+    """Heaviside step with step(0) = 0, so relu'(0) = 0 deterministically."""
+
+    nargs = 1
+    numpy_template = "numpy.heaviside({0}, 0)"
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return sp.S.Zero
+
+
+class Relu(_StableFunction):
+    """max(u, 0), printed as numpy.maximum (SymPy's Max prints as a slow select)."""
+
+    nargs = 1
+    numpy_template = "numpy.maximum({0}, 0)"
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return Step(self.args[0])
+
+
+STABLE_FUNCTIONS = (Softplus, Sigmoid, Step, Relu)
+
+#: The rewrite set applied to forward expressions and to every derivative.
+REWRITES: tuple[tuple[str, str], ...] = (
+    ("log(1 + exp(u))", "softplus(u) = logaddexp(0, u)"),
+    ("log(1 + exp(-u))", "softplus(-u)"),
+    ("log(1/(1 + exp(-u)))  (log-sigmoid)", "-softplus(-u)"),
+    ("1/(1 + exp(-u))", "sigmoid(u), via tanh"),
+    ("1/(1 + exp(u))", "sigmoid(-u)"),
+    ("exp(u)/(1 + exp(u))", "sigmoid(u)"),
+    ("exp(u)/(1 + exp(u))**2 and exp(-u)/(1 + exp(-u))**2", "sigmoid(u)*sigmoid(-u)"),
+    ("exp(m*u)/(1 + exp(u))**n, 1 <= m <= n", "sigmoid(u)**m * sigmoid(-u)**(n-m)"),
+    ("Max(u, 0)", "relu(u) = maximum(u, 0), derivative step(u) with step(0) = 0"),
+    ("Min(u, 0)", "-relu(-u)"),
+    ("Heaviside(u, 0)", "step(u)"),
+)
+
+
+def _one_plus_exp(e: sp.Expr) -> sp.Expr | None:
+    """Return ``u`` when ``e`` is exactly ``1 + exp(u)``."""
+    if isinstance(e, sp.Add) and len(e.args) == 2 and sp.S.One in e.args:
+        other = e.args[1] if e.args[0] == sp.S.One else e.args[0]
+        if isinstance(other, sp.exp):
+            return other.args[0]
+    return None
+
+
+def _rewrite_product(e: sp.Expr) -> sp.Expr:
+    """Turn ``exp(m*v) * (1+exp(v))**-n`` factors of a product into sigmoids.
+
+    ``(1+exp(v))**-n`` is ``sigmoid(-v)**n``; an ``exp(m*v)`` factor beside it
+    (1 <= m <= n) turns ``m`` of those into ``sigmoid(v)``, since
+    ``exp(v) * sigmoid(-v) == sigmoid(v)``. Sigmoids already rewritten in a
+    sub-expression take part too, so the order of rewriting does not matter.
+    """
+    sig: dict[sp.Expr, int] = {}  # a -> n for a factor sigmoid(a)**n
+    rest: list[sp.Expr] = []
+    for fac in sp.Mul.make_args(e):
+        base, n = (fac.base, fac.exp) if isinstance(fac, sp.Pow) else (fac, sp.S.One)
+        if n.is_Integer:
+            if n < 0:
+                v = _one_plus_exp(base)
+                if v is not None:
+                    sig[-v] = sig.get(-v, 0) + int(-n)
+                    continue
+            elif isinstance(base, Sigmoid):
+                sig[base.args[0]] = sig.get(base.args[0], 0) + int(n)
+                continue
+        rest.append(fac)
+    if not sig:
+        return e
+    out: list[sp.Expr] = []
+    for fac in rest:
+        if isinstance(fac, sp.exp):
+            w = fac.args[0]
+            for a, n in sig.items():
+                m = sp.cancel(-w / a)
+                if m.is_Integer and 1 <= m <= n:
+                    # exp(m v) sigmoid(-v)^n == sigmoid(v)^m sigmoid(-v)^(n-m), with a = -v
+                    out.append(Sigmoid(-a) ** int(m))
+                    sig[a] = n - int(m)
+                    break
+            else:
+                out.append(fac)
+        else:
+            out.append(fac)
+    out.extend(Sigmoid(a) ** n for a, n in sig.items() if n)
+    return sp.Mul(*out)
+
+
+def stabilise(e: sp.Expr) -> sp.Expr:
+    """Rewrite the unstable patterns of :data:`REWRITES`, bottom-up."""
+    if not e.args or isinstance(e, (sp.Symbol, sp.Number)):
+        return e
+    args = [stabilise(a) for a in e.args]
+    if any(a is not b for a, b in zip(args, e.args)):
+        e = e.func(*args)
+    if isinstance(e, sp.log):
+        (a,) = e.args
+        u = _one_plus_exp(a)
+        if u is not None:
+            return Softplus(u)
+        if isinstance(a, Sigmoid):
+            return -Softplus(-a.args[0])
+        return e
+    if isinstance(e, (sp.Max, sp.Min)) and len(e.args) == 2 and sp.S.Zero in e.args:
+        u = e.args[1] if e.args[0] == sp.S.Zero else e.args[0]
+        return Relu(u) if isinstance(e, sp.Max) else -Relu(-u)
+    if isinstance(e, sp.Heaviside) and len(e.args) == 2 and e.args[1] == 0:
+        return Step(e.args[0])
+    if isinstance(e, (sp.Mul, sp.Pow)):
+        return _rewrite_product(e)
+    return e
+
+
+# --------------------------------------------------------------------------------------
+# defop
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Symbolic:
+    """The SymPy side of a declared op, kept for introspection and fusion."""
+
+    declared: sp.Expr                 # what the user wrote
+    args: tuple[sp.Symbol, ...]       # real-valued stand-ins for the user's symbols
+    forward: sp.Expr                  # stabilised forward expression
+    derivatives: tuple[sp.Expr, ...]  # d forward / d arg_j, in input form
+    backward: tuple[sp.Expr, ...]     # what each backward kernel computes: delta * (output or input form)
+    output_form: tuple[bool, ...]     # True where the derivative is written in terms of `out`
+    forward_source: str
+    backward_sources: tuple[str, ...]
+
+
+DELTA = sp.Symbol("delta", real=True)
+OUT = sp.Symbol("out", real=True)
+
+
+def _validate(name: Any, expr: Any, args: Any) -> tuple[sp.Expr, tuple[sp.Symbol, ...]]:
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise ValueError(f"op name {name!r} must be a Python identifier (it becomes f.{name})")
+    if isinstance(expr, str):
+        raise TypeError(
+            f"defop({name!r}): the expression is a string; symdiff never parses text. "
+            f"Build it from SymPy symbols, e.g. x = sympy.Symbol('x'); defop({name!r}, sympy.tanh(x), args=[x])")
+    if isinstance(expr, (int, float)):
+        expr = sp.sympify(expr)  # a number is safe to convert (no text is evaluated)
+    if not isinstance(expr, sp.Expr):
+        raise TypeError(f"defop({name!r}): expected a SymPy expression, got {type(expr).__name__}")
+    if isinstance(args, sp.Symbol) or not isinstance(args, (list, tuple)):
+        raise TypeError(f"defop({name!r}): args must be a list of SymPy symbols, e.g. args=[x, y]")
+    for a in args:
+        if not isinstance(a, sp.Symbol):
+            raise TypeError(f"defop({name!r}): argument {a!r} is a {type(a).__name__}, not a sympy.Symbol")
+    if len(set(args)) != len(args) or not args:
+        raise ValueError(f"defop({name!r}): args must be one or more distinct symbols, got {list(args)}")
+    undefined = sorted({str(fn.func) for fn in expr.atoms(AppliedUndef)})
+    if undefined:
+        raise ValueError(
+            f"defop({name!r}): the expression uses undefined function(s) {', '.join(undefined)}; "
+            f"only functions SymPy knows (exp, log, tanh, Max, ...) can be differentiated and lambdified")
+    stray = expr.free_symbols - set(args)
+    if stray:
+        raise ValueError(
+            f"defop({name!r}): symbol(s) {', '.join(sorted(map(str, stray)))} appear in the expression "
+            f"but not in args={list(args)}; add them to args or replace them by numbers")
+    return expr, tuple(args)
+
+
+def _lambdify(params: Sequence[sp.Symbol], expr: Any) -> tuple[Callable[..., Any], str]:
+    import inspect
+
+    fn = sp.lambdify(list(params), expr, modules="numpy", cse=True, docstring_limit=0)
+    return fn, inspect.getsource(fn)
+
+
+def _smoke_test(name: str, fn: Callable[..., Any], n_args: int, what: str) -> None:
+    """Evaluate once on a small array so an unprintable function fails at declaration."""
+    probe = [np.linspace(0.1 + 0.05 * k, 0.9, 4) for k in range(n_args)]
+    try:
+        with np.errstate(all="ignore"):
+            np.asarray(fn(*probe), dtype=np.float64)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise TypeError(
+            f"defop({name!r}): the {what} could not be evaluated with numpy ({type(exc).__name__}: {exc}); "
+            f"use functions numpy supports (exp, log, sin, tanh, sqrt, Max, Abs, ...)") from exc
+
+
+def _backward_kernel(raw: Callable[..., Any], j: int) -> Callable[..., Any]:
+    """Wrap a lambdified derivative so its result has input j's shape and dtype."""
+
+    def backward(delta: Any, out: Any, *inputs: Any) -> Any:
+        g = raw(delta, out, *inputs)
+        x = inputs[j]
+        if getattr(g, "shape", None) == np.shape(x):
+            return g
+        return sum_to_shape(g, np.shape(x), np.result_type(x, delta))
+
+    return backward
+
+
+def derive(expr: sp.Expr, args: Sequence[sp.Symbol]) -> tuple[sp.Expr, tuple[sp.Expr, ...], tuple[sp.Expr, ...], tuple[bool, ...]]:
+    """Stabilised forward expression, input-form derivatives, backward expressions, output-form flags."""
+    fwd = stabilise(expr)
+    derivs = tuple(stabilise(sp.diff(fwd, a)) for a in args)
+    backward, output_form = [], []
+    for d in derivs:
+        in_out = d.subs(fwd, OUT) if fwd not in args else d
+        use_out = in_out != d and not (in_out.free_symbols & set(args))
+        backward.append(DELTA * (in_out if use_out else d))
+        output_form.append(use_out)
+    return fwd, derivs, tuple(backward), tuple(output_form)
+
+
+def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, replace: bool = False,
+          doc: str = "") -> Op:
+    """Declare an elementwise op from one SymPy expression; SymPy derives its gradient.
+
+    >>> x = sympy.Symbol("x")
+    >>> softplus = defop("softplus", sympy.log(1 + sympy.exp(x)), args=[x])
+
+    The op is registered (``f.softplus`` works) and returned (``softplus(reg)``
+    builds the same register). Inputs broadcast like numpy; gradients are
+    summed back to each input's shape.
+    """
+    expr, args = _validate(name, expr, args)
+    # real-valued stand-ins: derivatives of Abs, sign, ... are then the real ones
+    real = tuple(sp.Dummy(a.name, real=True) for a in args)
+    expr = expr.xreplace(dict(zip(args, real)))
+    fwd, derivs, backward, output_form = derive(expr, real)
+
+    forward_fn, forward_src = _lambdify(real, fwd)
+    _smoke_test(name, forward_fn, len(real), "forward expression")
+    bp_fns, bp_srcs = [], []
+    for j, b in enumerate(backward):
+        raw, src = _lambdify((DELTA, OUT, *real), b)
+        _smoke_test(name, lambda *xs, raw=raw: raw(xs[0], xs[0], *xs), len(real), f"derivative wrt {args[j]}")
+        bp_fns.append(_backward_kernel(raw, j))
+        bp_srcs.append(src)
+
+    if len(real) == 1:  # unary: the result keeps the input's shape, no broadcast to undo
+        raw_forward = forward_fn
+
+        def forward(x: Any) -> Any:
+            out = raw_forward(x)
+            return out if getattr(out, "shape", None) == np.shape(x) else np.broadcast_to(out, np.shape(x)).copy()
+    else:
+        def forward(*xs: Any) -> Any:
+            out = forward_fn(*xs)
+            if not hasattr(out, "shape") or out.ndim < max(np.ndim(x) for x in xs):
+                out = np.broadcast_to(out, np.broadcast_shapes(*(np.shape(x) for x in xs))).copy()
+            return out
+
+    symbolic = Symbolic(expr, real, fwd, derivs, backward, output_form, forward_src, tuple(bp_srcs))
+    op = Op(name=name, arity=len(real), forward=forward, backward=tuple(bp_fns), elementwise=True,
+            doc=doc or f"{name}({', '.join(a.name for a in args)}) = {expr}", symbolic=symbolic)
+    return register(op, replace=replace)
