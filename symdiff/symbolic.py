@@ -196,6 +196,15 @@ class Symbolic:
     forward_source: str
     backward_sources: tuple[str, ...]
 
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args)
+
+    def display(self) -> tuple[str, tuple[str, ...]]:
+        """Forward and backward expressions as text, in the user's own symbol names."""
+        plain = {a: sp.Symbol(a.name) for a in self.args}
+        return (str(self.forward.xreplace(plain)), tuple(str(b.xreplace(plain)) for b in self.backward))
+
 
 DELTA = sp.Symbol("delta", real=True)
 OUT = sp.Symbol("out", real=True)

@@ -1,0 +1,72 @@
+"""The training flags: the seed's names and defaults, plus symdiff's own.
+
+Kept free of the engine (no SymPy import) so ``symdiff --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from symdiff.optim import OPTIMIZERS, SCHEDULES
+
+from .data import DEFAULT_DATASET
+
+DEFAULT_LR = {"mlp": 0.05, "lstm": 0.5}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
+    return value
+
+
+def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
+    """The seed's flags (same names and defaults) plus symdiff's own."""
+    p.add_argument("--max_len", type=_positive_int, default=10, help="characters per title (default 10)")
+    p.add_argument("--num_hid", type=_positive_int, default=50, help="hidden units (default 50)")
+    p.add_argument("--batch_size", type=_positive_int, default=64, help="minibatch size (default 64)")
+    p.add_argument("--dataset", default=DEFAULT_DATASET,
+                   help="path prefix of <prefix>.train/.valid/.test, or a shipped name (default: demo)")
+    p.add_argument("--epochs", type=_positive_int, default=15, help="training epochs (default 15)")
+    p.add_argument("--init_lr", type=_positive_float, default=DEFAULT_LR[kind],
+                   help=f"learning rate (default {DEFAULT_LR[kind]})")
+    p.add_argument("--output_file", default="output.npy", help="test-set probabilities, np.save (default output.npy)")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling (default 0)")
+    p.add_argument("--metrics_file", default=None, help="write per-epoch metrics as JSON here")
+    p.add_argument("--save_model", default=None, help="save the best parameters (.npz) for `symdiff predict`")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="float precision")
+    p.add_argument("--dense", action="store_true",
+                   help="feed dense one-hot matrices instead of the sparse gather path (same math, slower)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="update rule (default: the seed's sgd)")
+    p.add_argument("--momentum", type=float, default=0.9, help="momentum for momentum/nesterov (default 0.9)")
+    p.add_argument("--weight_decay", type=_non_negative_float, default=0.0, help="weight decay (default 0)")
+    p.add_argument("--clip", type=_positive_float, default=None, help="clip the global gradient norm to this")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule")
+    p.add_argument("--patience", type=_positive_int, default=None,
+                   help="stop when validation loss has not improved for this many epochs")
+
+
+def parse_args(kind: str, argv: list[str]) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog=f"python -m models.{kind}", description=f"Train the {kind} classifier.")
+    add_train_arguments(p, kind)
+    return vars(p.parse_args(argv))

@@ -1,0 +1,62 @@
+"""Atomic output files: a reader sees the old file or the complete new one, never half of one.
+
+Each writer writes a temporary file in the destination folder, flushes it to
+disk, then ``os.replace``-s it over the destination (atomic on POSIX), so a
+killed process leaves at worst a stray ``.tmp`` file, never a truncated output.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written (checked before any work is done)."""
+
+
+def check_output_path(path: str | os.PathLike[str], flag: str) -> Path:
+    """Fail early, naming the flag, if ``path`` cannot receive a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputPathError(f"{flag} {p}: is a directory; give a file name such as {p / 'out.npy'}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"{flag} {p}: folder {parent} does not exist; create it first (mkdir -p {parent})")
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"{flag} {p}: folder {parent} is not writable")
+    return p
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], None]) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
+
+
+def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:
+    _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def save_json(path: str | os.PathLike[str], obj: Any) -> None:
+    _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2).encode() + b"\n"))

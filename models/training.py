@@ -1,0 +1,467 @@
+"""One training loop for both models: minibatch updates, per-epoch validation, best-parameter
+keeping, test prediction, and the run driver shared by ``cli.py`` and ``python -m models.*``.
+
+Presentation is not done here: a :class:`Reporter` receives events and the CLI
+decides how to show them (rich, or plain lines).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+
+from symdiff import Autograd, Program
+from symdiff.optim import clip_grad_norm, make_optimizer, make_schedule
+
+from . import data as D
+from .storage import OutputPathError, check_output_path, save_json, save_npy, save_npz
+
+MODELS = ("mlp", "lstm")
+LN_EVAL_BATCH = 1024  # rows per forward pass when evaluating (no backprop)
+
+
+# ---- parameters -----------------------------------------------------------------------------
+def glorot(rng: np.random.Generator, din: int, dout: int, dtype: Any) -> np.ndarray:
+    """Glorot-uniform ``U(-a, a)``, ``a = sqrt(6/(din+dout))``."""
+    a = math.sqrt(6.0 / (din + dout))
+    return rng.uniform(-a, a, size=(din, dout)).astype(dtype)
+
+
+def bias(rng: np.random.Generator, n: int, dtype: Any) -> np.ndarray:
+    """Biases at scale 0.1: ``U(-0.1, 0.1)``."""
+    return rng.uniform(-0.1, 0.1, size=(n,)).astype(dtype)
+
+
+@dataclass
+class CharModel:
+    """A built model: its graph, how to feed it a batch of character codes, its sizes."""
+
+    kind: str
+    xm: Any
+    feed: Callable[..., dict[str, Any]]
+    dims: dict[str, int]
+    dtype: np.dtype
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The live parameter arrays (the registers' defaults; updated in place)."""
+        return {n: self.xm.register(n).default for n in self.xm.params()}
+
+    def set_params(self, values: dict[str, np.ndarray]) -> None:
+        for name, arr in self.params.items():
+            arr[...] = values[name]
+
+
+def build_model(kind: str, dims: dict[str, int], *, seed: int, dtype: Any = np.float64) -> CharModel:
+    module = importlib.import_module(f"models.{kind}")
+    return module.build(dims["max_len"], dims["num_chars"], dims["num_hid"], dims["num_labels"],
+                        rng=np.random.default_rng(seed), dtype=dtype)
+
+
+# ---- configuration --------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    max_len: int = 10
+    num_hid: int = 50
+    batch_size: int = 64
+    epochs: int = 15
+    init_lr: float = 0.05
+    seed: int = 0
+    dtype: str = "float64"
+    dense: bool = False
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip: float | None = None
+    schedule: str = "constant"
+    patience: int | None = None
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "TrainConfig":
+        known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__ and v is not None}
+        return cls(**known)
+
+
+from .flags import DEFAULT_LR  # noqa: E402  (one table of defaults, shared with the CLI)
+
+
+# ---- events ---------------------------------------------------------------------------------
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    valid_loss: float
+    valid_accuracy: float
+    train_seconds: float
+    lr: float
+    best: bool = False
+
+
+@dataclass
+class TrainResult:
+    epochs: list[EpochResult] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_params: dict[str, np.ndarray] | None = None
+    stopped: str | None = None     # "interrupted", "diverged", "dead-relu", "early-stop"
+    message: str | None = None
+
+
+class Reporter(Protocol):
+    def start(self, kind: str, epochs: int, batches: int) -> None: ...
+    def batch(self, epoch: int, k: int, loss: float) -> None: ...
+    def epoch(self, result: EpochResult) -> None: ...
+    def info(self, text: str) -> None: ...
+    def warn(self, text: str) -> None: ...
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+class PlainReporter:
+    """Readable lines for logs and pipes (the CLI uses rich on a terminal)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stdout
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def start(self, kind: str, epochs: int, batches: int) -> None:
+        self._print(f"training {kind}: {epochs} epochs x {batches} batches")
+
+    def batch(self, epoch: int, k: int, loss: float) -> None:
+        pass
+
+    def epoch(self, r: EpochResult) -> None:
+        mark = "  *best" if r.best else ""
+        self._print(f"epoch {r.epoch:3d}  train loss {r.train_loss:.4f}  valid loss {r.valid_loss:.4f}  "
+                    f"valid acc {r.valid_accuracy:.4f}  ({r.train_seconds:.2f}s){mark}")
+
+    def info(self, text: str) -> None:
+        self._print(text)
+
+    def warn(self, text: str) -> None:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        for k, v in summary.items():
+            self._print(f"{k}: {v}")
+
+
+# ---- interruption ---------------------------------------------------------------------------
+class StopFlag:
+    """Set by SIGINT; the loop checks it after every batch and stops cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextmanager
+def stop_on_sigint(flag: StopFlag) -> Iterator[StopFlag]:
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested:  # a second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no handler, plain KeyboardInterrupt
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---- training -------------------------------------------------------------------------------
+DEAD_RELU_HINT = (
+    "every output ReLU is dead: all logits are 0 for every example, the loss is stuck at "
+    "ln {c} = {lnc:.3f} and every gradient is exactly zero, so training cannot move. "
+    "Try another --seed, a smaller --init_lr, or a different --optimizer.")
+
+
+@dataclass
+class Evaluation:
+    probs: np.ndarray
+    loss: float | None        # mean cross-entropy over rows with a known label
+    accuracy: float | None
+    known: int
+
+
+class Trainer:
+    """Runs one model's compiled program over a dataset."""
+
+    def __init__(self, model: CharModel, dataset: D.Dataset, cfg: TrainConfig) -> None:
+        self.model, self.ds, self.cfg = model, dataset, cfg
+        self.ad = Autograd(model.xm)
+        self.program: Program = self.ad.compile(model.xm.operationSequence(model.xm.register("loss")))
+        slot = self.program.slot
+        self.loss_slot, self.rowloss_slot, self.out_slot = slot["loss"], slot["rowloss"], slot["outputs"]
+        self.param_slots = [(n, slot[n]) for n in self.program.params]
+        self.codes = {name: dataset.vocab.encode_titles(getattr(dataset, name).titles, cfg.max_len)
+                      for name in D.SPLITS}
+
+    def evaluate(self, split: str) -> Evaluation:
+        """Probabilities for every row (file order), loss and accuracy over rows with a known label."""
+        s = getattr(self.ds, split)
+        codes, labels = self.codes[split], s.label_ids
+        C = self.model.dims["num_labels"]
+        probs = np.empty((len(s), C), dtype=self.model.dtype)
+        rowloss = np.empty(len(s), dtype=np.float64)
+        params = self.model.params
+        for b in D.minibatches(codes, labels, C, LN_EVAL_BATCH, dtype=self.model.dtype):
+            v = self.program.forward({**params, **self.model.feed(b.x, self.cfg.dense), "y": b.y})
+            probs[b.rows] = v[self.out_slot]
+            rowloss[b.rows] = v[self.rowloss_slot]
+        known = labels >= 0
+        if not known.any():
+            return Evaluation(probs, None, None, 0)
+        loss = float(rowloss[known].mean())
+        acc = float((probs[known].argmax(axis=1) == labels[known]).mean())
+        return Evaluation(probs, loss, acc, int(known.sum()))
+
+    def train(self, reporter: Reporter, stop: StopFlag) -> TrainResult:
+        cfg, model = self.cfg, self.model
+        params = model.params
+        C = model.dims["num_labels"]
+        rng = np.random.default_rng(cfg.seed)
+        optimizer = make_optimizer(cfg.optimizer, params, cfg.init_lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        schedule = make_schedule(cfg.schedule, cfg.init_lr, cfg.epochs)
+        n_train = len(self.ds.train)
+        batches = -(-n_train // cfg.batch_size)
+        result = TrainResult()
+        best_loss = math.inf
+        since_best = 0
+        one = np.ones((), dtype=model.dtype)
+        program, loss_slot, param_slots = self.program, self.loss_slot, self.param_slots
+        reporter.start(model.kind, cfg.epochs, batches)
+        if self._dead_relu("train"):
+            result.stopped = "dead-relu"
+            result.message = self._dead_message() + " (at initialisation)"
+            return result
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            total, seen = 0.0, 0
+            for k, b in enumerate(D.minibatches(self.codes["train"], self.ds.train.label_ids, C,
+                                                cfg.batch_size, rng, dtype=model.dtype)):
+                v = program.forward({**params, **model.feed(b.x, cfg.dense), "y": b.y})
+                loss = float(v[loss_slot])
+                if not math.isfinite(loss):
+                    result.stopped = "diverged"
+                    result.message = (f"the training loss became {loss} at epoch {epoch}, batch {k + 1} of "
+                                      f"{batches}: training diverged. Try a smaller --init_lr "
+                                      f"(now {optimizer.lr:g}) or --clip 5")
+                    return result
+                g = program.backward(v, {"loss": one})
+                grads = {n: g[s] for n, s in param_slots}
+                if cfg.clip is not None:
+                    clip_grad_norm(grads, cfg.clip)
+                optimizer.step(grads)
+                total += loss * len(b.rows)
+                seen += len(b.rows)
+                reporter.batch(epoch, k + 1, loss)
+                if stop.requested:
+                    break
+            train_seconds = time.perf_counter() - t0
+            if stop.requested and seen < n_train:
+                result.stopped = "interrupted"
+                result.message = f"interrupted during epoch {epoch} (batch {k + 1} of {batches})"
+                return result
+            ev = self.evaluate("valid")
+            vloss = ev.loss if ev.loss is not None else math.nan
+            improved = vloss < best_loss
+            er = EpochResult(epoch, total / max(seen, 1), vloss, ev.accuracy or 0.0, train_seconds,
+                             optimizer.lr, improved)
+            result.epochs.append(er)
+            if improved:
+                best_loss, since_best = vloss, 0
+                result.best_epoch = epoch
+                result.best_params = {n: a.copy() for n, a in params.items()}
+            else:
+                since_best += 1
+            reporter.epoch(er)
+            if not math.isfinite(vloss):
+                result.stopped = "diverged"
+                result.message = f"the validation loss became {vloss} after epoch {epoch}: training diverged"
+                return result
+            if np.ptp(ev.probs, axis=1).max(initial=0.0) == 0.0:
+                result.stopped = "dead-relu"
+                result.message = self._dead_message() + f" (after epoch {epoch})"
+                return result
+            if stop.requested:
+                result.stopped = "interrupted"
+                result.message = f"interrupted after epoch {epoch}"
+                return result
+            if cfg.patience is not None and since_best >= cfg.patience:
+                result.stopped = "early-stop"
+                result.message = (f"early stop after epoch {epoch}: validation loss has not improved for "
+                                  f"{cfg.patience} epoch(s)")
+                return result
+            optimizer.lr = schedule.after_epoch(epoch, vloss)
+        return result
+
+    def _dead_relu(self, split: str) -> bool:
+        """All logits zero on the first batch of ``split``: no gradient can ever flow."""
+        b = next(D.minibatches(self.codes[split], getattr(self.ds, split).label_ids,
+                               self.model.dims["num_labels"], self.cfg.batch_size, dtype=self.model.dtype))
+        v = self.program.forward({**self.model.params, **self.model.feed(b.x, self.cfg.dense), "y": b.y})
+        return bool(np.ptp(v[self.out_slot], axis=1).max(initial=0.0) == 0.0)
+
+    def _dead_message(self) -> str:
+        c = self.model.dims["num_labels"]
+        return DEAD_RELU_HINT.format(c=c, lnc=math.log(c))
+
+
+# ---- saved models ---------------------------------------------------------------------------
+def save_model(path: str | Path, model: CharModel, vocab: D.Vocab, params: dict[str, np.ndarray]) -> None:
+    """Parameters plus everything needed to predict (sizes, characters, labels): no pickle."""
+    chars = sorted(vocab.chars, key=vocab.chars.__getitem__)
+    meta = {"kind": model.kind, **model.dims, "dtype": str(model.dtype)}
+    arrays = {f"param/{n}": a for n, a in params.items()}
+    arrays["meta/config"] = np.array(json.dumps(meta))
+    arrays["meta/chars"] = np.array(chars)
+    arrays["meta/labels"] = np.array(list(vocab.labels))
+    save_npz(path, arrays)
+
+
+class ModelFileError(ValueError):
+    pass
+
+
+def load_model(path: str | Path) -> tuple[CharModel, D.Vocab]:
+    """Load a model saved by :func:`save_model`, checking every array against the model's shapes."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such model file; train with --save_model {path} first") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise ModelFileError(f"{path}: not a symdiff model file (.npz without pickles): {exc}") from None
+    for key in ("meta/config", "meta/chars", "meta/labels"):
+        if key not in files:
+            raise ModelFileError(f"{path}: missing array {key!r}; not a model saved by symdiff --save_model")
+    try:
+        meta = json.loads(str(files["meta/config"]))
+        kind = meta["kind"]
+        dims = {k: int(meta[k]) for k in ("max_len", "num_chars", "num_hid", "num_labels")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{path}: unreadable meta/config ({exc})") from None
+    if kind not in MODELS:
+        raise ModelFileError(f"{path}: unknown model kind {kind!r}")
+    chars = [str(c) for c in files["meta/chars"]]
+    vocab = D.Vocab(chars={c: i for i, c in enumerate(chars)}, labels=tuple(str(l) for l in files["meta/labels"]))
+    if len(chars) != dims["num_chars"] or len(vocab.labels) != dims["num_labels"]:
+        raise ModelFileError(f"{path}: meta/chars or meta/labels does not match meta/config sizes")
+    model = build_model(kind, dims, seed=0, dtype=meta.get("dtype", "float64"))
+    expected = model.params
+    extra = sorted(k[6:] for k in files if k.startswith("param/") and k[6:] not in expected)
+    if extra:
+        raise ModelFileError(f"{path}: unexpected array(s) {', '.join('param/' + e for e in extra)} for a {kind} model")
+    for name, arr in expected.items():
+        key = f"param/{name}"
+        if key not in files:
+            raise ModelFileError(f"{path}: missing array {key!r} for a {kind} model")
+        if files[key].shape != arr.shape:
+            raise ModelFileError(f"{path}: array {key!r} has shape {files[key].shape}, the {kind} model "
+                                 f"needs {arr.shape}")
+        if not np.issubdtype(files[key].dtype, np.floating) or not np.isfinite(files[key]).all():
+            raise ModelFileError(f"{path}: array {key!r} must hold finite floating-point numbers")
+        arr[...] = files[key]
+    return model, vocab
+
+
+def predict_titles(model: CharModel, vocab: D.Vocab, titles: list[str]) -> np.ndarray:
+    """Probabilities for raw title strings (unknown characters count as padding)."""
+    ad = Autograd(model.xm)
+    program = ad.compile(model.xm.operationSequence(model.xm.register("outputs")))
+    codes = vocab.encode_titles(titles, model.dims["max_len"])
+    v = program.forward({**model.params, **model.feed(codes)})
+    return v[program.slot["outputs"]]
+
+
+# ---- the run driver -------------------------------------------------------------------------
+class UsageError(ValueError):
+    """Bad flags or paths: reported as one line, exit code 2."""
+
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
+    """Load data, train, write predictions/metrics/model atomically; returns the exit code."""
+    cfg = TrainConfig.from_params({"init_lr": DEFAULT_LR[kind], **params})
+    outputs = {}
+    try:
+        for flag in ("output_file", "metrics_file", "save_model"):
+            if params.get(flag):
+                outputs[flag] = check_output_path(params[flag], f"--{flag}")
+        prefix = D.resolve_dataset(params.get("dataset") or D.DEFAULT_DATASET)
+        ds = D.load_dataset(prefix)
+    except (OutputPathError, D.DataError) as exc:
+        raise UsageError(str(exc)) from None
+    for lineno, label in ds.test.unknown_labels[:5]:
+        reporter.warn(f"{ds.test.path}:{lineno}: label {label!r} does not occur in training; "
+                      f"the row is predicted but left out of the test loss and accuracy")
+    if len(ds.test.unknown_labels) > 5:
+        reporter.warn(f"... {len(ds.test.unknown_labels) - 5} more test rows with unknown labels")
+    dims = dict(max_len=cfg.max_len, num_chars=ds.vocab.num_chars, num_hid=cfg.num_hid,
+                num_labels=ds.vocab.num_labels)
+    model = build_model(kind, dims, seed=cfg.seed, dtype=cfg.dtype)
+    trainer = Trainer(model, ds, cfg)
+    reporter.info(f"data {prefix}: {len(ds.train)} train / {len(ds.valid)} valid / {len(ds.test)} test rows, "
+                  f"{ds.vocab.num_chars} characters, labels {', '.join(ds.vocab.labels)}")
+    flag = StopFlag()
+    with stop_on_sigint(flag):
+        result = trainer.train(reporter, flag)
+    if result.message:
+        (reporter.warn if result.stopped != "early-stop" else reporter.info)(result.message)
+    if result.best_params is None:
+        reporter.warn("no epoch completed, so there are no parameters worth keeping: nothing was written")
+        return EXIT_INTERRUPTED if result.stopped == "interrupted" else EXIT_FAILED
+    model.set_params(result.best_params)
+    test = trainer.evaluate("test")
+    summary: dict[str, Any] = {"best_epoch": result.best_epoch}
+    if result.stopped in ("interrupted", "diverged", "dead-relu"):
+        reporter.info(f"using the parameters of the best epoch so far ({result.best_epoch})")
+    if test.loss is not None:
+        summary.update(test_loss=test.loss, test_accuracy=test.accuracy)
+    if "output_file" in outputs:
+        save_npy(outputs["output_file"], test.probs)
+        summary["predictions"] = str(outputs["output_file"])
+    if "metrics_file" in outputs:
+        metrics = {"model": kind, "config": asdict(cfg), "dataset": str(prefix),
+                   "epochs": [{"epoch": e.epoch, "train_loss": e.train_loss, "valid_loss": e.valid_loss,
+                               "valid_accuracy": e.valid_accuracy, "train_seconds": e.train_seconds}
+                              for e in result.epochs],
+                   "best_epoch": result.best_epoch, "stopped": result.stopped}
+        if test.loss is not None:
+            metrics.update(test_loss=test.loss, test_accuracy=test.accuracy)
+        save_json(outputs["metrics_file"], metrics)
+        summary["metrics"] = str(outputs["metrics_file"])
+    if "save_model" in outputs:
+        save_model(outputs["save_model"], model, ds.vocab, result.best_params)
+        summary["model"] = str(outputs["save_model"])
+    reporter.finish(summary)
+    if result.stopped == "interrupted":
+        reporter.warn("stopped by Ctrl-C: results above come from the best epoch so far (exit code 130)")
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if result.stopped in ("diverged", "dead-relu") and not result.epochs else EXIT_OK
+
+
+def run_main(kind: str, params: dict[str, Any], reporter: Reporter | None = None) -> int:
+    """``main(params)`` of the model modules: run with plain output, errors as one line."""
+    try:
+        return run(kind, params, reporter or PlainReporter())
+    except UsageError as exc:
+        print(f"symdiff {kind}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
