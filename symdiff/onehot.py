@@ -21,7 +21,7 @@ class OneHot:
     column (each slot is a distinct one-hot position).
     """
 
-    __slots__ = ("indices", "depth", "dtype", "_valid", "_flat")
+    __slots__ = ("indices", "depth", "dtype", "_valid", "_flat", "_segments")
     __array_priority__ = 100
 
     def __init__(self, indices: np.ndarray, depth: int, dtype: Any = np.float64) -> None:
@@ -37,6 +37,7 @@ class OneHot:
         self.dtype = np.dtype(dtype)
         self._valid: np.ndarray | None = None
         self._flat: tuple[np.ndarray, np.ndarray] | None = None
+        self._segments: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,10 +80,22 @@ class OneHot:
         return rows.sum(axis=1)
 
     def rmatmul_grad(self, delta: np.ndarray) -> np.ndarray:
-        """``self.T @ delta`` (the weight gradient) as a scatter-add of ``delta`` rows."""
-        rows, cols = self._nonzeros()
+        """``self.T @ delta`` (the weight gradient) as a scatter-add of ``delta`` rows.
+
+        The ones are grouped by column once per batch (cached: an LSTM feeds the
+        same characters to four gates), then each group of ``delta`` rows is
+        summed with one ``reduceat``: several times faster than ``np.add.at``.
+        """
+        if self._segments is None:
+            rows, cols = self._nonzeros()
+            order = np.argsort(cols, kind="stable")
+            sorted_cols = cols[order]
+            starts = np.flatnonzero(np.r_[True, sorted_cols[1:] != sorted_cols[:-1]]) if cols.size else cols
+            self._segments = (rows[order], sorted_cols[starts], starts)
+        rows, columns, starts = self._segments
         out = np.zeros((self.depth, delta.shape[1]), dtype=delta.dtype)
-        np.add.at(out, cols, delta[rows])
+        if rows.size:
+            out[columns] = np.add.reduceat(delta[rows], starts, axis=0)
         return out
 
     def _padding(self) -> np.ndarray | None:

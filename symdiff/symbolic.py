@@ -266,8 +266,11 @@ def _backward_kernel(raw: Callable[..., Any], j: int) -> Callable[..., Any]:
     def backward(delta: Any, out: Any, *inputs: Any) -> Any:
         g = raw(delta, out, *inputs)
         x = inputs[j]
-        if getattr(g, "shape", None) == np.shape(x):
-            return g
+        try:
+            if g.shape == x.shape:  # the common case: no broadcast to undo
+                return g
+        except AttributeError:
+            pass
         return sum_to_shape(g, np.shape(x), np.result_type(x, delta))
 
     return backward
@@ -312,18 +315,12 @@ def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, replace: bool 
         bp_fns.append(_backward_kernel(raw, j))
         bp_srcs.append(src)
 
-    if len(real) == 1:  # unary: the result keeps the input's shape, no broadcast to undo
-        raw_forward = forward_fn
-
-        def forward(x: Any) -> Any:
-            out = raw_forward(x)
-            return out if getattr(out, "shape", None) == np.shape(x) else np.broadcast_to(out, np.shape(x)).copy()
-    else:
+    if all(a in fwd.free_symbols for a in real):
+        forward = forward_fn  # numpy broadcasting already gives the output its full shape
+    else:  # e.g. a constant: lambdify returns a scalar
         def forward(*xs: Any) -> Any:
-            out = forward_fn(*xs)
-            if not hasattr(out, "shape") or out.ndim < max(np.ndim(x) for x in xs):
-                out = np.broadcast_to(out, np.broadcast_shapes(*(np.shape(x) for x in xs))).copy()
-            return out
+            shape = np.broadcast_shapes(*(np.shape(x) for x in xs))
+            return np.broadcast_to(forward_fn(*xs), shape).astype(np.result_type(*xs), copy=True)
 
     symbolic = Symbolic(expr, real, fwd, derivs, backward, output_form, forward_src, tuple(bp_srcs))
     op = Op(name=name, arity=len(real), forward=forward, backward=tuple(bp_fns), elementwise=True,
