@@ -77,20 +77,24 @@ def _fail(prog: str, message: str, code: int = 2) -> int:
 
 # ---- commands -------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.training import PlainReporter, UsageError, run
-
-    params = vars(args).copy()
-    kind = params.pop("command")
-    params.pop("func", None)
-    console = _console()
-    reporter: Any = RichReporter(console) if console.is_terminal else PlainReporter()
     try:
-        return run(kind, params, reporter)
-    except UsageError as exc:
-        return _fail(f"symdiff {kind}", str(exc))
-    finally:
-        if isinstance(reporter, RichReporter):
-            reporter.close()
+        from models.training import PlainReporter, UsageError, run
+
+        params = vars(args).copy()
+        kind = params.pop("command")
+        params.pop("func", None)
+        console = _console()
+        reporter: Any = RichReporter(console) if console.is_terminal else PlainReporter()
+        try:
+            return run(kind, params, reporter)
+        except UsageError as exc:
+            return _fail(f"symdiff {kind}", str(exc))
+        finally:
+            if isinstance(reporter, RichReporter):
+                reporter.close()
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops training cleanly), or one during start-up
+        return _fail(f"symdiff {args.command}", "interrupted: stopped at once; every output file is either "
+                     "complete or untouched (the writes are atomic)", code=130)
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
@@ -163,6 +167,82 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    from rich.table import Table
+
+    from models import experiments as X
+
+    console = _console()
+
+    class Bar:
+        """One rich progress bar per experiment, over the whole sweep (adapts ``X.Progress``)."""
+
+        def __init__(self) -> None:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                     TimeRemainingColumn(), console=console, transient=True,
+                                     disable=not console.is_terminal)
+            self.task: Any = None
+
+        def start(self, description: str, total: int) -> None:
+            self.progress.start()
+            self.task = self.progress.add_task(f"[bold]{description}[/]", total=total, status="")
+
+        def advance(self, n: int = 1, status: str | None = None) -> None:
+            if status is None:
+                self.progress.advance(self.task, n)
+            else:
+                self.progress.update(self.task, advance=n, status=status)
+
+        def finish(self) -> None:
+            self.progress.stop()
+
+    names = (*X.EXPERIMENTS, "report") if args.which == "all" else (args.which,)
+    bar = Bar()
+    try:
+        for name in names:
+            if name == "report":
+                path, notes = X.write_report(args.out, args.report)
+                for note in notes:
+                    console.print(f"[yellow]{note}[/]", highlight=False)
+                console.print(f"report written to [bold]{path}[/]", highlight=False)
+                continue
+            data = X.run(name, dataset=args.dataset, epochs=args.epochs, repeats=args.repeats, seed=args.seed,
+                         batch_sizes=args.batch_sizes, max_lens=args.max_lens, draws=args.draws, progress=bar)
+            files = X.save(name, data, args.out)
+            title, cols, rows = X.summary_table(name, data)
+            table = Table(title=title)
+            for k, col in enumerate(cols):
+                table.add_column(col, justify="left" if k < 2 else "right")
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
+            for warning in data.get("warnings", []):
+                console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+            plots = X.save_plots(name, data, args.out)
+            console.print(f"{name}: data written to {', '.join(str(p) for p in files)} "
+                          f"({data['meta']['wall_seconds']:.1f} s)", highlight=False)
+            if plots is None:
+                console.print(f"{name}: plots skipped, matplotlib is not installed; to get them run "
+                              f"[bold]{X.PLOTS_HINT}[/] and then `symdiff experiment report --out {args.out}`",
+                              highlight=False)
+            else:
+                console.print(f"{name}: plots written to {', '.join(str(p) for p in plots)}", highlight=False)
+        if args.which in X.EXPERIMENTS:
+            console.print(f"[dim]update the report with: symdiff experiment report --out {args.out} "
+                          f"--report {args.report}[/]", highlight=False)
+    except X.ExperimentError as exc:
+        return _fail("symdiff experiment", str(exc))
+    except KeyboardInterrupt:
+        console.print("[bold yellow]interrupted:[/] nothing written for the experiment in progress")
+        return 130
+    finally:
+        bar.progress.stop()
+    return 0
+
+
 # ---- parsing --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="symdiff", description=(
@@ -190,6 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True, help="a .npz written by `symdiff mlp|lstm --save_model PATH`")
     pr.add_argument("titles", nargs="+", metavar="TITLE")
     pr.set_defaults(func=cmd_predict)
+    from models.experiments import parse_int_list as _experiment_ints, parse_positive_int as _experiment_int
+
+    ex = sub.add_parser("experiment", help="run the assignment's experiments (timing, steps, init) and write the report")
+    ex.add_argument("which", choices=("timing", "steps", "init", "report", "all"),
+                    help="timing: seconds/epoch vs N and M; steps: engine steps of one LSTM update; init: "
+                         "tanh initialisation scale; report: docs/report.md from the results; all: everything")
+    ex.add_argument("--dataset", default=None, help="path prefix or shipped name (default: ../shared/data/smaller "
+                    "beside the checkout if it exists, else demo)")
+    ex.add_argument("--epochs", type=_experiment_int, default=2, help="epochs per timing run (default 2)")
+    ex.add_argument("--repeats", type=_experiment_int, default=3, help="timing repeats per setting (default 3)")
+    ex.add_argument("--batch_sizes", type=_experiment_ints, default=(16, 32, 64), help="N sweep (default 16,32,64)")
+    ex.add_argument("--max_lens", type=_experiment_ints, default=(10, 15, 20), help="M sweep (default 10,15,20)")
+    ex.add_argument("--draws", type=_experiment_int, default=20000, help="samples per init setting (default 20000)")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--out", default="docs/figures", help="folder for JSON, CSV and PNG (default docs/figures)")
+    ex.add_argument("--report", default="docs/report.md", help="report path for report/all (default docs/report.md)")
+    ex.set_defaults(func=cmd_experiment)
     return p
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
+from typing import Any, NoReturn
 
 from symdiff.optim import OPTIMIZERS, SCHEDULES
 
@@ -36,12 +36,47 @@ def _positive_float(text: str) -> float:
 
 
 def _non_negative_float(text: str) -> float:
-    value = _positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _one_line_error(parser: argparse.ArgumentParser) -> Any:
+    """``parser.error`` without the multi-line usage block: one line, then exit code 2."""
+
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    return error
 
 
 def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     """The seed's flags (same names and defaults) plus symdiff's own."""
+    p.error = _one_line_error(p)  # type: ignore[method-assign]
     p.add_argument("--max_len", type=_positive_int, default=10, help="characters per title (default 10)")
     p.add_argument("--num_hid", type=_positive_int, default=50, help="hidden units (default 50)")
     p.add_argument("--batch_size", type=_positive_int, default=64, help="minibatch size (default 64)")
@@ -51,14 +86,16 @@ def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--init_lr", type=_positive_float, default=DEFAULT_LR[kind],
                    help=f"learning rate (default {DEFAULT_LR[kind]})")
     p.add_argument("--output_file", default="output.npy", help="test-set probabilities, np.save (default output.npy)")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for initialisation and shuffling (default 0)")
     p.add_argument("--metrics_file", default=None, help="write per-epoch metrics as JSON here")
     p.add_argument("--save_model", default=None, help="save the best parameters (.npz) for `symdiff predict`")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="float precision")
     p.add_argument("--dense", action="store_true",
                    help="feed dense one-hot matrices instead of the sparse gather path (same math, slower)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="do not fuse chains of elementwise ops into one derived kernel (same math, slower)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="update rule (default: the seed's sgd)")
-    p.add_argument("--momentum", type=float, default=0.9, help="momentum for momentum/nesterov (default 0.9)")
+    p.add_argument("--momentum", type=_unit_float, default=0.9, help="momentum for momentum/nesterov (default 0.9)")
     p.add_argument("--weight_decay", type=_non_negative_float, default=0.0, help="weight decay (default 0)")
     p.add_argument("--clip", type=_positive_float, default=None, help="clip the global gradient norm to this")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule")

@@ -33,11 +33,25 @@ def check_output_path(path: str | os.PathLike[str], flag: str) -> Path:
     return p
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` would give: the existing file's, else 0o666 minus umask.
+
+    (``mkstemp`` creates its file 0o600, which would make every output private to its owner.)
+    """
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), _new_file_mode(path))
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

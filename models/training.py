@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from . import data as D
 from .storage import OutputPathError, check_output_path, save_json, save_npy, save_npz
 
 MODELS = ("mlp", "lstm")
-LN_EVAL_BATCH = 1024  # rows per forward pass when evaluating (no backprop)
+EVAL_BATCH = 256  # rows per forward pass when evaluating: every register is kept, so this bounds memory
 
 
 # ---- parameters -----------------------------------------------------------------------------
@@ -78,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float64"
     dense: bool = False
+    fuse: bool = True
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -201,7 +203,7 @@ class Trainer:
 
     def __init__(self, model: CharModel, dataset: D.Dataset, cfg: TrainConfig) -> None:
         self.model, self.ds, self.cfg = model, dataset, cfg
-        self.ad = Autograd(model.xm)
+        self.ad = Autograd(model.xm, fuse=cfg.fuse)
         self.program: Program = self.ad.compile(model.xm.operationSequence(model.xm.register("loss")))
         slot = self.program.slot
         self.loss_slot, self.rowloss_slot, self.out_slot = slot["loss"], slot["rowloss"], slot["outputs"]
@@ -217,7 +219,7 @@ class Trainer:
         probs = np.empty((len(s), C), dtype=self.model.dtype)
         rowloss = np.empty(len(s), dtype=np.float64)
         params = self.model.params
-        for b in D.minibatches(codes, labels, C, LN_EVAL_BATCH, dtype=self.model.dtype):
+        for b in D.minibatches(codes, labels, C, EVAL_BATCH, dtype=self.model.dtype):
             v = self.program.forward({**params, **self.model.feed(b.x, self.cfg.dense), "y": b.y})
             probs[b.rows] = v[self.out_slot]
             rowloss[b.rows] = v[self.rowloss_slot]
@@ -340,13 +342,23 @@ class ModelFileError(ValueError):
 def load_model(path: str | Path) -> tuple[CharModel, D.Vocab]:
     """Load a model saved by :func:`save_model`, checking every array against the model's shapes."""
     path = Path(path)
+    redo = f"give a file written by `symdiff mlp|lstm --save_model {path}`"
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such model file; train with --save_model {path} first")
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a directory, not a model file; {redo}")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a symdiff model file (not an .npz archive); {redo}")
     try:
         with np.load(path, allow_pickle=False) as z:
             files = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such model file; train with --save_model {path} first") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise ModelFileError(f"{path}: not a symdiff model file (.npz without pickles): {exc}") from None
+    except ValueError as exc:
+        if "pickle" in str(exc) or "Object arrays" in str(exc):
+            raise ModelFileError(f"{path}: holds pickled (object) arrays, which symdiff never loads; "
+                                 f"{redo}") from None
+        raise ModelFileError(f"{path}: unreadable .npz ({exc}); {redo}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ModelFileError(f"{path}: unreadable .npz ({exc}); {redo}") from None
     for key in ("meta/config", "meta/chars", "meta/labels"):
         if key not in files:
             raise ModelFileError(f"{path}: missing array {key!r}; not a model saved by symdiff --save_model")
@@ -354,15 +366,24 @@ def load_model(path: str | Path) -> tuple[CharModel, D.Vocab]:
         meta = json.loads(str(files["meta/config"]))
         kind = meta["kind"]
         dims = {k: int(meta[k]) for k in ("max_len", "num_chars", "num_hid", "num_labels")}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelFileError(f"{path}: unreadable meta/config ({exc})") from None
+        dtype = str(meta.get("dtype", "float64"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelFileError(f"{path}: unreadable meta/config ({exc}); {redo}") from None
     if kind not in MODELS:
-        raise ModelFileError(f"{path}: unknown model kind {kind!r}")
-    chars = [str(c) for c in files["meta/chars"]]
-    vocab = D.Vocab(chars={c: i for i, c in enumerate(chars)}, labels=tuple(str(l) for l in files["meta/labels"]))
+        raise ModelFileError(f"{path}: unknown model kind {kind!r}; {redo}")
+    if min(dims.values()) < 1:
+        raise ModelFileError(f"{path}: meta/config sizes must be at least 1, got {dims}; {redo}")
+    if dtype not in ("float64", "float32"):
+        raise ModelFileError(f"{path}: meta/config dtype must be float64 or float32, got {dtype!r}; {redo}")
+    chars = [str(c) for c in files["meta/chars"].reshape(-1)]
+    try:
+        vocab = D.Vocab(chars={c: i for i, c in enumerate(chars)},
+                        labels=tuple(str(l) for l in files["meta/labels"].reshape(-1)))
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: bad meta/chars or meta/labels ({exc}); {redo}") from None
     if len(chars) != dims["num_chars"] or len(vocab.labels) != dims["num_labels"]:
         raise ModelFileError(f"{path}: meta/chars or meta/labels does not match meta/config sizes")
-    model = build_model(kind, dims, seed=0, dtype=meta.get("dtype", "float64"))
+    model = build_model(kind, dims, seed=0, dtype=dtype)
     expected = model.params
     extra = sorted(k[6:] for k in files if k.startswith("param/") and k[6:] not in expected)
     if extra:
@@ -400,6 +421,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
     """Load data, train, write predictions/metrics/model atomically; returns the exit code."""
     cfg = TrainConfig.from_params({"init_lr": DEFAULT_LR[kind], **params})
+    try:  # combinations the flag parser cannot judge alone (e.g. nesterov needs momentum > 0)
+        make_optimizer(cfg.optimizer, {"probe": np.zeros(1)}, cfg.init_lr, momentum=cfg.momentum,
+                       weight_decay=cfg.weight_decay)
+        make_schedule(cfg.schedule, cfg.init_lr, cfg.epochs)
+    except ValueError as exc:
+        raise UsageError(f"--optimizer {cfg.optimizer} --momentum {cfg.momentum:g} --schedule {cfg.schedule}: "
+                         f"{exc}; change one of these flags") from None
     outputs = {}
     try:
         for flag in ("output_file", "metrics_file", "save_model"):
@@ -421,7 +449,9 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
     reporter.info(f"data {prefix}: {len(ds.train)} train / {len(ds.valid)} valid / {len(ds.test)} test rows, "
                   f"{ds.vocab.num_chars} characters, labels {', '.join(ds.vocab.labels)}")
     flag = StopFlag()
-    with stop_on_sigint(flag):
+    # Overflow on the way to a non-finite loss is detected and reported by the loop itself;
+    # numpy's RuntimeWarnings about it would only bury that one clear message.
+    with stop_on_sigint(flag), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         result = trainer.train(reporter, flag)
     if result.message:
         (reporter.warn if result.stopped != "early-stop" else reporter.info)(result.message)
@@ -465,3 +495,7 @@ def run_main(kind: str, params: dict[str, Any], reporter: Reporter | None = None
     except UsageError as exc:
         print(f"symdiff {kind}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one stops training cleanly
+        print(f"symdiff {kind}: error: interrupted: stopped at once; every output file is either complete "
+              f"or untouched (the writes are atomic)", file=sys.stderr)
+        return EXIT_INTERRUPTED

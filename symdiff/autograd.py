@@ -15,7 +15,11 @@ import numpy as np
 from .graph import Step, XMan
 from .onehot import OneHot
 from .passes import DEFAULT_PASSES, PASSES
-from .registry import Op, get_op
+from .registry import get_op, sum_to_shape
+
+
+#: (op, input index) pairs whose kernels take a :class:`OneHot` value as it is (a gather)
+ONEHOT_OPERANDS = {("mul", 0)}
 
 
 class SymdiffError(ValueError):
@@ -44,9 +48,17 @@ class Values(dict):
 
 
 class Program:
-    """A Wengert list compiled to slots and bound kernels."""
+    """A Wengert list compiled to slots and bound kernels.
+
+    A step's output is a register name, or, for a step made by the
+    ``fuse_elementwise`` pass, a tuple of names (the fused group's outputs and
+    saved values). ``forward_plan`` holds ``(kernel, output slot(s), input
+    slots)``; the backward plan holds one closure per derivative call.
+    """
 
     def __init__(self, steps: Sequence[Step], params: Iterable[str], counters: Counters) -> None:
+        from .symbolic import FUSED  # fused kernels only exist once SymPy is loaded
+
         self.steps = list(steps)
         self.counters = counters
         names: list[str] = []
@@ -58,35 +70,48 @@ class Program:
                 names.append(name)
             return slot[name]
 
-        outputs = {s.output for s in self.steps}
+        outputs = {o for s in self.steps for o in _outputs(s)}
         leaves: list[tuple[str, int]] = []
         for s in self.steps:
             for i in s.inputs:
                 if i not in outputs and i not in slot:
                     leaves.append((i, slot_of(i)))
-        self.ops: list[Op] = []
-        self.forward_plan: list[tuple[Any, int, tuple[int, ...]]] = []
+        self.ops: list[Any] = []
+        self.forward_plan: list[tuple[Any, Any, tuple[int, ...]]] = []
         for s in self.steps:
-            op = get_op(s.op)
-            if len(s.inputs) != op.arity:
-                raise SymdiffError(f"step {s}: op {op.name!r} takes {op.arity} inputs, got {len(s.inputs)}")
+            if isinstance(s.output, tuple):
+                op: Any = FUSED[s.op]
+                arity = op.spec.n_inputs
+            else:
+                op = get_op(s.op)
+                arity = op.arity
+            if len(s.inputs) != arity:
+                raise SymdiffError(f"step {s}: op {s.op!r} takes {arity} inputs, got {len(s.inputs)}")
             self.ops.append(op)
             ins = tuple(slot_of(i) for i in s.inputs)
-            if s.output in slot:
-                raise SymdiffError(f"register {s.output!r} is computed twice or used before it is computed")
-            self.forward_plan.append((op.forward, slot_of(s.output), ins))
+            for o in _outputs(s):
+                if o in slot:
+                    raise SymdiffError(f"register {o!r} is computed twice or used before it is computed")
+            out: Any = tuple(slot_of(o) for o in s.output) if isinstance(s.output, tuple) else slot_of(s.output)
+            self.forward_plan.append((op.forward, out, ins))
         self.names = names
         self.slot = slot
         self.leaves = leaves
+        # a OneHot value stays sparse only where a kernel expects one; anywhere else it is
+        # handed over dense, as if the caller had passed the dense matrix
+        sparse = {n for n, _ in leaves}
+        for s in self.steps:
+            sparse.difference_update(i for j, i in enumerate(s.inputs) if (s.op, j) not in ONEHOT_OPERANDS)
+        self.dense_leaves = {k for n, k in leaves if n not in sparse}
         params = set(params)
         self.params = [n for n, _ in leaves if n in params]
         # registers that depend on a parameter: the only ones worth a gradient
         needs = {n for n in self.params}
         for s in self.steps:
             if any(i in needs for i in s.inputs):
-                needs.add(s.output)
+                needs.update(_outputs(s))
         self.needs_grad = needs
-        self._backward_plans: dict[tuple[str, ...], list[tuple[Any, int, tuple[int, ...], int, bool]]] = {}
+        self._backward_plans: dict[tuple[str, ...], tuple[list[tuple[Any, int]], int]] = {}
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, inputs: Mapping[str, Any]) -> list[Any]:
@@ -99,63 +124,78 @@ class Program:
                 raise MissingInputError(
                     f"no value for register {name!r}: pass it in the input dict "
                     f"(e.g. xm.inputDict({name}=...)) or give it a default") from None
-            if type(val) is not np.ndarray and not isinstance(val, OneHot):
+            if type(val) is not np.ndarray and (k in self.dense_leaves or not isinstance(val, OneHot)):
                 val = np.asarray(val)
             v[k] = val
         k = 0
         try:
             for k, (fn, o, ins) in enumerate(self.forward_plan):
-                v[o] = fn(*[v[i] for i in ins])
+                if o.__class__ is int:
+                    v[o] = fn(*[v[i] for i in ins])
+                else:  # a fused step: one call computes all of the group's results
+                    for s, value in zip(o, fn(*[v[i] for i in ins])):
+                        v[s] = value
         except (ValueError, TypeError, IndexError) as exc:
             raise self._error(k, exc, v, "forward") from exc
         self.counters.forward_steps += len(self.forward_plan)
         return v
 
     # ---- backward -----------------------------------------------------------------------
-    def backward_plan(self, seeds: Sequence[str]) -> list[tuple[Any, int, tuple[int, ...], int, bool]]:
-        """Derivatives to take for gradients flowing from ``seeds`` to the params."""
+    def backward_plan(self, seeds: Sequence[str]) -> tuple[list[tuple[Any, int]], int]:
+        """Closures ``run(g, v)`` (with their step index) taking the derivatives that lead from
+        ``seeds`` to the params, and how many derivatives that is (the backward step count)."""
         key = tuple(sorted(seeds))
-        plan = self._backward_plans.get(key)
-        if plan is not None:
-            return plan
+        cached = self._backward_plans.get(key)
+        if cached is not None:
+            return cached
         for s in key:
             if s not in self.slot:
                 raise SymdiffError(f"cannot backpropagate from {s!r}: it is not a register of this Wengert list")
-        # registers the seeds depend on
-        live = set(key)
+        live = set(key)  # registers the seeds depend on
         for s in reversed(self.steps):
-            if s.output in live:
+            if any(o in live for o in _outputs(s)):
                 live.update(s.inputs)
         written = set(key)
-        plan = []
+        plan: list[tuple[Any, int]] = []
+        count = 0
         for k in range(len(self.steps) - 1, -1, -1):
             s = self.steps[k]
-            if s.output not in live or s.output not in self.needs_grad or s.output not in written:
+            outs = _outputs(s)
+            if not any(o in written for o in outs) or not any(o in self.needs_grad for o in outs):
                 continue
             _, o, ins = self.forward_plan[k]
-            for j, name in enumerate(s.inputs):
-                if name in self.needs_grad:
-                    target = self.slot[name]
-                    plan.append((self.ops[k].backward[j], o, ins, target, name in written))
+            needed = tuple(name in self.needs_grad for name in s.inputs)
+            targets = tuple(self.slot[name] for name, need in zip(s.inputs, needed) if need)
+            accumulate = []
+            for name, need in zip(s.inputs, needed):
+                if need:
+                    accumulate.append(name in written)
                     written.add(name)
-        self._backward_plans[key] = plan
-        return plan
+            if isinstance(s.output, tuple):
+                plan.append((_fused_backward(self.ops[k], needed, o, ins, targets, tuple(accumulate)), k))
+            else:
+                for j, (t, acc) in zip((j for j, n in enumerate(needed) if n), zip(targets, accumulate)):
+                    plan.append((_single_backward(self.ops[k].backward[j], o, ins, t, acc), k))
+            count += len(targets)
+        self._backward_plans[key] = (plan, count)
+        return plan, count
 
     def backward(self, v: Sequence[Any], seeds: Mapping[str, Any]) -> list[Any]:
         """Gradient slots (``None`` where no gradient is needed)."""
-        plan = self.backward_plan(list(seeds))
+        plan, count = self.backward_plan(list(seeds))
         g: list[Any] = [None] * len(self.names)
         for name, value in seeds.items():
-            g[self.slot[name]] = value
-        n = 0
+            k = self.slot[name]
+            # the seed takes the output's float dtype: loss=np.float64(1.0) keeps a float32 graph float32
+            dtype = getattr(v[k], "dtype", None)
+            g[k] = np.asarray(value, dtype=dtype if dtype is not None and dtype.kind == "f" else None)
+        step = 0
         try:
-            for n, (bp, o, ins, target, accumulate) in enumerate(plan):
-                d = bp(g[o], v[o], *[v[i] for i in ins])
-                g[target] = g[target] + d if accumulate else d
+            for run, step in plan:
+                run(g, v)
         except (ValueError, TypeError, IndexError) as exc:
-            step = self.forward_plan.index(next(p for p in self.forward_plan if p[1] == plan[n][1]))
             raise self._error(step, exc, v, "backward") from exc
-        self.counters.backward_steps += len(plan)
+        self.counters.backward_steps += count
         # a derivative may hand back delta itself: give every param its own array
         seen: set[int] = set()
         for name in self.params:
@@ -170,8 +210,43 @@ class Program:
         s = self.steps[k]
         shapes = ", ".join(f"{i}{tuple(np.shape(v[self.slot[i]])) if v[self.slot[i]] is not None else '?'}"
                            for i in s.inputs)
+        out = ", ".join(s.output) if isinstance(s.output, tuple) else s.output
         cls = ShapeError if "shape" in str(exc) or "broadcast" in str(exc) or "dimension" in str(exc) else SymdiffError
-        return cls(f"{phase} of op {s.op!r} computing register {s.output!r} failed for inputs {shapes}: {exc}")
+        return cls(f"{phase} of op {s.op!r} computing register {out!r} failed for inputs {shapes}: {exc}")
+
+
+def _outputs(s: Step) -> tuple[str, ...]:
+    return s.output if isinstance(s.output, tuple) else (s.output,)
+
+
+def _single_backward(bp: Any, o: int, ins: tuple[int, ...], target: int, accumulate: bool) -> Any:
+    if accumulate:
+        def run(g: list[Any], v: list[Any]) -> None:
+            g[target] = g[target] + bp(g[o], v[o], *[v[i] for i in ins])
+    else:
+        def run(g: list[Any], v: list[Any]) -> None:
+            g[target] = bp(g[o], v[o], *[v[i] for i in ins])
+    return run
+
+
+def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, ...], ins: tuple[int, ...],
+                    targets: tuple[int, ...], accumulate: tuple[bool, ...]) -> Any:
+    """All needed input gradients of a fused group in one call (they share subexpressions)."""
+    bp = kernel.backward(needed)
+    n_out = len(kernel.spec.outputs)
+    out_slots = results[:n_out]
+    sizes = [i for i, need in zip(ins, needed) if need]
+
+    def run(g: list[Any], v: list[Any]) -> None:
+        deltas = [0 if g[s] is None else g[s] for s in out_slots]
+        grads = bp(*deltas, *[v[s] for s in results], *[v[i] for i in ins])
+        for t, acc, x, d in zip(targets, accumulate, sizes, grads):
+            shape = v[x].shape
+            if getattr(d, "shape", None) != shape:
+                d = sum_to_shape(d, shape, v[x].dtype)
+            g[t] = g[t] + d if acc else d
+
+    return run
 
 
 class Autograd:
@@ -179,17 +254,22 @@ class Autograd:
 
     ``eval(wengert, inputDict)`` returns every register's value;
     ``bprop(wengert, values, loss=1.0)`` returns gradients by register name.
-    ``passes`` are the named graph rewrites of :mod:`symdiff.passes` to apply.
+    ``passes`` are the named graph rewrites of :mod:`symdiff.passes` to apply;
+    ``fuse`` adds ``fuse_elementwise`` last. Fused groups keep every register
+    that is an attribute of the ``XMan`` (and every register used outside its
+    group) visible in ``eval``'s values; purely internal intermediates are not
+    materialised. Counters then count a fused group as one forward step and one
+    backward step per input differentiated (``fuse=False`` gives the seed's counts).
     """
 
-    def __init__(self, xman: XMan, passes: Sequence[str] = DEFAULT_PASSES) -> None:
+    def __init__(self, xman: XMan, passes: Sequence[str] = DEFAULT_PASSES, fuse: bool = True) -> None:
         self.xman = xman
         unknown = [p for p in passes if p not in PASSES]
         if unknown:
             raise ValueError(f"unknown pass(es) {unknown}; available: {sorted(PASSES)}")
-        self.passes = tuple(passes)
+        self.passes = tuple(p for p in passes if p != "fuse_elementwise") + (("fuse_elementwise",) if fuse else ())
         self.counters = Counters()
-        self._programs: dict[int, tuple[list[Step], Program]] = {}
+        self._programs: dict[int, tuple[Sequence[Step], Program]] = {}
 
     @property
     def forward_steps(self) -> int:
@@ -208,8 +288,9 @@ class Autograd:
         if cached is not None and cached[0] is wengert:
             return cached[1]
         steps = [Step(*s) if not isinstance(s, Step) else s for s in wengert]
+        keep = self.xman.named()
         for name in self.passes:
-            steps = PASSES[name](steps)
+            steps = PASSES[name](steps, keep=keep)
         program = Program(steps, self.xman.params(), self.counters)
         self._programs[id(wengert)] = (wengert, program)  # keeps the list alive, so ids stay unique
         return program

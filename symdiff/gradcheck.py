@@ -105,15 +105,24 @@ def grad_check(xm: XMan, wengert: Sequence[Step], inputs: Mapping[str, Any] | No
     return report
 
 
-def check_op(op: Op, shapes: Sequence[tuple[int, ...]], *, rng: np.random.Generator, eps: float = 1e-6,
-             low: float = -2.0, high: float = 2.0) -> float:
+def check_op(op: Op, shapes: Sequence[tuple[int, ...]] | None = None, *, rng: np.random.Generator,
+             eps: float = 1e-6, low: float = -2.0, high: float = 2.0,
+             inputs: Sequence[Any] | None = None) -> float:
     """Max relative error of ``op``'s backward kernels against central differences.
 
     Inputs are drawn uniformly from ``[low, high]`` with the given (possibly
-    broadcasting) shapes; the check contracts the output with a random
-    ``delta`` so every element of every input gradient is tested.
+    broadcasting) shapes, or taken from ``inputs`` (copied to float64) for ops
+    that need particular values, e.g. probabilities. The check contracts the
+    output with a random ``delta`` so every element of every input gradient is
+    tested. Each difference ``f(x+eps) - f(x-eps)`` is taken before the
+    contraction, so outputs the perturbed element does not touch cancel exactly.
     """
-    xs = [rng.uniform(low, high, size=s) for s in shapes]
+    if inputs is not None:
+        xs = [np.array(x, dtype=np.float64) for x in inputs]
+    elif shapes is not None:
+        xs = [rng.uniform(low, high, size=s) for s in shapes]
+    else:
+        raise TypeError("check_op needs the input shapes or the inputs themselves")
     out = op.forward(*xs)
     delta = rng.standard_normal(np.shape(out))
     worst = 0.0
@@ -125,11 +134,11 @@ def check_op(op: Op, shapes: Sequence[tuple[int, ...]], *, rng: np.random.Genera
         for i in range(x.size):
             orig = x.flat[i]
             x.flat[i] = orig + eps
-            up = float(np.sum(delta * op.forward(*xs)))
+            up = np.array(op.forward(*xs), dtype=np.float64)  # a copy: the output may be a view of x
             x.flat[i] = orig - eps
-            down = float(np.sum(delta * op.forward(*xs)))
+            down = np.array(op.forward(*xs), dtype=np.float64)
             x.flat[i] = orig
-            num.flat[i] = (up - down) / (2 * eps)
+            num.flat[i] = float(np.sum(delta * (up - down))) / (2 * eps)
         scale = np.maximum(np.maximum(np.abs(num), np.abs(ana)), 1e-3)
         worst = max(worst, float(np.max(np.abs(num - ana) / scale)))
     return worst

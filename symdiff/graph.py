@@ -99,11 +99,13 @@ f = _Builder()
 class Step(NamedTuple):
     """One Wengert-list entry: ``output = op(*inputs)``, all by register name."""
 
-    output: str
+    output: str | tuple[str, ...]   # a tuple for a step made by the fuse_elementwise pass
     op: str
     inputs: tuple[str, ...]
 
     def __str__(self) -> str:
+        if isinstance(self.output, tuple):
+            return f"{', '.join(self.output)} = {self.op}({', '.join(self.inputs)})   [fused]"
         return f"{self.output} = {self.op}({', '.join(self.inputs)})"
 
 
@@ -149,7 +151,12 @@ class XMan:
                         f"two different registers are both named {r.name!r}; give each "
                         f"input/param a unique name=")
         object.__setattr__(self, "_registers", regs)
+        object.__setattr__(self, "_named", frozenset(reg.name for _, reg in attrs))
         return self
+
+    def named(self) -> frozenset[str]:
+        """Names of the registers the model holds as attributes (graph rewrites keep them visible)."""
+        return getattr(self, "_named", frozenset())
 
     def register(self, name: str) -> Register:
         """The register called ``name`` (after ``setup``)."""

@@ -67,7 +67,7 @@ class OneHot:
         """``self @ w`` as a gather: the sum of the rows of ``w`` each row selects."""
         idx = self.indices
         if w.ndim != 2 or w.shape[0] != self.depth:
-            raise ValueError(f"matrix product of one-hot {self.shape} with {w.shape}: inner sizes differ")
+            raise ValueError(f"matrix product of one-hot {self.shape} with {w.shape}: inner dimensions differ")
         padded = self._padding()
         if idx.shape[1] == 1:
             out = w[idx[:, 0]]

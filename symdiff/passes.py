@@ -7,14 +7,15 @@ rewrite testable on its own.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from .graph import Step
+from .registry import get_op
 
-Pass = Callable[[Sequence[Step]], list[Step]]
+Pass = Callable[..., list[Step]]  # (steps, keep=registers that must stay visible) -> steps
 
 
-def crossent_softmax(steps: Sequence[Step]) -> list[Step]:
+def crossent_softmax(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Step]:
     """Rewrite ``crossEnt(softMax(o), t)`` into one ``crossEnt-softMax(o, t)`` step.
 
     The fused step computes the loss from the logits with log-sum-exp (no
@@ -33,8 +34,146 @@ def crossent_softmax(steps: Sequence[Step]) -> list[Step]:
     return out
 
 
+def _fusable(op_name: str) -> bool:
+    op = get_op(op_name)
+    return op.elementwise and op.symbolic is not None
+
+
+def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Step]:
+    """Replace each maximal connected group of elementwise steps by one fused step.
+
+    Two groups joined by an edge merge unless some path leaves one and re-enters
+    the other through a non-elementwise step (merging would make a cycle: the
+    LSTM cell at step t and t+1 stay apart because ``h_t`` goes through a matrix
+    product). A fused step's outputs are the group's registers used outside it
+    or listed in ``keep``, plus internal transcendental values (sigmoid, tanh,
+    ...) that the derived gradients reuse. Its kernel is built once per
+    structure by :func:`symdiff.symbolic.fused_kernel`.
+    """
+    from .symbolic import GroupSpec, costly, fused_kernel
+
+    steps = list(steps)
+    n = len(steps)
+    fusable = [_fusable(s.op) for s in steps]
+    producer = {s.output: k for k, s in enumerate(steps)}
+    consumers: dict[str, list[int]] = {}
+    for k, s in enumerate(steps):
+        for i in s.inputs:
+            consumers.setdefault(i, []).append(k)
+    parent = list(range(n))
+    members: dict[int, set[int]] = {k: {k} for k in range(n)}
+
+    def find(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for k, s in enumerate(steps):
+        if not fusable[k]:
+            continue
+        for i in s.inputs:
+            p = producer.get(i)
+            if p is None or not fusable[p]:
+                continue
+            ga, gb = find(p), find(k)
+            if ga == gb:
+                continue
+            a, b = members[ga], members[gb]
+            if _path_outside(steps, consumers, a, b) or _path_outside(steps, consumers, b, a):
+                continue
+            parent[gb] = ga
+            members[ga] = a | b
+            del members[gb]
+
+    groups = [sorted(m) for r, m in members.items() if len(m) > 1]
+    if not groups:
+        return steps
+    keep = set(keep)
+    group_of = {k: gi for gi, g in enumerate(groups) for k in g}
+    fused_steps: dict[int, Step] = {}
+    for gi, g in enumerate(groups):
+        local = {steps[k].output: j for j, k in enumerate(g)}
+        inputs: list[str] = []
+        spec_steps = []
+        for k in g:
+            args = []
+            for i in steps[k].inputs:
+                if i in local:
+                    args.append(("step", local[i]))
+                else:
+                    if i not in inputs:
+                        inputs.append(i)
+                    args.append(("in", inputs.index(i)))
+            spec_steps.append((steps[k].op, tuple(args)))
+        outputs = tuple(j for j, k in enumerate(g)
+                        if steps[k].output in keep or not consumers.get(steps[k].output)
+                        or any(group_of.get(c) != gi for c in consumers[steps[k].output]))
+        saved = tuple(j for j, k in enumerate(g) if j not in outputs and costly(steps[k].op))
+        spec = GroupSpec(tuple(spec_steps), len(inputs), outputs, saved)
+        kernel = fused_kernel(spec)
+        names = tuple(steps[g[j]].output for j in spec.results)
+        fused_steps[gi] = Step(names, kernel.name, tuple(inputs))
+    # condensed graph, topologically sorted (stable by first member)
+    nodes: list[tuple[int, Step]] = []
+    for k, s in enumerate(steps):
+        if k in group_of:
+            if groups[group_of[k]][0] == k:
+                nodes.append((k, fused_steps[group_of[k]]))
+        else:
+            nodes.append((k, s))
+    return _toposort(nodes)
+
+
+def _path_outside(steps: Sequence[Step], consumers: dict[str, list[int]], a: set[int], b: set[int]) -> bool:
+    """Is there a path from a step of ``a`` to a step of ``b`` through at least one step outside both?"""
+    stack = [c for k in a for c in consumers.get(steps[k].output, ()) if c not in a and c not in b]
+    seen: set[int] = set()
+    while stack:
+        k = stack.pop()
+        if k in seen:
+            continue
+        seen.add(k)
+        for c in consumers.get(steps[k].output, ()):
+            if c in b:
+                return True
+            if c not in a:
+                stack.append(c)
+    return False
+
+
+def _toposort(nodes: list[tuple[int, Step]]) -> list[Step]:
+    """Kahn's algorithm over steps whose outputs may be tuples; ties keep the original order."""
+    import heapq
+
+    out_of: dict[str, int] = {}
+    for idx, (_, s) in enumerate(nodes):
+        for name in (s.output if isinstance(s.output, tuple) else (s.output,)):
+            out_of[name] = idx
+    deps = [{out_of[i] for i in s.inputs if i in out_of} for _, s in nodes]
+    users: dict[int, list[int]] = {}
+    for idx, d in enumerate(deps):
+        for p in d:
+            users.setdefault(p, []).append(idx)
+    remaining = [len(d) for d in deps]
+    ready = [(nodes[idx][0], idx) for idx, d in enumerate(deps) if not d]
+    heapq.heapify(ready)
+    order: list[Step] = []
+    while ready:
+        _, idx = heapq.heappop(ready)
+        order.append(nodes[idx][1])
+        for u in users.get(idx, ()):
+            remaining[u] -= 1
+            if not remaining[u]:
+                heapq.heappush(ready, (nodes[u][0], u))
+    if len(order) != len(nodes):
+        raise AssertionError("fuse_elementwise produced a cyclic graph")  # a bug, never user error
+    return order
+
+
 PASSES: dict[str, Pass] = {
     "crossent_softmax": crossent_softmax,
+    "fuse_elementwise": fuse_elementwise,
 }
 
 DEFAULT_PASSES: tuple[str, ...] = ("crossent_softmax",)

@@ -81,12 +81,13 @@ def sum_to_shape(grad: Any, shape: Sequence[int], dtype: Any) -> np.ndarray:
 
     Leading axes that broadcasting added are summed away, axes where the input
     had size 1 are summed with keepdims. A constant derivative (a Python
-    scalar from lambdify) becomes a full array of the input's shape.
+    scalar from lambdify) becomes a full array of the input's shape. The
+    result has ``dtype``.
     """
     shape = tuple(shape)
     g = np.asarray(grad)
     if g.shape == shape:
-        return g
+        return g if g.dtype == dtype else g.astype(dtype)
     if g.ndim == 0:
         return np.full(shape, g, dtype=dtype)
     lead = g.ndim - len(shape)
@@ -97,4 +98,4 @@ def sum_to_shape(grad: Any, shape: Sequence[int], dtype: Any) -> np.ndarray:
         g = g.sum(axis=axes, keepdims=True)
     if g.shape != shape:  # the derivative did not depend on a broadcast axis
         g = np.broadcast_to(g, shape).copy()
-    return g
+    return g if g.dtype == dtype else g.astype(dtype)

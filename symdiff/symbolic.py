@@ -54,11 +54,25 @@ class Softplus(_StableFunction):
         return Sigmoid(self.args[0])
 
 
+def _sigmoid(u: Any) -> Any:
+    """sigmoid(u) from ``e = exp(-|u|) <= 1``: ``1/(1+e)`` for u >= 0, ``e/(1+e)`` below.
+
+    No overflow, no division by inf, and full relative precision in both tails
+    (``0.5 + 0.5*tanh(u/2)`` cancels to exactly 0 for u < -37, where sigmoid is ~exp(u)).
+    """
+    e = np.exp(-np.abs(u))
+    return np.where(u >= 0, 1, e) / (1 + e)
+
+
+#: numpy helpers the stable functions' templates may call (lambdify namespace)
+NUMPY_HELPERS: dict[str, Callable[..., Any]] = {"_symdiff_sigmoid": _sigmoid}
+
+
 class Sigmoid(_StableFunction):
-    """1 / (1 + exp(-u)), printed through tanh: no overflow, no division by inf."""
+    """1 / (1 + exp(-u)), printed as a call of :func:`_sigmoid` (no overflow, accurate tails)."""
 
     nargs = 1
-    numpy_template = "(0.5 + 0.5*numpy.tanh(0.5*{0}))"
+    numpy_template = "_symdiff_sigmoid({0})"
 
     def fdiff(self, argindex: int = 1) -> sp.Expr:
         s = Sigmoid(self.args[0])
@@ -92,7 +106,7 @@ REWRITES: tuple[tuple[str, str], ...] = (
     ("log(1 + exp(u))", "softplus(u) = logaddexp(0, u)"),
     ("log(1 + exp(-u))", "softplus(-u)"),
     ("log(1/(1 + exp(-u)))  (log-sigmoid)", "-softplus(-u)"),
-    ("1/(1 + exp(-u))", "sigmoid(u), via tanh"),
+    ("1/(1 + exp(-u))", "sigmoid(u), from exp(-|u|): no overflow, accurate tails"),
     ("1/(1 + exp(u))", "sigmoid(-u)"),
     ("exp(u)/(1 + exp(u))", "sigmoid(u)"),
     ("exp(u)/(1 + exp(u))**2 and exp(-u)/(1 + exp(-u))**2", "sigmoid(u)*sigmoid(-u)"),
@@ -244,7 +258,7 @@ def _validate(name: Any, expr: Any, args: Any) -> tuple[sp.Expr, tuple[sp.Symbol
 def _lambdify(params: Sequence[sp.Symbol], expr: Any) -> tuple[Callable[..., Any], str]:
     import inspect
 
-    fn = sp.lambdify(list(params), expr, modules="numpy", cse=True, docstring_limit=0)
+    fn = sp.lambdify(list(params), expr, modules=[NUMPY_HELPERS, "numpy"], cse=True, docstring_limit=0)
     return fn, inspect.getsource(fn)
 
 
@@ -260,6 +274,13 @@ def _smoke_test(name: str, fn: Callable[..., Any], n_args: int, what: str) -> No
             f"use functions numpy supports (exp, log, sin, tanh, sqrt, Max, Abs, ...)") from exc
 
 
+def _keeps_float32(fn: Callable[..., Any], n_args: int) -> bool:
+    """Whether ``fn`` maps float32 arrays to float32 (checked once, at declaration)."""
+    probe = [np.linspace(0.1 + 0.05 * k, 0.9, 4, dtype=np.float32) for k in range(n_args)]
+    with np.errstate(all="ignore"):
+        return np.asarray(fn(*probe)).dtype == np.float32
+
+
 def _backward_kernel(raw: Callable[..., Any], j: int) -> Callable[..., Any]:
     """Wrap a lambdified derivative so its result has input j's shape and dtype."""
 
@@ -267,10 +288,12 @@ def _backward_kernel(raw: Callable[..., Any], j: int) -> Callable[..., Any]:
         g = raw(delta, out, *inputs)
         x = inputs[j]
         try:
-            if g.shape == x.shape:  # the common case: no broadcast to undo
+            if g.shape == x.shape and g.dtype == x.dtype:  # the common case: nothing to undo
                 return g
         except AttributeError:
             pass
+        # broadcast to undo, a constant, or a derivative whose constants widened the dtype
+        # (e.g. Piecewise/Max derivatives print as select() of Python floats)
         return sum_to_shape(g, np.shape(x), np.result_type(x, delta))
 
     return backward
@@ -315,14 +338,112 @@ def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, replace: bool 
         bp_fns.append(_backward_kernel(raw, j))
         bp_srcs.append(src)
 
-    if all(a in fwd.free_symbols for a in real):
-        forward = forward_fn  # numpy broadcasting already gives the output its full shape
-    else:  # e.g. a constant: lambdify returns a scalar
+    if all(a in fwd.free_symbols for a in real) and _keeps_float32(forward_fn, len(real)):
+        forward = forward_fn  # numpy broadcasting already gives the output its full shape and dtype
+    else:  # e.g. a constant (lambdify returns a scalar), or select() of Python constants (float64)
         def forward(*xs: Any) -> Any:
             shape = np.broadcast_shapes(*(np.shape(x) for x in xs))
-            return np.broadcast_to(forward_fn(*xs), shape).astype(np.result_type(*xs), copy=True)
+            return np.broadcast_to(forward_fn(*xs), shape).astype(np.result_type(*xs, 1.0), copy=True)
 
     symbolic = Symbolic(expr, real, fwd, derivs, backward, output_form, forward_src, tuple(bp_srcs))
     op = Op(name=name, arity=len(real), forward=forward, backward=tuple(bp_fns), elementwise=True,
             doc=doc or f"{name}({', '.join(a.name for a in args)}) = {expr}", symbolic=symbolic)
     return register(op, replace=replace)
+
+
+# --------------------------------------------------------------------------------------
+# Fusion: a connected group of elementwise steps becomes one composite expression
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupSpec:
+    """The structure of a group of elementwise steps, in local terms (hashable: the cache key).
+
+    ``steps[j] = (op name, args)`` where each arg is ``("in", k)`` (group input k)
+    or ``("step", i)`` (the value of local step i < j). ``outputs`` are the local
+    steps whose values leave the group (they receive gradients); ``saved`` are
+    internal steps worth keeping for the backward pass (transcendental values
+    such as a sigmoid's output, which the derivatives reuse).
+    """
+
+    steps: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]
+    n_inputs: int
+    outputs: tuple[int, ...]
+    saved: tuple[int, ...]
+
+    @property
+    def results(self) -> tuple[int, ...]:
+        """Local steps the fused forward returns: the outputs, then the saved values."""
+        return self.outputs + tuple(s for s in self.saved if s not in self.outputs)
+
+
+def costly(op_name: str) -> bool:
+    """Whether an elementwise op's value is worth saving for the backward pass (not polynomial)."""
+    from .registry import get_op
+
+    sym = get_op(op_name).symbolic
+    return sym is not None and any(not isinstance(fn, (Relu, Step)) for fn in sym.forward.atoms(sp.Function))
+
+
+class FusedKernel:
+    """One fused group: a forward returning all results, and backward kernels per needed-input mask."""
+
+    def __init__(self, name: str, spec: GroupSpec) -> None:
+        from .registry import get_op
+
+        self.name, self.spec = name, spec
+        self.inputs = tuple(sp.Dummy(f"in{k}", real=True) for k in range(spec.n_inputs))
+        exprs: list[sp.Expr] = []
+        for op_name, args in spec.steps:
+            sym = get_op(op_name).symbolic
+            vals = [self.inputs[k] if kind == "in" else exprs[k] for kind, k in args]
+            exprs.append(sym.forward.xreplace(dict(zip(sym.args, vals))))
+        self.expressions = tuple(exprs)
+        self.results = spec.results
+        self.result_symbols = tuple(sp.Dummy(f"r{r}", real=True) for r in self.results)
+        self.delta_symbols = tuple(sp.Dummy(f"d{o}", real=True) for o in spec.outputs)
+        self.forward, self.forward_source = _lambdify(self.inputs, [exprs[r] for r in self.results])
+        self._backward: dict[tuple[bool, ...], tuple[Callable[..., Any], str, tuple[sp.Expr, ...]]] = {}
+
+    def gradient_expressions(self, needed: Sequence[bool]) -> tuple[sp.Expr, ...]:
+        """dL/d(input j) for each needed j, written with the saved results wherever they occur."""
+        to_result = {self.expressions[r]: s for r, s in zip(self.results, self.result_symbols)}
+        grads = []
+        for j, need in enumerate(needed):
+            if not need:
+                continue
+            g = sum((d * sp.diff(self.expressions[o], self.inputs[j])
+                     for o, d in zip(self.spec.outputs, self.delta_symbols)), sp.S.Zero)
+            grads.append(stabilise(g).xreplace(to_result))
+        return tuple(grads)
+
+    def backward(self, needed: tuple[bool, ...]) -> Callable[..., Any]:
+        """``bp(*deltas, *results, *inputs) -> tuple`` of the needed input gradients (cached per mask)."""
+        if needed not in self._backward:
+            grads = self.gradient_expressions(needed)
+            fn, src = _lambdify((*self.delta_symbols, *self.result_symbols, *self.inputs), list(grads))
+            self._backward[needed] = (fn, src, grads)
+        return self._backward[needed][0]
+
+    def display(self) -> tuple[list[str], list[str]]:
+        """Composite expressions of the results and the generated gradients, as text."""
+        names = {s: sp.Symbol(f"in{k}") for k, s in enumerate(self.inputs)}
+        names.update({s: sp.Symbol(f"r{r}") for r, s in zip(self.results, self.result_symbols)})
+        names.update({s: sp.Symbol(f"delta{o}") for o, s in zip(self.spec.outputs, self.delta_symbols)})
+        fwd = [f"r{r} = {self.expressions[r].xreplace(names)}" for r in self.results]
+        bwd = [f"{mask}: " + "; ".join(str(g.xreplace(names)) for g in grads)
+               for mask, (_, _, grads) in self._backward.items()]
+        return fwd, bwd
+
+
+#: fused kernels by name; the same structure (an LSTM cell at every time step) derives once
+FUSED: dict[str, FusedKernel] = {}
+_FUSED_BY_SPEC: dict[GroupSpec, FusedKernel] = {}
+
+
+def fused_kernel(spec: GroupSpec) -> FusedKernel:
+    kernel = _FUSED_BY_SPEC.get(spec)
+    if kernel is None:
+        ops = "+".join(dict.fromkeys(op for op, _ in spec.steps))
+        kernel = FusedKernel(f"fused{len(FUSED) + 1}[{ops}]", spec)
+        _FUSED_BY_SPEC[spec] = FUSED[kernel.name] = kernel
+    return kernel

@@ -1,0 +1,190 @@
+"""Benchmark: the engine against the hand-written numpy reference, in the same process.
+
+    python -m benchmarks.bench [--dataset PREFIX] [--repeats 3] [--models mlp lstm] [--json]
+
+For each model it draws one set of initial parameters, copies them into the
+reference, checks that one epoch of SGD in both ends with the same parameters,
+then times training epochs alternately (engine, reference, engine, ...) and
+reports medians and the engine/reference ratio of the same run: the machine is
+shared, so only ratios measured side by side mean anything. Start-up time,
+``--help`` time and the LSTM run's peak RSS are measured in subprocesses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import reference as R
+from models import data as D
+from models.training import DEFAULT_LR, StopFlag, Trainer, TrainConfig, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "smaller"
+
+
+class _Quiet:
+    def start(self, *a: Any) -> None: ...
+    def batch(self, *a: Any) -> None: ...
+    def epoch(self, *a: Any) -> None: ...
+    def info(self, *a: Any) -> None: ...
+    def warn(self, *a: Any) -> None: ...
+    def finish(self, *a: Any) -> None: ...
+
+
+def _engine(kind: str, ds: D.Dataset, dtype: str, dense: bool, fuse: bool = True) -> Trainer:
+    cfg = TrainConfig(epochs=1, init_lr=DEFAULT_LR[kind], dtype=dtype, dense=dense, fuse=fuse)
+    dims = dict(max_len=cfg.max_len, num_chars=ds.vocab.num_chars, num_hid=cfg.num_hid,
+                num_labels=ds.vocab.num_labels)
+    model = build_model(kind, dims, seed=cfg.seed, dtype=dtype)
+    return Trainer(model, ds, cfg)
+
+
+def _engine_epoch(trainer: Trainer) -> float:
+    result = trainer.train(_Quiet(), StopFlag())
+    return result.epochs[0].train_seconds
+
+
+def _reference_epoch(kind: str, params: dict[str, np.ndarray], codes: np.ndarray, y: np.ndarray,
+                     batch_size: int, lr: float, seed: int) -> float:
+    t0 = time.perf_counter()
+    R.train_epoch(kind, params, codes, y, batch_size, lr, np.random.default_rng(seed))
+    return time.perf_counter() - t0
+
+
+def agreement(kind: str, ds: D.Dataset) -> float:
+    """Max |param difference| after one epoch of SGD from the same start and batch order."""
+    trainer = _engine(kind, ds, "float64", dense=False)
+    start = {n: a.copy() for n, a in trainer.model.params.items()}
+    codes = trainer.codes["train"]
+    y = np.eye(ds.vocab.num_labels)[ds.train.label_ids]
+    trainer.train(_Quiet(), StopFlag())
+    R.train_epoch(kind, start, codes, y, trainer.cfg.batch_size, trainer.cfg.init_lr,
+                  np.random.default_rng(trainer.cfg.seed))
+    return max(float(np.max(np.abs(start[n] - a))) for n, a in trainer.model.params.items())
+
+
+def time_model(kind: str, ds: D.Dataset, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    y64 = np.eye(ds.vocab.num_labels)[ds.train.label_ids]
+    for dtype in ("float64", "float32"):
+        variants = {"engine": _engine(kind, ds, dtype, dense=False)}
+        if dtype == "float64":
+            variants["engine --dense"] = _engine(kind, ds, dtype, dense=True)
+            variants["engine --no-fuse"] = _engine(kind, ds, dtype, dense=False, fuse=False)
+        ref_params = {n: a.copy() for n, a in variants["engine"].model.params.items()}
+        codes = variants["engine"].codes["train"]
+        y = y64.astype(dtype)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        times["reference"] = []
+        for _ in range(repeats):
+            for name, trainer in variants.items():
+                times[name].append(_engine_epoch(trainer))
+            times["reference"].append(_reference_epoch(kind, ref_params, codes, y, 64, DEFAULT_LR[kind], 0))
+        ref = statistics.median(times["reference"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rows.append({"model": kind, "dtype": dtype, "impl": name, "median_s": med,
+                         "min_s": min(ts), "max_s": max(ts), "ratio_to_reference": med / ref})
+    return rows
+
+
+def _cli() -> list[str]:
+    return [sys.executable, str(REPO / "cli.py")]
+
+
+def startup_seconds(repeats: int) -> dict[str, float]:
+    """Launch → first training batch (the first progress line), and ``symdiff --help``."""
+    first, helps = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([*_cli(), "mlp", "--epochs", "1", "--output_file", os.devnull],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("training "):
+                first.append(time.perf_counter() - t0)
+                break
+        proc.kill()
+        proc.wait()
+        t0 = time.perf_counter()
+        subprocess.run([*_cli(), "--help"], stdout=subprocess.DEVNULL, check=True)
+        helps.append(time.perf_counter() - t0)
+    return {"to_first_batch_s": statistics.median(first), "help_s": statistics.median(helps)}
+
+
+def peak_rss_mb(dataset: str, kind: str = "lstm") -> float:
+    """Peak resident memory of a full-size training run (one epoch), in a child process."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True);"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, *_cli(), kind, "--epochs", "1", "--dataset", dataset,
+                          "--output_file", os.devnull], capture_output=True, text=True, check=True, cwd=REPO)
+    return int(out.stdout.strip()) / 1024
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default=str(SHARED) if Path(f"{SHARED}.train").exists() else "demo")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=["mlp", "lstm"], choices=["mlp", "lstm"])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--skip_processes", action="store_true", help="skip start-up and memory measurements")
+    args = p.parse_args(argv)
+    prefix = D.resolve_dataset(args.dataset)
+    ds = D.load_dataset(prefix)
+    report: dict[str, Any] = {"dataset": str(prefix), "machine": machine(), "repeats": args.repeats,
+                              "rows": [], "agreement": {}}
+    for kind in args.models:
+        report["agreement"][kind] = agreement(kind, ds)
+        report["rows"] += time_model(kind, ds, args.repeats)
+    if not args.skip_processes:
+        report["startup"] = startup_seconds(args.repeats)
+        report["peak_rss_mb_lstm"] = peak_rss_mb(str(prefix))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    m = report["machine"]
+    table = Table(title=f"seconds per training epoch on {prefix.name} (median of {args.repeats}; {m['cores']} cores, "
+                        f"{m['cpu']}, numpy {m['numpy']})")
+    for col in ("model", "dtype", "implementation", "median s/epoch", "min", "max", "ratio to reference"):
+        table.add_column(col, justify="left" if col in ("model", "dtype", "implementation") else "right")
+    for r in report["rows"]:
+        table.add_row(r["model"], r["dtype"], r["impl"], f"{r['median_s']:.3f}", f"{r['min_s']:.3f}",
+                      f"{r['max_s']:.3f}", f"{r['ratio_to_reference']:.2f}")
+    console.print(table)
+    for kind, diff in report["agreement"].items():
+        console.print(f"{kind}: max |param difference| engine vs reference after one epoch: {diff:.2e}")
+    if "startup" in report:
+        s = report["startup"]
+        console.print(f"start-up to first batch: {s['to_first_batch_s']:.2f} s;  symdiff --help: {s['help_s']:.2f} s;  "
+                      f"LSTM peak RSS: {report['peak_rss_mb_lstm']:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

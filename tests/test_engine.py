@@ -1,0 +1,601 @@
+"""The engine end to end: graphs, Wengert lists, eval/bprop, passes, OneHot, dtypes, grad_check, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import symdiff
+from symdiff import (Autograd, MissingInputError, OneHot, Op, ShapeError, XMan, defop, f, grad_check)
+from symdiff.registry import register
+
+
+@pytest.fixture(autouse=True)
+def _restore_registry():
+    """Ops declared by a test are removed (and replaced ones restored) afterwards."""
+    before = dict(symdiff.OPS)
+    yield
+    symdiff.OPS.clear()
+    symdiff.OPS.update(before)
+
+
+def test_public_api_example():
+    import numpy as np, sympy as sp  # noqa: E401
+    from symdiff import XMan, f, Autograd, defop, grad_check
+    x, y = sp.symbols("x y")
+    softplus = defop("softplus", sp.log(1 + sp.exp(x)), args=[x])
+    gate = defop("gate", x * sp.tanh(y), args=[x, y])     # gate(r1, r2) and f.gate(r1, r2) build the same op
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.random.rand(3, 4))
+    xm.t = f.input(name="t", default=np.eye(4)[[0, 2, 3]])
+    xm.W = f.param(name="W", default=np.random.rand(4, 4))
+    xm.b = f.param(name="b", default=np.random.rand(4))
+    xm.h = f.softplus(f.gate(xm.a * xm.W + xm.b, xm.b))
+    xm.outputs = f.softMax(xm.h)
+    xm.loss = f.mean(f.crossEnt(xm.outputs, xm.t))
+    xm = xm.setup()
+    wengert = xm.operationSequence(xm.loss)
+    ad = Autograd(xm)
+    values = ad.eval(wengert, xm.inputDict())
+    grads = ad.bprop(wengert, values, loss=np.float64(1.0))
+    assert grads["W"].shape == (4, 4) and grads["b"].shape == (4,)
+    print(ad.forward_steps, ad.backward_steps)
+    report = grad_check(xm, wengert)
+    assert report.ok
+    # beyond the example: the op objects build the same registers as f.<name>
+    r1, r2 = f.input(name="r1"), f.input(name="r2")
+    assert gate(r1, r2).op is f.gate(r1, r2).op is symdiff.OPS["gate"]
+    assert softplus(r1).op is f.softplus(r1).op
+    assert ad.forward_steps == len(wengert) == 7
+
+
+# --------------------------------------------------------------------------------------
+# Wengert lists
+# --------------------------------------------------------------------------------------
+def _counting_op(name: str, calls: list[int]) -> Op:
+    """An identity-like op that counts its forward calls (hand-written, registered under a unique name)."""
+    def forward(a):
+        calls.append(1)
+        return 2.0 * a
+
+    return register(Op(name, 1, forward, (lambda d, o, a: 2.0 * d,), elementwise=True), replace=True)
+
+
+def _check_topological(wengert, leaves):
+    available = set(leaves)
+    outputs = [s.output for s in wengert]
+    assert len(outputs) == len(set(outputs)), f"a register is computed twice: {outputs}"
+    for step in wengert:
+        assert all(i in available for i in step.inputs), f"{step} uses a register before it is computed"
+        available.add(step.output)
+
+
+def test_diamond_graph_computes_shared_register_once():
+    calls: list[int] = []
+    shared_op = _counting_op("engine_counted", calls)
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.array([1.0, -2.0, 3.0]))
+    xm.s = shared_op(xm.a)                    # used by both sides of the diamond
+    xm.left = f.tanh(xm.s)
+    xm.right = f.square(xm.s)
+    xm.top = f.hadamard(xm.left, xm.right) + xm.s
+    xm.setup()
+    wengert = xm.operationSequence(xm.top)
+    _check_topological(wengert, {"a"})
+    assert [s.output for s in wengert].count("s") == 1
+    assert sorted(s.op for s in wengert) == sorted(["engine_counted", "tanh", "square", "hadamard", "add"])
+    ad = Autograd(xm)
+    values = ad.eval(wengert, xm.inputDict())
+    assert len(calls) == 1
+    s = 2.0 * np.array([1.0, -2.0, 3.0])
+    np.testing.assert_allclose(values["top"], np.tanh(s) * s**2 + s, rtol=1e-15)
+    assert ad.forward_steps == 5
+
+
+def test_operation_sequence_of_an_intermediate_register():
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.arange(6.0).reshape(2, 3))
+    xm.W = f.param(name="W", default=np.ones((3, 2)))
+    xm.h = f.relu(xm.a * xm.W)
+    xm.loss = f.mean(f.square(xm.h))
+    xm.setup()
+    full = xm.operationSequence(xm.loss)
+    part = xm.operationSequence(xm.h)
+    assert [s.output for s in part] == [s.output for s in full][:2] and part[-1].output == "h"
+    _check_topological(part, {"a", "W"})
+    values = Autograd(xm).eval(part, xm.inputDict())
+    np.testing.assert_allclose(values["h"], np.maximum(np.arange(6.0).reshape(2, 3) @ np.ones((3, 2)), 0))
+    assert "loss" not in values
+
+
+def test_wengert_list_of_a_deep_chain_is_ordered():
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.array([0.5]))
+    h = xm.a
+    for _ in range(3000):  # deep: the walk must not recurse
+        h = f.tanh(h)
+    xm.out = h
+    xm.setup()
+    wengert = xm.operationSequence(xm.out)
+    assert len(wengert) == 3000
+    _check_topological(wengert, {"a"})
+
+
+def test_setup_names_intermediates_without_clashing():
+    xm = XMan()
+    xm.z1 = f.input()            # an attribute that looks like an automatic name
+    xm.out = f.relu(f.tanh(xm.z1))
+    xm.setup()
+    names = [s.output for s in xm.operationSequence(xm.out)]
+    assert "z1" not in names and names[-1] == "out" and len(set(names)) == 2
+
+
+# --------------------------------------------------------------------------------------
+# bprop: what gets a gradient, counters
+# --------------------------------------------------------------------------------------
+def _mixed_graph():
+    rng = np.random.default_rng(1)
+    xm = XMan()
+    xm.x = f.input(name="x", default=rng.normal(size=(4, 3)))
+    xm.x2 = f.input(name="x2", default=rng.normal(size=(4, 2)))
+    xm.t = f.input(name="t", default=np.eye(2)[[0, 1, 1, 0]])
+    xm.W = f.param(name="W", default=rng.normal(size=(3, 2)))
+    xm.b = f.param(name="b", default=rng.normal(size=2))
+    xm.h = f.relu(xm.x * xm.W + xm.b)
+    xm.g = f.tanh(xm.x2)                       # data only: no gradient should be computed for it
+    xm.o = f.hadamard(xm.h, xm.g)
+    xm.outputs = f.softMax(xm.o)
+    xm.loss = f.mean(f.crossEnt(xm.outputs, xm.t))
+    return xm.setup()
+
+
+def _expected_backward_steps(xm, wengert):
+    """One derivative per (step, input) where the input depends on a param: computed from the registers."""
+    regs = xm.registers()
+
+    def leads_to_param(name, memo={}):  # noqa: B006 - per-call memo is fine here
+        if name not in memo:
+            r = regs[name]
+            memo[name] = r.isParam() or any(leads_to_param(i.name) for i in r.inputs)
+        return memo[name]
+
+    return sum(leads_to_param(i) for step in wengert for i in step.inputs)
+
+
+def test_bprop_skips_data_inputs_and_counts_one_step_per_needed_derivative():
+    xm = _mixed_graph()
+    wengert = xm.operationSequence(xm.loss)
+    ad = Autograd(xm, passes=())
+    values = ad.eval(wengert, xm.inputDict())
+    grads = ad.bprop(wengert, values, loss=np.float64(1.0))
+    # by hand: mean 1, crossEnt 1 (not t), softMax 1, hadamard 1 (not g), relu 1, add 2, mul 1 (not x)
+    assert ad.backward_steps == 8 == _expected_backward_steps(xm, wengert)
+    assert not {"x", "x2", "t", "g"} & set(grads)
+    assert {"W", "b", "h", "o", "outputs", "loss"} <= set(grads)
+
+
+def test_bprop_counts_with_the_fused_pass():
+    xm = _mixed_graph()
+    wengert = xm.operationSequence(xm.loss)
+    ad = Autograd(xm)
+    grads = ad.bprop(wengert, ad.eval(wengert, xm.inputDict()), loss=np.float64(1.0))
+    # crossEnt(softMax(o), t) became one crossEnt-softMax step: no softMax derivative any more
+    assert ad.backward_steps == 7
+    assert not {"x", "x2", "t", "g", "outputs"} & set(grads)
+
+
+def test_counters_are_cumulative_and_reset():
+    xm = _mixed_graph()
+    wengert = xm.operationSequence(xm.loss)
+    ad = Autograd(xm)
+    for k in (1, 2, 3):
+        values = ad.eval(wengert, xm.inputDict())
+        ad.bprop(wengert, values, loss=np.float64(1.0))
+        assert (ad.forward_steps, ad.backward_steps) == (k * len(wengert), k * 7)
+    ad.reset_counts()
+    assert (ad.forward_steps, ad.backward_steps) == (0, 0)
+    ad.eval(wengert, xm.inputDict())
+    assert (ad.forward_steps, ad.backward_steps) == (len(wengert), 0)
+
+
+def test_bprop_with_no_param_below_the_seed_computes_nothing():
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.ones(3))
+    xm.out = f.mean(f.tanh(xm.a))
+    xm.setup()
+    w = xm.operationSequence(xm.out)
+    ad = Autograd(xm)
+    grads = ad.bprop(w, ad.eval(w, xm.inputDict()), out=np.float64(1.0))
+    assert ad.backward_steps == 0 and set(grads) <= {"out"}
+
+
+# --------------------------------------------------------------------------------------
+# crossEnt-softMax pass
+# --------------------------------------------------------------------------------------
+def _classifier(logit_scale=1.0, seed=2):
+    rng = np.random.default_rng(seed)
+    xm = XMan()
+    xm.x = f.input(name="x", default=rng.normal(size=(6, 4)))
+    xm.t = f.input(name="t", default=np.eye(3)[rng.integers(0, 3, 6)])
+    xm.W = f.param(name="W", default=logit_scale * rng.normal(size=(4, 3)))
+    xm.b = f.param(name="b", default=rng.normal(size=3))
+    xm.outputs = f.softMax(xm.x * xm.W + xm.b)
+    xm.loss = f.mean(f.crossEnt(xm.outputs, xm.t))
+    return xm.setup()
+
+
+def test_fused_pass_matches_the_unfused_path():
+    xm = _classifier()
+    w = xm.operationSequence(xm.loss)
+    fused, plain = Autograd(xm), Autograd(xm, passes=())
+    assert [s.op for s in fused.compile(w).steps].count("crossEnt-softMax") == 1
+    assert "crossEnt-softMax" not in [s.op for s in plain.compile(w).steps]
+    vf, vp = fused.eval(w, xm.inputDict()), plain.eval(w, xm.inputDict())
+    np.testing.assert_allclose(vf["loss"], vp["loss"], rtol=1e-12)
+    np.testing.assert_allclose(vf["outputs"], vp["outputs"], rtol=1e-12)  # probabilities still computed
+    gf, gp = fused.bprop(w, vf, loss=np.float64(1.0)), plain.bprop(w, vp, loss=np.float64(1.0))
+    for name in ("W", "b"):
+        np.testing.assert_allclose(gf[name], gp[name], rtol=1e-12, atol=1e-15)
+
+
+def test_fused_pass_is_stable_where_the_unfused_path_takes_log_zero():
+    xm = XMan()
+    xm.o = f.param(name="o", default=np.array([[800.0, -800.0, 0.0], [0.0, 900.0, -900.0]]))
+    xm.t = f.input(name="t", default=np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    xm.loss = f.mean(f.crossEnt(f.softMax(xm.o), xm.t))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        plain = Autograd(xm, passes=()).eval(w, xm.inputDict())
+    assert np.isinf(plain["loss"])  # p underflows to 0 for the target class: log(0)
+    ad = Autograd(xm)
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        values = ad.eval(w, xm.inputDict())
+        grads = ad.bprop(w, values, loss=np.float64(1.0))
+    np.testing.assert_allclose(values["loss"], (1600.0 + 1800.0) / 2, rtol=1e-15)
+    p = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    np.testing.assert_allclose(grads["o"], (p - xm.t.default) / 2, atol=1e-300)
+
+
+def test_fused_pass_keeps_gradient_of_probabilities_used_elsewhere():
+    """If softMax's output is also used by another loss term, its gradient still flows."""
+    rng = np.random.default_rng(3)
+    xm = XMan()
+    xm.o = f.param(name="o", default=rng.normal(size=(3, 4)))
+    xm.t = f.input(name="t", default=np.eye(4)[[0, 3, 1]])
+    xm.p = f.softMax(xm.o)
+    xm.loss = f.mean(f.crossEnt(xm.p, xm.t)) + f.mean(f.square(xm.p))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    ga = [Autograd(xm, passes=ps) for ps in ((), ("crossent_softmax",))]
+    g = [a.bprop(w, a.eval(w, xm.inputDict()), loss=np.float64(1.0))["o"] for a in ga]
+    np.testing.assert_allclose(g[0], g[1], rtol=1e-12, atol=1e-15)
+    assert grad_check(xm, w).ok
+
+
+# --------------------------------------------------------------------------------------
+# Operators, accumulation, aliasing
+# --------------------------------------------------------------------------------------
+def test_operator_overloading_builds_add_subtract_mul():
+    a, b = f.input(name="a"), f.input(name="b")
+    assert (a + b).op.name == "add" and (a + b).inputs == (a, b)
+    assert (a - b).op.name == "subtract" and (a - b).inputs == (a, b)
+    assert (a * b).op.name == "mul" and (a @ b).op.name == "mul" and (a @ b).inputs == (a, b)
+    xm = XMan()
+    A, B = np.arange(6.0).reshape(2, 3), np.arange(12.0).reshape(3, 4) - 5
+    C = np.ones((2, 4)) * 0.5
+    xm.a = f.input(name="a", default=A)
+    xm.b = f.input(name="b", default=B)
+    xm.c = f.input(name="c", default=C)
+    xm.out = xm.a @ xm.b - xm.c + xm.a * xm.b
+    xm.setup()
+    v = Autograd(xm).eval(xm.operationSequence(xm.out), xm.inputDict())
+    np.testing.assert_array_equal(v["out"], A @ B - C + A @ B)
+
+
+@pytest.mark.parametrize("build, grad", [
+    (lambda a: f.hadamard(a, a), lambda a: 2 * a),   # d(a*a)/da = 2a
+    (lambda a: a + a, lambda a: 2 * np.ones_like(a)),
+    (lambda a: a - a, lambda a: np.zeros_like(a)),
+    (lambda a: f.hadamard(a + a, a), lambda a: 4 * a),
+])
+def test_gradients_accumulate_when_a_register_is_used_twice(build, grad):
+    a0 = np.array([[1.0, -2.0], [0.5, 3.0]])
+    xm = XMan()
+    xm.a = f.param(name="a", default=a0)
+    xm.loss = f.mean(build(xm.a))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    ad = Autograd(xm)
+    g = ad.bprop(w, ad.eval(w, xm.inputDict()), loss=np.float64(1.0))
+    np.testing.assert_allclose(g["a"], grad(a0) / a0.size, rtol=1e-15, atol=0)
+
+
+def test_param_gradients_are_distinct_arrays():
+    xm = XMan()
+    xm.a = f.param(name="a", default=np.ones((2, 3)))
+    xm.b = f.param(name="b", default=np.full((2, 3), 2.0))
+    xm.c = xm.a + xm.b                          # add hands delta back unchanged to both inputs
+    xm.loss = f.mean(xm.c)
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    ad = Autograd(xm)
+    g = ad.bprop(w, ad.eval(w, xm.inputDict()), loss=np.float64(1.0))
+    assert g["a"] is not g["b"] and not np.shares_memory(g["a"], g["b"])
+    g["a"] *= 10.0                              # e.g. in-place gradient clipping
+    np.testing.assert_allclose(g["b"], np.full((2, 3), 1 / 6))
+
+    # seeding c itself: both param gradients would be the seed array
+    seed = np.ones((2, 3))
+    wc = xm.operationSequence(xm.c)
+    gc = ad.bprop(wc, ad.eval(wc, xm.inputDict()), c=seed)
+    assert not np.shares_memory(gc["a"], gc["b"])
+    assert not np.shares_memory(gc["a"], seed) and not np.shares_memory(gc["b"], seed)
+    gc["a"] *= 0.0
+    gc["b"] *= 0.0
+    np.testing.assert_array_equal(seed, np.ones((2, 3)))  # the caller's seed is untouched
+
+
+# --------------------------------------------------------------------------------------
+# OneHot
+# --------------------------------------------------------------------------------------
+def _dense(indices, depth, dtype=np.float64):
+    idx = np.asarray(indices)
+    idx = idx[:, None] if idx.ndim == 1 else idx
+    d = np.zeros((len(idx), depth), dtype)
+    for r, row in enumerate(idx):
+        for c in row:
+            if c >= 0:
+                d[r, c] = 1
+    return d
+
+
+def _onehot_model(X, dtype, seed=4):
+    rng = np.random.default_rng(seed)
+    depth = X.shape[1]
+    xm = XMan()
+    xm.X = f.input(name="X")
+    xm.t = f.input(name="t", default=np.eye(3, dtype=dtype)[rng.integers(0, 3, X.shape[0])])
+    xm.W = f.param(name="W", default=rng.normal(size=(depth, 5)).astype(dtype))
+    xm.W2 = f.param(name="W2", default=rng.normal(size=(5, 3)).astype(dtype))
+    xm.b = f.param(name="b", default=rng.normal(size=5).astype(dtype))
+    xm.h = f.tanh(xm.X * xm.W + xm.b)
+    xm.outputs = f.softMax(xm.h * xm.W2)
+    xm.loss = f.mean(f.crossEnt(xm.outputs, xm.t))
+    return xm.setup()
+
+
+@pytest.mark.parametrize("indices", [
+    np.array([0, 3, 5, 1, 3]),                                     # one-hot rows
+    np.array([0, -1, 5, -1, 2]),                                   # with padding rows (all zero)
+    np.array([[0, 2, -1], [5, -1, -1], [1, 3, 4], [-1, -1, -1], [2, 0, 5]]),   # multi-hot + padding
+])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_onehot_matches_dense_through_mul(indices, dtype):
+    dense = _dense(indices, 6, dtype)
+    xm = _onehot_model(dense, dtype)
+    w = xm.operationSequence(xm.loss)
+    results = []
+    for X in (OneHot(indices, 6, dtype), dense):
+        ad = Autograd(xm)
+        values = ad.eval(w, xm.inputDict(X=X))
+        grads = ad.bprop(w, values, loss=np.float64(1.0))
+        results.append((values, grads))
+    (vs, gs), (vd, gd) = results
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
+    for name in ("h", "outputs", "loss"):
+        np.testing.assert_allclose(vs[name], vd[name], **tol)
+    for name in ("W", "W2", "b"):
+        assert gs[name].dtype == dtype
+        np.testing.assert_allclose(gs[name], gd[name], **tol)
+    assert "X" not in gs
+    # rows of W that no example selects get exactly zero gradient
+    unused = sorted(set(range(6)) - set(np.asarray(indices).ravel().tolist()))
+    assert not gs["W"][unused].any()
+    assert grad_check(xm, w, xm.inputDict(X=OneHot(indices, 6, dtype))).ok
+
+
+def test_onehot_used_outside_mul_behaves_as_its_dense_matrix():
+    idx = np.array([2, 0, -1, 1])
+    dense = _dense(idx, 3)
+    rng = np.random.default_rng(5)
+    xm = XMan()
+    xm.X = f.input(name="X")
+    xm.T = f.input(name="T")
+    xm.W = f.param(name="W", default=rng.normal(size=(3, 3)))
+    xm.z = f.hadamard(xm.X * xm.W, xm.X) + xm.X     # X both as mul operand and elementwise
+    xm.loss = f.mean(f.crossEnt(f.softMax(xm.z), xm.T))  # OneHot targets too
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    out = []
+    for X, T in ((OneHot(idx, 3), OneHot(np.array([0, 1, 2, 2]), 3)), (dense, np.eye(3)[[0, 1, 2, 2]])):
+        for passes in ((), ("crossent_softmax",)):
+            ad = Autograd(xm, passes=passes)
+            v = ad.eval(w, {"X": X, "T": T, "W": xm.W.default})
+            out.append((v["loss"], ad.bprop(w, v, loss=np.float64(1.0))["W"]))
+    for loss, gW in out[1:]:
+        np.testing.assert_allclose(loss, out[0][0], rtol=1e-12)
+        np.testing.assert_allclose(gW, out[0][1], rtol=1e-12, atol=1e-15)
+
+
+def test_onehot_shape_mismatch_is_a_shape_error():
+    xm = XMan()
+    xm.X = f.input(name="X")
+    xm.W = f.param(name="W", default=np.ones((4, 2)))
+    xm.h = xm.X * xm.W
+    xm.setup()
+    with pytest.raises(ShapeError, match=r"'mul'.*'h'"):
+        Autograd(xm).eval(xm.operationSequence(xm.h), xm.inputDict(X=OneHot(np.array([0, 1]), 3)))
+
+
+# --------------------------------------------------------------------------------------
+# float32
+# --------------------------------------------------------------------------------------
+def _float32_model(dtype):
+    rng = np.random.default_rng(6)
+    x = sp.Symbol("x")
+    swish = defop("engine_swish", x / (1 + sp.exp(-x)), args=[x], replace=True)
+    xm = XMan()
+    xm.a = f.input(name="a", default=rng.normal(size=(5, 4)).astype(dtype))
+    xm.t = f.input(name="t", default=np.eye(3, dtype=dtype)[rng.integers(0, 3, 5)])
+    xm.W = f.param(name="W", default=rng.normal(size=(4, 3)).astype(dtype))
+    xm.b = f.param(name="b", default=rng.normal(size=3).astype(dtype))
+    xm.h = swish(f.sigmoid(xm.a * xm.W + xm.b)) - f.relu(f.negate(f.exp(f.tanh(xm.b))))
+    xm.outputs = f.softMax(f.hadamard(f.square(xm.h), f.log(f.sigmoid(xm.h))))
+    xm.loss = f.mean(f.crossEnt(xm.outputs, xm.t))
+    return xm.setup()
+
+
+@pytest.mark.parametrize("passes", [(), ("crossent_softmax",)])
+@pytest.mark.parametrize("seed", [np.float64(1.0), 1.0, np.float32(1.0)])
+def test_float32_stays_float32_through_forward_and_backward(passes, seed):
+    xm = _float32_model(np.float32)
+    w = xm.operationSequence(xm.loss)
+    ad = Autograd(xm, passes=passes)
+    values = ad.eval(w, xm.inputDict())
+    grads = ad.bprop(w, values, loss=seed)
+    assert {k: np.asarray(v).dtype for k, v in values.items() if np.asarray(v).dtype != np.float32} == {}
+    assert {k: np.asarray(g).dtype for k, g in grads.items() if np.asarray(g).dtype != np.float32} == {}
+    # and float32 agrees with the same model in float64
+    xm64 = _float32_model(np.float64)
+    ad64 = Autograd(xm64, passes=passes)
+    v64 = ad64.eval(w, xm64.inputDict(**{k: np.asarray(v, np.float64) for k, v in xm.inputDict().items()}))
+    g64 = ad64.bprop(w, v64, loss=np.float64(1.0))
+    for name in ("W", "b"):
+        np.testing.assert_allclose(grads[name], g64[name], rtol=2e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# grad_check
+# --------------------------------------------------------------------------------------
+def test_grad_check_report_fields():
+    xm = _classifier()
+    report = grad_check(xm, xm.operationSequence(xm.loss), max_elements=None)
+    assert report.ok
+    by_name = {p.name: p for p in report.params}
+    assert set(by_name) == {"W", "b"}
+    assert by_name["W"].shape == (4, 3) and by_name["W"].checked == 12
+    assert by_name["b"].shape == (3,) and by_name["b"].checked == 3
+    for p in report.params:
+        assert p.ok and 0 <= p.max_abs < 1e-7 and 0 <= p.max_rel < 1e-5
+    assert "W" in str(report) and "yes" in str(report)
+
+
+def test_grad_check_fails_on_a_wrong_hand_made_backward():
+    # forward x**2 but backward claims d/dx = x instead of 2x
+    wrong = Op("engine_wrong_square", 1, np.square, (lambda delta, out, x: delta * x,), elementwise=True)
+    register(wrong, replace=True)
+    rng = np.random.default_rng(7)
+    xm = XMan()
+    xm.W = f.param(name="W", default=rng.uniform(0.5, 1.5, size=(3, 2)))
+    xm.ok_param = f.param(name="ok_param", default=rng.normal(size=(3, 2)))
+    xm.loss = f.mean(f.engine_wrong_square(xm.W) + f.tanh(xm.ok_param))
+    xm.setup()
+    report = grad_check(xm, xm.operationSequence(xm.loss))
+    assert not report.ok
+    by_name = {p.name: p for p in report.params}
+    assert not by_name["W"].ok and by_name["W"].max_rel == pytest.approx(0.5, rel=1e-4)
+    assert by_name["ok_param"].ok
+    assert "NO" in str(report)
+
+
+# --------------------------------------------------------------------------------------
+# Clear errors
+# --------------------------------------------------------------------------------------
+def test_shape_mismatch_names_op_register_and_shapes():
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.ones((3, 4)))
+    xm.W = f.param(name="W", default=np.ones((5, 2)))
+    xm.h = xm.a * xm.W
+    xm.setup()
+    with pytest.raises(ShapeError) as info:
+        Autograd(xm).eval(xm.operationSequence(xm.h), xm.inputDict())
+    msg = str(info.value)
+    assert "'mul'" in msg and "'h'" in msg and "a(3, 4)" in msg and "W(5, 2)" in msg
+
+
+def test_broadcast_mismatch_in_an_elementwise_op_is_a_shape_error():
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.ones((3, 4)))
+    xm.b = f.param(name="b", default=np.ones(5))
+    xm.s = xm.a + xm.b
+    xm.setup()
+    with pytest.raises(ShapeError, match=r"'add'.*'s'.*a\(3, 4\).*b\(5,\)"):
+        Autograd(xm).eval(xm.operationSequence(xm.s), xm.inputDict())
+
+
+def test_missing_input_names_the_register():
+    xm = XMan()
+    xm.data = f.input(name="data")            # no default
+    xm.W = f.param(name="W", default=np.ones((2, 2)))
+    xm.h = xm.data * xm.W
+    xm.setup()
+    with pytest.raises(MissingInputError, match="'data'") as info:
+        Autograd(xm).eval(xm.operationSequence(xm.h), xm.inputDict())
+    assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+
+
+def test_unknown_op_is_a_value_error_with_a_hint():
+    with pytest.raises(ValueError, match="unknown op 'nosuchop'.*defop"):
+        f.nosuchop
+    with pytest.raises(ValueError, match="Did you mean sigmoid"):
+        f.sigmoi
+
+
+def test_defop_symbol_not_in_args():
+    x, z = sp.symbols("x z")
+    with pytest.raises(ValueError, match=r"\bz\b.*not in args"):
+        defop("engine_stray", x + z, args=[x])
+    assert "engine_stray" not in symdiff.OPS
+
+
+def test_defop_string_expression():
+    x = sp.Symbol("x")
+    with pytest.raises(TypeError, match="string"):
+        defop("engine_text", "x + 1", args=[x])
+
+
+def test_defop_undefined_function():
+    x = sp.Symbol("x")
+    with pytest.raises(ValueError, match=r"undefined function\(s\) g\b"):
+        defop("engine_undefined", sp.Function("g")(x) + x, args=[x])
+
+
+@pytest.mark.parametrize("make", [lambda x: sp.besselj(0, x), lambda x: sp.zeta(x), lambda x: sp.erf(x)])
+def test_defop_function_numpy_cannot_evaluate_fails_at_declaration(make):
+    x = sp.Symbol("x")
+    with pytest.raises(TypeError, match="engine_unprintable.*could not be evaluated with numpy"):
+        defop("engine_unprintable", make(x), args=[x])
+    assert "engine_unprintable" not in symdiff.OPS
+
+
+def test_redefining_an_op_needs_replace():
+    x = sp.Symbol("x")
+    first = defop("engine_twice", x + 1, args=[x])
+    with pytest.raises(ValueError, match="'engine_twice' already exists.*replace=True"):
+        defop("engine_twice", x + 2, args=[x])
+    assert symdiff.OPS["engine_twice"] is first
+    with pytest.raises(ValueError, match="already exists"):
+        defop("relu", sp.Max(x, 0), args=[x])       # built-ins are protected the same way
+    second = defop("engine_twice", x + 2, args=[x], replace=True)
+    assert symdiff.OPS["engine_twice"] is second
+    np.testing.assert_array_equal(second.forward(np.zeros(2)), [2.0, 2.0])
+
+
+def test_arity_mismatch_and_non_register_arguments():
+    a, b = f.input(name="a"), f.input(name="b")
+    with pytest.raises(TypeError, match="'relu' takes 1 register"):
+        f.relu(a, b)
+    with pytest.raises(TypeError, match="input 0 of op 'relu' is a int, not a register"):
+        f.relu(3)
+    with pytest.raises(TypeError, match="not a register"):
+        a + np.ones(3)
+
+
+def test_two_registers_with_the_same_name_fail_at_setup():
+    xm = XMan()
+    xm.a = f.input(name="w")
+    xm.b = f.param(name="w")
+    xm.c = xm.a + xm.b
+    with pytest.raises(ValueError, match="'w'"):
+        xm.setup()

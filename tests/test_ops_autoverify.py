@@ -1,0 +1,274 @@
+"""Every registered primitive's derivatives, checked against central differences.
+
+The registry (``symdiff.OPS``) is walked at *collection* time, so every op that
+exists by then -- the built-ins and any op a module declared on import -- gets
+its own test, with no list of names to keep up to date here. Ops registered
+later still are swept up by ``test_ops_registered_after_collection``.
+
+Elementwise ops need at most an input domain (``DOMAINS``/``KINKS``); they are
+checked at random points and with broadcasting input shapes. Structural ops
+need an input generator in ``INPUTS``; a structural op without one FAILS, so
+nothing escapes verification.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import sympy as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import symdiff
+from symdiff import Op, defop
+from symdiff.gradcheck import check_op
+from symdiff.registry import register
+
+#: max relative error of an analytic derivative against central differences (float64)
+TOL = 1e-6
+#: elementwise ops whose inputs must stay in a sub-domain of the default [-2, 2]
+DOMAINS: dict[str, tuple[float, float]] = {"log": (0.1, 3.0)}
+#: elementwise ops with a kink at 0: inputs are kept at least this far from it
+KINKS: dict[str, float] = {"relu": 1e-3}
+UNARY_SHAPES = [((5, 3),), ((4,),)]
+BINARY_SHAPES = [((5, 3), (3,)), ((5, 3), (5, 1)), ((4,), (4,))]
+N_POINTS = 3  # random points per shape combination
+
+
+def _uniform(rng: np.random.Generator, shape, low: float = -2.0, high: float = 2.0, kink: float | None = None):
+    x = rng.uniform(low, high, size=shape)
+    if kink is not None:
+        while (bad := np.abs(x) < kink).any():
+            x[bad] = rng.uniform(low, high, size=int(bad.sum()))
+    return x
+
+
+def _probabilities(rng, n, k):
+    z = rng.standard_normal((n, k))
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _one_hot_targets(rng, n, k):
+    return np.eye(k)[rng.integers(0, k, size=n)]
+
+
+def _soft_targets(rng, n, k):
+    return _probabilities(rng, n, k)
+
+
+#: structural ops: a list of input tuples per op (values matter: crossEnt needs probabilities and targets)
+INPUTS = {
+    "mul": lambda rng: [(_uniform(rng, (4, 3)), _uniform(rng, (3, 5))),
+                        (_uniform(rng, (1, 3)), _uniform(rng, (3, 1)))],
+    "softMax": lambda rng: [(rng.normal(0, 3, (4, 5)),), (rng.normal(0, 3, (1, 3)),)],
+    "crossEnt": lambda rng: [(_probabilities(rng, 4, 5), _one_hot_targets(rng, 4, 5)),
+                             (_probabilities(rng, 3, 4), _soft_targets(rng, 3, 4))],
+    "crossEnt-softMax": lambda rng: [(rng.normal(0, 3, (4, 5)), _one_hot_targets(rng, 4, 5)),
+                                     (rng.normal(0, 3, (3, 4)), _soft_targets(rng, 3, 4))],
+    "mean": lambda rng: [(_uniform(rng, (4, 3)),), (_uniform(rng, (7,)),)],
+    "transpose": lambda rng: [(_uniform(rng, (4, 3)),), (_uniform(rng, (2, 5)),)],
+}
+
+
+def input_cases(name: str, op: Op, rng: np.random.Generator) -> list[tuple[np.ndarray, ...]]:
+    """Input tuples to check ``op`` at: from ``INPUTS``, or random points for an elementwise op."""
+    if name in INPUTS:
+        return [tuple(xs) for _ in range(N_POINTS) for xs in INPUTS[name](rng)]
+    if not op.elementwise:
+        pytest.fail(f"op {name!r} is registered but is not elementwise and has no entry in INPUTS: "
+                    f"add an input generator for it to tests/test_ops_autoverify.py")
+    low, high = DOMAINS.get(name, (-2.0, 2.0))
+    if op.arity == 1:
+        shape_sets = UNARY_SHAPES
+    elif op.arity == 2:
+        shape_sets = BINARY_SHAPES
+    else:
+        shape_sets = [((5, 3), (3,)) + ((5, 1),) * (op.arity - 2), ((4,),) * op.arity]
+    return [tuple(_uniform(rng, s, low, high, KINKS.get(name)) for s in shapes)
+            for shapes in shape_sets for _ in range(N_POINTS)]
+
+
+def verify_op(name: str) -> None:
+    """Check every backward kernel of the registered op ``name`` against central differences."""
+    op = symdiff.OPS[name]
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    for xs in input_cases(name, op, rng):
+        if op.elementwise:
+            out = op.forward(*xs)
+            expected = np.broadcast_shapes(*(x.shape for x in xs))
+            assert np.shape(out) == expected, f"{name}: output shape {np.shape(out)}, inputs broadcast to {expected}"
+        err = check_op(op, rng=rng, inputs=xs)
+        assert err < TOL, (f"{name}: backward disagrees with central differences at inputs of shapes "
+                           f"{[x.shape for x in xs]}: max relative error {err:.3e}")
+
+
+COLLECTED = sorted(symdiff.OPS)
+
+
+@pytest.fixture(autouse=True)
+def _restore_registry():
+    """Ops declared by a test are removed (and replaced ones restored) afterwards."""
+    before = dict(symdiff.OPS)
+    yield
+    symdiff.OPS.clear()
+    symdiff.OPS.update(before)
+
+
+@pytest.mark.parametrize("name", COLLECTED)
+def test_derivatives_match_central_differences(name):
+    verify_op(name)
+
+
+def test_builtin_ops_are_all_collected():
+    builtin = {"add", "subtract", "hadamard", "relu", "sigmoid", "tanh", "exp", "log", "square", "negate",
+               "mul", "softMax", "crossEnt", "crossEnt-softMax", "mean", "transpose"}
+    assert builtin <= set(COLLECTED)
+
+
+def test_ops_registered_after_collection_are_verified_too():
+    for name in sorted(set(symdiff.OPS) - set(COLLECTED)):
+        verify_op(name)
+
+
+def test_an_op_declared_in_a_test_is_picked_up_by_the_same_checker():
+    x, y = sp.symbols("x y")
+    op = defop("autoverify_fresh_op", sp.atan(x) * y + sp.exp(-x**2) * sp.cos(y), args=[x, y])
+    assert symdiff.OPS["autoverify_fresh_op"] is op
+    verify_op("autoverify_fresh_op")  # broadcast shapes, random points, exactly as the parametrized test
+
+
+def test_checker_fails_on_a_wrong_derivative():
+    wrong = Op("autoverify_wrong_square", 1, np.square, (lambda delta, out, x: delta * x,), elementwise=True)
+    register(wrong, replace=True)
+    with pytest.raises(AssertionError, match="autoverify_wrong_square"):
+        verify_op("autoverify_wrong_square")
+
+
+def test_checker_fails_on_a_wrong_broadcast_reduction():
+    # right derivative, but the gradient of the broadcast input is not summed back to its shape
+    wrong = Op("autoverify_wrong_add", 2, np.add, (lambda d, o, a, b: d, lambda d, o, a, b: d), elementwise=True)
+    register(wrong, replace=True)
+    with pytest.raises(AssertionError, match="shape"):
+        verify_op("autoverify_wrong_add")
+
+
+def test_structural_op_without_an_input_generator_fails():
+    lonely = Op("autoverify_rowsum", 1, lambda a: a.sum(axis=1), (lambda d, o, a: np.repeat(d[:, None], a.shape[1], 1),))
+    register(lonely, replace=True)
+    with pytest.raises(pytest.fail.Exception, match="add an input generator"):
+        verify_op("autoverify_rowsum")
+
+
+# --------------------------------------------------------------------------------------
+# Properties of SymPy-derived kernels: shapes and dtypes
+# --------------------------------------------------------------------------------------
+x, y = sp.symbols("x y")
+UNARY_PARTS = [
+    lambda u: u, sp.tanh, sp.sin, lambda u: u**2, lambda u: 3 * u, sp.Abs,
+    lambda u: sp.Max(u, 0), lambda u: sp.Max(u, u / 10),                # relu, leaky relu
+    lambda u: 1 / (1 + sp.exp(-u)), lambda u: sp.log(1 + sp.exp(u)),  # rewritten to sigmoid, softplus
+    lambda u: sp.exp(-u**2), lambda u: sp.Piecewise((1, u > 0), (0, True)),  # a step: integer choices
+    lambda u: sp.Integer(2),                                            # a constant
+]
+COMBINE = [lambda a, b: a + b, lambda a, b: a - b, lambda a, b: a * b,
+           lambda a, b: a, lambda a, b: b]  # the last two ignore one argument
+_declared: dict[tuple, Op] = {}
+
+
+def _op_for(arity: int, outer: int, left: int, right: int, comb: int) -> Op:
+    key = (arity, outer, left, right, comb)
+    if key not in _declared:
+        if arity == 1:
+            expr, args = UNARY_PARTS[outer](UNARY_PARTS[left](x)), [x]
+        else:
+            expr = UNARY_PARTS[outer](COMBINE[comb](UNARY_PARTS[left](x), UNARY_PARTS[right](y)))
+            args = [x, y]
+        _declared[key] = defop("hyp_op_" + "_".join(map(str, key)), expr, args=args, replace=True)
+    return _declared[key]
+
+
+part = st.integers(0, len(UNARY_PARTS) - 1)
+dtypes = st.sampled_from([np.float64, np.float32])
+
+
+def _check_kernels(op: Op, xs: list[np.ndarray], dtype) -> None:
+    out = op.forward(*xs)
+    shape = np.broadcast_shapes(*(x.shape for x in xs))
+    assert np.shape(out) == shape, f"{op.doc}: forward shape {np.shape(out)} for inputs {[x.shape for x in xs]}"
+    assert out.dtype == dtype, f"{op.doc}: forward dtype {out.dtype} for {np.dtype(dtype)} inputs"
+    delta = np.ones(shape, dtype)
+    for j, xj in enumerate(xs):
+        g = op.backward[j](delta, out, *xs)
+        assert isinstance(g, (np.ndarray, np.generic)), f"{op.doc}: d/d input {j} is a {type(g).__name__}"
+        assert g.shape == xj.shape, f"{op.doc}: d/d input {j} has shape {g.shape}, input {xj.shape}"
+        assert g.dtype == dtype, f"{op.doc}: d/d input {j} has dtype {g.dtype}, input {np.dtype(dtype)}"
+
+
+_PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_PROPERTY
+@given(outer=part, inner=part, shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=4), dtype=dtypes,
+       seed=st.integers(0, 2**32 - 1))
+def test_unary_kernels_keep_shape_and_dtype(outer, inner, shape, dtype, seed):
+    op = _op_for(1, outer, inner, 0, 0)
+    xs = [np.asarray(np.random.default_rng(seed).uniform(-2, 2, size=shape), dtype=dtype)]
+    _check_kernels(op, xs, dtype)
+
+
+@_PROPERTY
+@given(outer=part, left=part, right=part, comb=st.integers(0, len(COMBINE) - 1),
+       shapes=hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=4),
+       dtype=dtypes, seed=st.integers(0, 2**32 - 1))
+def test_binary_kernels_keep_shape_and_dtype(outer, left, right, comb, shapes, dtype, seed):
+    op = _op_for(2, outer, left, right, comb)
+    rng = np.random.default_rng(seed)
+    xs = [np.asarray(rng.uniform(-2, 2, size=s), dtype=dtype) for s in shapes.input_shapes]
+    _check_kernels(op, xs, dtype)
+
+
+@_PROPERTY
+@given(name=st.sampled_from(sorted(n for n in COLLECTED if symdiff.OPS[n].elementwise)),
+       shapes=hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=4),
+       dtype=dtypes, seed=st.integers(0, 2**32 - 1))
+def test_registered_elementwise_kernels_keep_shape_and_dtype(name, shapes, dtype, seed):
+    op = symdiff.OPS[name]
+    low, high = DOMAINS.get(name, (-2.0, 2.0))
+    rng = np.random.default_rng(seed)
+    xs = [np.asarray(rng.uniform(low, high, size=s), dtype=dtype) for s in shapes.input_shapes[:op.arity]]
+    _check_kernels(op, xs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shapes", [((5, 3), (3,)), ((5, 3), (5, 1)), ((4,), (4,)), ((3,), (2, 3)), ((), (2, 2)),
+                                    ((2, 2), ()), ((), ())])
+@pytest.mark.parametrize("which", ["add", "subtract", "three_x", "three_x_ignoring_y", "constant"])
+def test_constant_derivatives_still_return_full_arrays(which, shapes, dtype):
+    if which in ("add", "subtract"):
+        op = symdiff.OPS[which]
+    else:
+        expr = {"three_x": 3 * x, "three_x_ignoring_y": 3 * x, "constant": sp.Integer(7)}[which]
+        args = [x] if which == "three_x" else [x, y]
+        op = defop(f"autoverify_{which}", expr, args=args)
+    rng = np.random.default_rng(0)
+    xs = [np.asarray(rng.uniform(-2, 2, size=s), dtype=dtype) for s in shapes[:op.arity]]
+    _check_kernels(op, xs, dtype)
+    out = op.forward(*xs)
+    delta = np.asarray(rng.standard_normal(np.shape(out)), dtype=dtype)
+    expected = {"add": (1, 1), "subtract": (1, -1), "three_x": (3,), "three_x_ignoring_y": (3, 0), "constant": (0, 0)}
+    for j, (xj, c) in enumerate(zip(xs, expected[which])):
+        g = op.backward[j](delta, out, *xs)
+        # the derivative is the constant c: the gradient is c * delta summed over xj's broadcast axes
+        lead = delta.ndim - xj.ndim
+        want = (c * delta).sum(axis=tuple(range(lead))) if lead else c * delta
+        want = want.sum(axis=tuple(i for i, n in enumerate(xj.shape) if n == 1), keepdims=True) if xj.ndim else want
+        np.testing.assert_allclose(g, np.broadcast_to(want, xj.shape), rtol=1e-6, atol=1e-6)
+        assert not any(np.shares_memory(g, xi) for xi in xs), "a gradient must not alias an input"
+
+
+@pytest.mark.parametrize("k", range(len(UNARY_PARTS)))
+def test_every_part_of_the_property_grammar_declares(k):
+    assert _op_for(1, k, 0, 0, 0).arity == 1 and _op_for(2, 0, k, k, 2).arity == 2

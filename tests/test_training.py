@@ -1,0 +1,249 @@
+"""End-to-end tests of training: the real CLI in a subprocess on the shipped demo set, plus
+in-process checks of the training loop (dense vs gather path, dead ReLUs) where a subprocess
+would only add start-up time.
+
+The real DBPedia files are read by path only (skipped if absent); no row of them is copied here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from models import data as D
+from models import training as T
+from models.flags import DEFAULT_LR
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LN5 = math.log(5)
+N_TEST, N_LABELS = 150, 5  # rows of data/demo.test, labels of the demo set
+
+# The metrics JSON, as documented in README.md (table of flags, --metrics_file).
+METRIC_KEYS = {"model", "config", "dataset", "epochs", "best_epoch", "stopped", "test_loss", "test_accuracy"}
+EPOCH_KEYS = {"epoch", "train_loss", "valid_loss", "valid_accuracy", "train_seconds"}
+SMALL = ["--num_hid", "8"]
+
+
+def symdiff(cwd: Path, *args: str, module: str = "cli", timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cli ARGS`` (or another module) in ``cwd`` with the checkout on the path."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def check_probs(path: Path, rows: int = N_TEST, dtype: Any = np.float64, tol: float = 1e-9) -> np.ndarray:
+    probs = np.load(path, allow_pickle=False)
+    assert probs.shape == (rows, N_LABELS)
+    assert probs.dtype == dtype
+    assert np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=0, atol=tol)
+    return probs
+
+
+@pytest.fixture(scope="module")
+def demo() -> D.Dataset:
+    return D.load_dataset(D.resolve_dataset("demo"))
+
+
+class Recorder:
+    """A reporter that keeps every event (for in-process runs)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[T.EpochResult] = []
+        self.infos: list[str] = []
+        self.warnings: list[str] = []
+
+    def start(self, kind: str, epochs: int, batches: int) -> None:
+        pass
+
+    def batch(self, epoch: int, k: int, loss: float) -> None:
+        pass
+
+    def epoch(self, r: T.EpochResult) -> None:
+        self.epochs.append(r)
+
+    def info(self, text: str) -> None:
+        self.infos.append(text)
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
+
+
+def train_in_process(kind: str, ds: D.Dataset, **cfg: Any) -> tuple[T.Trainer, T.TrainResult]:
+    config = T.TrainConfig(**{"num_hid": 8, "epochs": 2, "init_lr": DEFAULT_LR[kind], **cfg})
+    dims = dict(max_len=config.max_len, num_chars=ds.vocab.num_chars, num_hid=config.num_hid,
+                num_labels=ds.vocab.num_labels)
+    model = T.build_model(kind, dims, seed=config.seed, dtype=config.dtype)
+    trainer = T.Trainer(model, ds, config)
+    return trainer, trainer.train(Recorder(), T.StopFlag())
+
+
+# ---- end to end on the demo set -------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_train_writes_predictions_and_documented_metrics(tmp_path: Path, kind: str, demo: D.Dataset) -> None:
+    proc = ok(symdiff(tmp_path, kind, "--epochs", "2", *SMALL, "--output_file", "p.npy",
+                      "--metrics_file", "m.json"))
+    probs = check_probs(tmp_path / "p.npy")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) == METRIC_KEYS
+    assert metrics["model"] == kind and metrics["stopped"] is None
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    for e in metrics["epochs"]:
+        assert set(e) == EPOCH_KEYS
+        assert all(math.isfinite(e[k]) for k in EPOCH_KEYS)
+        assert e["train_seconds"] >= 0 and 0 <= e["valid_accuracy"] <= 1
+    assert metrics["best_epoch"] in (1, 2)
+    # The reported test loss and accuracy are those of the written probabilities.
+    y = demo.test.label_ids
+    assert metrics["test_loss"] == pytest.approx(float(-np.log(probs[np.arange(len(y)), y]).mean()), abs=1e-9)
+    assert metrics["test_accuracy"] == pytest.approx(float((probs.argmax(1) == y).mean()), abs=1e-12)
+    assert len(re.findall(r"^epoch +\d+ ", proc.stdout, flags=re.M)) == 2
+
+
+def test_same_seed_is_byte_identical_other_seed_differs(tmp_path: Path) -> None:
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        ok(symdiff(tmp_path, "mlp", "--epochs", "1", *SMALL, "--seed", seed, "--output_file", f"{name}.npy"))
+    a, b, c = ((tmp_path / f"{n}.npy").read_bytes() for n in "abc")
+    assert a == b
+    assert a != c
+
+
+def test_python_m_models_mlp_matches_the_cli(tmp_path: Path) -> None:
+    ok(symdiff(tmp_path, "--epochs", "1", *SMALL, "--output_file", "mod.npy", module="models.mlp"))
+    ok(symdiff(tmp_path, "mlp", "--epochs", "1", *SMALL, "--output_file", "cli.npy"))
+    check_probs(tmp_path / "mod.npy")
+    assert (tmp_path / "mod.npy").read_bytes() == (tmp_path / "cli.npy").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_float32_writes_float32_probabilities(tmp_path: Path, kind: str) -> None:
+    ok(symdiff(tmp_path, kind, "--epochs", "1", *SMALL, "--dtype", "float32", "--output_file", "p.npy"))
+    check_probs(tmp_path / "p.npy", dtype=np.float32, tol=1e-5)
+
+
+def test_predictions_come_from_the_best_validation_epoch(tmp_path: Path) -> None:
+    # A high learning rate makes the validation loss go up and down, so the best epoch is not the last.
+    flags = ["--num_hid", "8", "--init_lr", "1.0"]
+    ok(symdiff(tmp_path, "mlp", "--epochs", "6", *flags, "--output_file", "p.npy", "--metrics_file", "m.json"))
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    valid = [e["valid_loss"] for e in metrics["epochs"]]
+    assert len(valid) == 6
+    best = metrics["best_epoch"]
+    assert best == int(np.argmin(valid)) + 1
+    assert best < 6, f"this configuration no longer has a best epoch before the last: {valid}"
+    # Training stops being random once seeded: a run of exactly `best` epochs ends with the same
+    # parameters, so its predictions must be exactly the ones written by the longer run.
+    ok(symdiff(tmp_path, "mlp", "--epochs", str(best), *flags, "--output_file", "q.npy", "--metrics_file", "n.json"))
+    assert (tmp_path / "p.npy").read_bytes() == (tmp_path / "q.npy").read_bytes()
+    assert json.loads((tmp_path / "n.json").read_text())["test_loss"] == metrics["test_loss"]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_dense_path_gives_the_same_losses(kind: str, demo: D.Dataset) -> None:
+    gather_trainer, gather = train_in_process(kind, demo, dense=False)
+    dense_trainer, dense = train_in_process(kind, demo, dense=True)
+    assert len(gather.epochs) == len(dense.epochs) == 2
+    for g, d in zip(gather.epochs, dense.epochs):
+        assert abs(g.train_loss - d.train_loss) < 1e-9
+        assert abs(g.valid_loss - d.valid_loss) < 1e-9
+        assert g.valid_accuracy == d.valid_accuracy
+    for name, value in gather_trainer.model.params.items():
+        np.testing.assert_allclose(dense_trainer.model.params[name], value, rtol=0, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.skipif(not (REAL_DATA / "tiny.train").exists(), reason=f"real DBPedia data not found at {REAL_DATA}")
+def test_mlp_learns_on_tiny(tmp_path: Path) -> None:
+    ok(symdiff(tmp_path, "mlp", "--dataset", str(REAL_DATA / "tiny"), "--epochs", "8", "--init_lr", "0.2",
+               "--output_file", "p.npy", "--metrics_file", "m.json"))
+    n_test = len(D.read_split(REAL_DATA / "tiny.test"))
+    check_probs(tmp_path / "p.npy", rows=n_test)
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["test_loss"] < 1.5 < LN5, metrics["epochs"]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_gradcheck_of_the_built_models_passes(tmp_path: Path, kind: str) -> None:
+    proc = ok(symdiff(tmp_path, "gradcheck", kind))
+    assert "yes" in proc.stdout and "NO" not in proc.stdout
+
+
+def test_saved_model_predicts_like_the_run_and_from_the_command_line(tmp_path: Path, demo: D.Dataset) -> None:
+    ok(symdiff(tmp_path, "mlp", "--epochs", "2", *SMALL, "--output_file", "p.npy", "--save_model", "m.npz"))
+    model, vocab = T.load_model(tmp_path / "m.npz")
+    assert vocab.labels == demo.vocab.labels
+    # The saved parameters are the ones that produced the written test predictions.
+    probs = T.predict_titles(model, vocab, demo.test.titles)
+    np.testing.assert_allclose(probs, np.load(tmp_path / "p.npy"), rtol=0, atol=1e-12)
+
+    titles = ["Zanzibar_Quoll", "Hypothetical_Records"]
+    proc = ok(symdiff(tmp_path, "predict", "--model", "m.npz", *titles))
+    expected = T.predict_titles(model, vocab, titles)
+    for label in vocab.labels:
+        assert label in proc.stdout
+    for title, row in zip(titles, expected):
+        line = next(l for l in proc.stdout.splitlines() if title in l)
+        shown = [float(x) for x in re.findall(r"\d\.\d{3}", line)]
+        np.testing.assert_allclose(shown, row, atol=5e-4 + 1e-12)
+
+
+# ---- dead ReLUs -----------------------------------------------------------------------------
+def _kill_output_relus(model: T.CharModel) -> T.CharModel:
+    params = model.params
+    params["W2"][...] = 0.0
+    params["b2"][...] = -50.0   # relu(O W2 + b2) = relu(-50) = 0 for every example
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_dead_relus_stop_training_with_advice(kind: str, demo: D.Dataset) -> None:
+    dims = dict(max_len=10, num_chars=demo.vocab.num_chars, num_hid=8, num_labels=demo.vocab.num_labels)
+    model = _kill_output_relus(T.build_model(kind, dims, seed=0))
+    trainer = T.Trainer(model, demo, T.TrainConfig(num_hid=8, epochs=3))
+    result = trainer.train(Recorder(), T.StopFlag())
+    assert result.stopped == "dead-relu"
+    assert result.epochs == [] and result.best_params is None
+    assert "ln 5 = 1.609" in result.message
+    for advice in ("--seed", "--init_lr", "--optimizer"):
+        assert advice in result.message
+
+
+def test_dead_relus_at_start_write_nothing_and_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_build = T.build_model
+    monkeypatch.setattr(T, "build_model", lambda *a, **k: _kill_output_relus(real_build(*a, **k)))
+    reporter = Recorder()
+    code = T.run("mlp", {"epochs": 3, "num_hid": 8, "output_file": str(tmp_path / "p.npy"),
+                         "metrics_file": str(tmp_path / "m.json")}, reporter)
+    assert code == T.EXIT_FAILED
+    assert any("ReLU is dead" in w and "ln 5" in w for w in reporter.warnings), reporter.warnings
+    assert not (tmp_path / "p.npy").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_relus_killed_by_a_huge_learning_rate_are_reported(tmp_path: Path) -> None:
+    # One epoch at lr 1000 drives every output pre-activation negative: the run stops after that
+    # epoch, explains why, and still writes what that (only) epoch produced.
+    proc = ok(symdiff(tmp_path, "mlp", "--epochs", "3", *SMALL, "--init_lr", "1000", "--output_file", "p.npy",
+                      "--metrics_file", "m.json"))
+    assert "ReLU is dead" in proc.stderr and "ln 5" in proc.stderr and "--init_lr" in proc.stderr
+    assert "after epoch 1" in proc.stderr
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["stopped"] == "dead-relu" and len(metrics["epochs"]) == 1
+    probs = check_probs(tmp_path / "p.npy")
+    np.testing.assert_allclose(probs, 0.2, atol=1e-12)   # all logits 0: uniform
