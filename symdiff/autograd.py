@@ -15,7 +15,7 @@ import numpy as np
 from .graph import Step, XMan
 from .onehot import OneHot
 from .passes import DEFAULT_PASSES, PASSES
-from .registry import get_op, sum_to_shape
+from .registry import MULTI_OPS, get_op, sum_to_shape
 
 
 #: (op, input index) pairs whose kernels take a :class:`OneHot` value as it is (a gather)
@@ -57,8 +57,6 @@ class Program:
     """
 
     def __init__(self, steps: Sequence[Step], params: Iterable[str], counters: Counters) -> None:
-        from .symbolic import FUSED  # fused kernels only exist once SymPy is loaded
-
         self.steps = list(steps)
         self.counters = counters
         names: list[str] = []
@@ -80,8 +78,8 @@ class Program:
         self.forward_plan: list[tuple[Any, Any, tuple[int, ...]]] = []
         for s in self.steps:
             if isinstance(s.output, tuple):
-                op: Any = FUSED[s.op]
-                arity = op.spec.n_inputs
+                op: Any = MULTI_OPS[s.op]
+                arity = op.n_inputs
             else:
                 op = get_op(s.op)
                 arity = op.arity
@@ -196,14 +194,23 @@ class Program:
         except (ValueError, TypeError, IndexError) as exc:
             raise self._error(step, exc, v, "backward") from exc
         self.counters.backward_steps += count
-        # a derivative may hand back delta itself: give every param its own array
-        seen: set[int] = set()
+        # a derivative may hand back delta itself, or a view of it (transpose): give every param
+        # gradient memory of its own, shared with no other param's gradient and no caller's seed,
+        # so in-place updates (gradient clipping) touch exactly one gradient
+        taken: dict[int, list[np.ndarray]] = {}
+        for value in seeds.values():
+            if isinstance(value, np.ndarray):
+                taken.setdefault(id(_owner(value)), []).append(value)
         for name in self.params:
             k = self.slot[name]
-            if g[k] is not None:
-                if id(g[k]) in seen:
-                    g[k] = g[k].copy()
-                seen.add(id(g[k]))
+            a = g[k]
+            if not isinstance(a, np.ndarray):
+                continue
+            same = taken.setdefault(id(_owner(a)), [])
+            if any(np.shares_memory(a, b) for b in same):
+                a = g[k] = a.copy()
+                same = taken.setdefault(id(a), [])
+            same.append(a)
         return g
 
     def _error(self, k: int, exc: Exception, v: Sequence[Any], phase: str) -> SymdiffError:
@@ -213,6 +220,11 @@ class Program:
         out = ", ".join(s.output) if isinstance(s.output, tuple) else s.output
         cls = ShapeError if "shape" in str(exc) or "broadcast" in str(exc) or "dimension" in str(exc) else SymdiffError
         return cls(f"{phase} of op {s.op!r} computing register {out!r} failed for inputs {shapes}: {exc}")
+
+
+def _owner(a: np.ndarray) -> Any:
+    """The object whose memory ``a`` uses (numpy collapses chains of views to it)."""
+    return a if a.base is None else a.base
 
 
 def _outputs(s: Step) -> tuple[str, ...]:
@@ -231,19 +243,18 @@ def _single_backward(bp: Any, o: int, ins: tuple[int, ...], target: int, accumul
 
 def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, ...], ins: tuple[int, ...],
                     targets: tuple[int, ...], accumulate: tuple[bool, ...]) -> Any:
-    """All needed input gradients of a fused group in one call (they share subexpressions)."""
+    """All needed input gradients of a multi-output step in one call (a fused group's share subexpressions)."""
     bp = kernel.backward(needed)
-    n_out = len(kernel.spec.outputs)
-    out_slots = results[:n_out]
+    out_slots = results[:kernel.n_deltas]
     sizes = [i for i, need in zip(ins, needed) if need]
 
     def run(g: list[Any], v: list[Any]) -> None:
         deltas = [0 if g[s] is None else g[s] for s in out_slots]
         grads = bp(*deltas, *[v[s] for s in results], *[v[i] for i in ins])
         for t, acc, x, d in zip(targets, accumulate, sizes, grads):
-            shape = v[x].shape
-            if getattr(d, "shape", None) != shape:
-                d = sum_to_shape(d, shape, v[x].dtype)
+            shape, dtype = v[x].shape, v[x].dtype
+            if getattr(d, "shape", None) != shape or d.dtype != dtype:
+                d = sum_to_shape(d, shape, dtype)
             g[t] = g[t] + d if acc else d
 
     return run

@@ -105,7 +105,8 @@ class Step(NamedTuple):
 
     def __str__(self) -> str:
         if isinstance(self.output, tuple):
-            return f"{', '.join(self.output)} = {self.op}({', '.join(self.inputs)})   [fused]"
+            mark = "   [fused]" if self.op.startswith("fused") else ""
+            return f"{', '.join(self.output)} = {self.op}({', '.join(self.inputs)}){mark}"
         return f"{self.output} = {self.op}({', '.join(self.inputs)})"
 
 

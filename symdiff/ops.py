@@ -13,7 +13,7 @@ import numpy as np
 import sympy as sp
 
 from .onehot import OneHot
-from .registry import Op, register
+from .registry import MULTI_OPS, Op, register
 from .symbolic import defop
 
 x, y = sp.symbols("x y")
@@ -129,3 +129,56 @@ STRUCTURAL = (
 )
 for _op in STRUCTURAL:
     register(_op)
+
+
+# ---- multi-output structural ops, made by the merge_matmuls pass ---------------------------
+class Concat:
+    """``hconcat{k}``: k equal-width matrices side by side; its gradient is sliced back."""
+
+    def __init__(self, k: int) -> None:
+        self.name, self.n_inputs, self.n_deltas = f"hconcat{k}", k, 1
+
+    def forward(self, *parts: np.ndarray) -> tuple[np.ndarray]:
+        shape = np.shape(parts[0])
+        if len(shape) != 2 or any(np.shape(p) != shape for p in parts):
+            raise ValueError(f"{self.name} needs {self.n_inputs} matrices of one shape, got "
+                             f"{[np.shape(p) for p in parts]}")
+        return (np.concatenate(parts, axis=1),)
+
+    def backward(self, needed: tuple[bool, ...]) -> Any:
+        def bp(delta: np.ndarray, cat: np.ndarray, *parts: np.ndarray) -> tuple[np.ndarray, ...]:
+            w = parts[0].shape[1]
+            return tuple(delta[:, j * w:(j + 1) * w] for j, need in enumerate(needed) if need)
+
+        return bp
+
+
+class Split:
+    """``split{k}``: a matrix cut into k equal column blocks (views); the gradient is concatenated."""
+
+    def __init__(self, k: int) -> None:
+        self.name, self.n_inputs, self.n_deltas = f"split{k}", 1, k
+
+    def forward(self, m: np.ndarray) -> tuple[np.ndarray, ...]:
+        k = self.n_deltas
+        w = m.shape[1] // k
+        return tuple(m[:, j * w:(j + 1) * w] for j in range(k))
+
+    def backward(self, needed: tuple[bool, ...]) -> Any:
+        k = self.n_deltas
+
+        def bp(*args: Any) -> tuple[np.ndarray]:
+            deltas, m = args[:k], args[-1]
+            if any(not isinstance(d, np.ndarray) for d in deltas):  # a block that got no gradient
+                w = m.shape[1] // k
+                deltas = tuple(d if isinstance(d, np.ndarray) else np.zeros((m.shape[0], w), m.dtype)
+                               for d in deltas)
+            return (np.concatenate(deltas, axis=1),)
+
+        return bp
+
+
+def multi_op(kind: str, k: int) -> Any:
+    """The ``hconcat{k}``/``split{k}`` op, registered on first use."""
+    op = Concat(k) if kind == "hconcat" else Split(k)
+    return MULTI_OPS.setdefault(op.name, op)

@@ -34,6 +34,52 @@ def crossent_softmax(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
     return out
 
 
+def merge_matmuls(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Step]:
+    """Merge ``mul(a, P1) ... mul(a, Pk)`` (one left operand, k leaf right operands) into one product.
+
+    The k right operands are concatenated side by side once (``hconcat{k}``,
+    shared by every group that uses the same ones: an LSTM's gate weights at
+    every time step), multiplied by ``a`` in one matrix product, and the result
+    is split back into the k registers (``split{k}``, views), so everything
+    downstream is unchanged. Same math: columns of a matrix product are
+    independent. Backward, the k gradient blocks are concatenated once and
+    ``a``'s gradient is one product instead of k products and k-1 sums.
+    Operands must have one shape (checked when the concatenation runs).
+    """
+    from .ops import multi_op
+
+    produced = {o for s in steps for o in _outputs(s)}
+    by_left: dict[str, list[int]] = {}
+    for k, s in enumerate(steps):
+        if s.op == "mul" and s.inputs[1] not in produced:
+            by_left.setdefault(s.inputs[0], []).append(k)
+    groups = {}
+    for left, ks in by_left.items():
+        rights = [steps[k].inputs[1] for k in ks]
+        if len(ks) >= 2 and len(set(rights)) == len(rights) and left not in rights:
+            groups[min(ks)] = sorted(ks, key=lambda k: steps[k].inputs[1])
+    if not groups:
+        return list(steps)
+    merged = {k for ks in groups.values() for k in ks}
+    out: list[Step] = []
+    concatenated: set[str] = set()
+    for k, s in enumerate(steps):
+        if k in groups:
+            ks = groups[k]
+            left = s.inputs[0]
+            rights = tuple(steps[j].inputs[1] for j in ks)
+            cat = f"hconcat({','.join(rights)})"
+            if cat not in concatenated:
+                out.append(Step((cat,), multi_op("hconcat", len(ks)).name, rights))
+                concatenated.add(cat)
+            product = f"{left}*{cat}"
+            out.append(Step(product, "mul", (left, cat)))
+            out.append(Step(tuple(steps[j].output for j in ks), multi_op("split", len(ks)).name, (product,)))
+        elif k not in merged:
+            out.append(s)
+    return out
+
+
 def _fusable(op_name: str) -> bool:
     op = get_op(op_name)
     return op.elementwise and op.symbolic is not None
@@ -54,8 +100,8 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
 
     steps = list(steps)
     n = len(steps)
-    fusable = [_fusable(s.op) for s in steps]
-    producer = {s.output: k for k, s in enumerate(steps)}
+    fusable = [not isinstance(s.output, tuple) and _fusable(s.op) for s in steps]
+    producer = {o: k for k, s in enumerate(steps) for o in _outputs(s)}
     consumers: dict[str, list[int]] = {}
     for k, s in enumerate(steps):
         for i in s.inputs:
@@ -125,16 +171,24 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
     return _toposort(nodes)
 
 
+def _outputs(s: Step) -> tuple[str, ...]:
+    return s.output if isinstance(s.output, tuple) else (s.output,)
+
+
+def _users(steps: Sequence[Step], consumers: dict[str, list[int]], k: int) -> list[int]:
+    return [c for o in _outputs(steps[k]) for c in consumers.get(o, ())]
+
+
 def _path_outside(steps: Sequence[Step], consumers: dict[str, list[int]], a: set[int], b: set[int]) -> bool:
     """Is there a path from a step of ``a`` to a step of ``b`` through at least one step outside both?"""
-    stack = [c for k in a for c in consumers.get(steps[k].output, ()) if c not in a and c not in b]
+    stack = [c for k in a for c in _users(steps, consumers, k) if c not in a and c not in b]
     seen: set[int] = set()
     while stack:
         k = stack.pop()
         if k in seen:
             continue
         seen.add(k)
-        for c in consumers.get(steps[k].output, ()):
+        for c in _users(steps, consumers, k):
             if c in b:
                 return True
             if c not in a:
@@ -173,7 +227,8 @@ def _toposort(nodes: list[tuple[int, Step]]) -> list[Step]:
 
 PASSES: dict[str, Pass] = {
     "crossent_softmax": crossent_softmax,
+    "merge_matmuls": merge_matmuls,
     "fuse_elementwise": fuse_elementwise,
 }
 
-DEFAULT_PASSES: tuple[str, ...] = ("crossent_softmax",)
+DEFAULT_PASSES: tuple[str, ...] = ("crossent_softmax", "merge_matmuls")

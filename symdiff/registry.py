@@ -49,6 +49,11 @@ class Op:
 
 OPS: dict[str, Op] = {}
 
+#: ops whose step has several outputs (fused groups, split): ``forward(*inputs)`` returns a
+#: tuple of results; the first ``n_deltas`` results receive gradients; ``backward(needed)``
+#: returns ``bp(*deltas, *results, *inputs)`` giving the needed inputs' gradients as a tuple.
+MULTI_OPS: dict[str, Any] = {}
+
 
 def register(op: Op, *, replace: bool = False) -> Op:
     """Add ``op`` to the registry; refuse to silently shadow an existing op."""

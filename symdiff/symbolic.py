@@ -26,8 +26,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import sympy as sp
 from sympy.core.function import AppliedUndef
+from sympy.printing.numpy import NumPyPrinter
 
-from .registry import Op, register, sum_to_shape
+from .registry import MULTI_OPS, Op, register, sum_to_shape
 
 
 # --------------------------------------------------------------------------------------
@@ -255,10 +256,34 @@ def _validate(name: Any, expr: Any, args: Any) -> tuple[sp.Expr, tuple[sp.Symbol
     return expr, tuple(args)
 
 
+class _NumPyPrinter(NumPyPrinter):
+    """SymPy's numpy printer, but ``And``/``Or`` broadcast their operands.
+
+    SymPy prints ``(x > 0) & (y > 0)`` as ``logical_and.reduce((x > 0, y > 0))``,
+    which stacks the operands and fails when x and y broadcast, e.g. (5, 3) with (3,).
+    """
+
+    def _print_And(self, expr: Any) -> str:
+        return self._fold(expr, "logical_and")
+
+    def _print_Or(self, expr: Any) -> str:
+        return self._fold(expr, "logical_or")
+
+    def _fold(self, expr: Any, ufunc: str) -> str:
+        name = self._module_format(f"{self._module}.{ufunc}")
+        out = self._print(expr.args[-1])
+        for a in reversed(expr.args[:-1]):
+            out = f"{name}({self._print(a)}, {out})"
+        return out
+
+
 def _lambdify(params: Sequence[sp.Symbol], expr: Any) -> tuple[Callable[..., Any], str]:
     import inspect
 
-    fn = sp.lambdify(list(params), expr, modules=[NUMPY_HELPERS, "numpy"], cse=True, docstring_limit=0)
+    printer = _NumPyPrinter({"fully_qualified_modules": False, "inline": True, "allow_unknown_functions": True,
+                             "user_functions": {k: k for k in NUMPY_HELPERS}})  # lambdify's own settings
+    fn = sp.lambdify(list(params), expr, modules=[NUMPY_HELPERS, "numpy"], printer=printer, cse=True,
+                     docstring_limit=0)
     return fn, inspect.getsource(fn)
 
 
@@ -401,8 +426,38 @@ class FusedKernel:
         self.results = spec.results
         self.result_symbols = tuple(sp.Dummy(f"r{r}", real=True) for r in self.results)
         self.delta_symbols = tuple(sp.Dummy(f"d{o}", real=True) for o in spec.outputs)
+        self.n_inputs, self.n_deltas = spec.n_inputs, len(spec.outputs)
         self.forward, self.forward_source = _lambdify(self.inputs, [exprs[r] for r in self.results])
+        self._conform_forward(spec)
         self._backward: dict[tuple[bool, ...], tuple[Callable[..., Any], str, tuple[sp.Expr, ...]]] = {}
+
+    def _conform_forward(self, spec: GroupSpec) -> None:
+        """Give each result the shape and dtype the unfused steps would have given it.
+
+        Unfused, every op broadcasts all its inputs and keeps their float dtype; a
+        composite expression drops inputs an op ignores (a constant, ``x`` of
+        ``f(x, y) = x``) and may widen float32 (``select`` of Python constants). Such
+        groups, found once here, get a wrapper; the others keep the bare kernel.
+        """
+        deps: list[set[int]] = []  # group inputs each local step depends on, structurally
+        for _, args in spec.steps:
+            deps.append(set().union(*({k} if kind == "in" else deps[k] for kind, k in args)))
+        uses = [sorted(deps[r]) for r in self.results]
+        exact = all({self.inputs[k] for k in use} <= self.expressions[r].free_symbols
+                    for r, use in zip(self.results, uses))
+        probe = [np.linspace(0.1 + 0.05 * k, 0.9, 4, dtype=np.float32) for k in range(spec.n_inputs)]
+        with np.errstate(all="ignore"):
+            exact = exact and all(np.asarray(o).dtype == np.float32 for o in self.forward(*probe))
+        if exact:
+            return
+        raw = self.forward
+
+        def forward(*xs: Any) -> list[Any]:
+            dtype = np.result_type(*xs, 1.0)
+            return [np.broadcast_to(o, np.broadcast_shapes(*(np.shape(xs[k]) for k in use))).astype(dtype)
+                    for o, use in zip(raw(*xs), uses)]
+
+        self.forward = forward
 
     def gradient_expressions(self, needed: Sequence[bool]) -> tuple[sp.Expr, ...]:
         """dL/d(input j) for each needed j, written with the saved results wherever they occur."""
@@ -437,13 +492,17 @@ class FusedKernel:
 
 #: fused kernels by name; the same structure (an LSTM cell at every time step) derives once
 FUSED: dict[str, FusedKernel] = {}
-_FUSED_BY_SPEC: dict[GroupSpec, FusedKernel] = {}
+_FUSED_BY_SPEC: dict[tuple[GroupSpec, tuple[Any, ...]], FusedKernel] = {}
 
 
 def fused_kernel(spec: GroupSpec) -> FusedKernel:
-    kernel = _FUSED_BY_SPEC.get(spec)
+    from .registry import get_op
+
+    # keyed by the Op objects too: an op redefined with replace=True must not reuse the old kernel
+    key = (spec, tuple(get_op(op) for op, _ in spec.steps))
+    kernel = _FUSED_BY_SPEC.get(key)
     if kernel is None:
         ops = "+".join(dict.fromkeys(op for op, _ in spec.steps))
         kernel = FusedKernel(f"fused{len(FUSED) + 1}[{ops}]", spec)
-        _FUSED_BY_SPEC[spec] = FUSED[kernel.name] = kernel
+        _FUSED_BY_SPEC[key] = FUSED[kernel.name] = MULTI_OPS[kernel.name] = kernel
     return kernel
