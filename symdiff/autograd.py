@@ -162,7 +162,8 @@ class Program:
             if not any(o in written for o in outs) or not any(o in self.needs_grad for o in outs):
                 continue
             _, o, ins = self.forward_plan[k]
-            needed = tuple(name in self.needs_grad for name in s.inputs)
+            frozen = getattr(self.ops[k], "nondifferentiable", ())
+            needed = tuple(name in self.needs_grad and j not in frozen for j, name in enumerate(s.inputs))
             targets = tuple(self.slot[name] for name, need in zip(s.inputs, needed) if need)
             accumulate = []
             for name, need in zip(s.inputs, needed):

@@ -133,46 +133,48 @@ for _op in STRUCTURAL:
 
 # ---- multi-output structural ops, made by the merge_matmuls pass ---------------------------
 class Concat:
-    """``hconcat{k}``: k equal-width matrices side by side; its gradient is sliced back."""
+    """``hconcat{k}``: k matrices with one row count side by side, and their column offsets.
+
+    The offsets (a small integer array, a second output) tell ``split{k}`` where
+    to cut, so operands of different widths merge too.
+    """
+
+    nondifferentiable: tuple[int, ...] = ()
 
     def __init__(self, k: int) -> None:
         self.name, self.n_inputs, self.n_deltas = f"hconcat{k}", k, 1
 
-    def forward(self, *parts: np.ndarray) -> tuple[np.ndarray]:
-        shape = np.shape(parts[0])
-        if len(shape) != 2 or any(np.shape(p) != shape for p in parts):
-            raise ValueError(f"{self.name} needs {self.n_inputs} matrices of one shape, got "
-                             f"{[np.shape(p) for p in parts]}")
-        return (np.concatenate(parts, axis=1),)
+    def forward(self, *parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if any(np.ndim(p) != 2 or np.shape(p)[0] != np.shape(parts[0])[0] for p in parts):
+            raise ValueError(f"{self.name} needs matrices with one row count, got {[np.shape(p) for p in parts]}")
+        offsets = np.cumsum([0, *(p.shape[1] for p in parts)])
+        return np.concatenate(parts, axis=1), offsets
 
     def backward(self, needed: tuple[bool, ...]) -> Any:
-        def bp(delta: np.ndarray, cat: np.ndarray, *parts: np.ndarray) -> tuple[np.ndarray, ...]:
-            w = parts[0].shape[1]
-            return tuple(delta[:, j * w:(j + 1) * w] for j, need in enumerate(needed) if need)
+        def bp(delta: np.ndarray, cat: np.ndarray, offsets: np.ndarray, *parts: np.ndarray) -> tuple[np.ndarray, ...]:
+            return tuple(delta[:, offsets[j]:offsets[j + 1]] for j, need in enumerate(needed) if need)
 
         return bp
 
 
 class Split:
-    """``split{k}``: a matrix cut into k equal column blocks (views); the gradient is concatenated."""
+    """``split{k}``: a matrix cut into k column blocks (views) at the offsets of an ``hconcat``."""
+
+    nondifferentiable: tuple[int, ...] = (1,)  # the offsets
 
     def __init__(self, k: int) -> None:
-        self.name, self.n_inputs, self.n_deltas = f"split{k}", 1, k
+        self.name, self.n_inputs, self.n_deltas = f"split{k}", 2, k
 
-    def forward(self, m: np.ndarray) -> tuple[np.ndarray, ...]:
-        k = self.n_deltas
-        w = m.shape[1] // k
-        return tuple(m[:, j * w:(j + 1) * w] for j in range(k))
+    def forward(self, m: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(m[:, offsets[j]:offsets[j + 1]] for j in range(self.n_deltas))
 
     def backward(self, needed: tuple[bool, ...]) -> Any:
         k = self.n_deltas
 
         def bp(*args: Any) -> tuple[np.ndarray]:
-            deltas, m = args[:k], args[-1]
+            deltas, blocks, m = args[:k], args[k:2 * k], args[2 * k]
             if any(not isinstance(d, np.ndarray) for d in deltas):  # a block that got no gradient
-                w = m.shape[1] // k
-                deltas = tuple(d if isinstance(d, np.ndarray) else np.zeros((m.shape[0], w), m.dtype)
-                               for d in deltas)
+                deltas = tuple(d if isinstance(d, np.ndarray) else np.zeros_like(b) for d, b in zip(deltas, blocks))
             return (np.concatenate(deltas, axis=1),)
 
         return bp

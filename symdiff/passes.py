@@ -44,7 +44,7 @@ def merge_matmuls(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Ste
     downstream is unchanged. Same math: columns of a matrix product are
     independent. Backward, the k gradient blocks are concatenated once and
     ``a``'s gradient is one product instead of k products and k-1 sums.
-    Operands must have one shape (checked when the concatenation runs).
+    Operands may differ in width; their column offsets travel with the concatenation.
     """
     from .ops import multi_op
 
@@ -69,12 +69,13 @@ def merge_matmuls(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Ste
             left = s.inputs[0]
             rights = tuple(steps[j].inputs[1] for j in ks)
             cat = f"hconcat({','.join(rights)})"
+            offsets = f"offsets({','.join(rights)})"
             if cat not in concatenated:
-                out.append(Step((cat,), multi_op("hconcat", len(ks)).name, rights))
+                out.append(Step((cat, offsets), multi_op("hconcat", len(ks)).name, rights))
                 concatenated.add(cat)
             product = f"{left}*{cat}"
             out.append(Step(product, "mul", (left, cat)))
-            out.append(Step(tuple(steps[j].output for j in ks), multi_op("split", len(ks)).name, (product,)))
+            out.append(Step(tuple(steps[j].output for j in ks), multi_op("split", len(ks)).name, (product, offsets)))
         elif k not in merged:
             out.append(s)
     return out

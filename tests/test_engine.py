@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import sympy as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import symdiff
 from symdiff import (Autograd, MissingInputError, OneHot, Op, ShapeError, XMan, defop, f, grad_check)
@@ -46,7 +48,7 @@ def test_public_api_example():
     r1, r2 = f.input(name="r1"), f.input(name="r2")
     assert gate(r1, r2).op is f.gate(r1, r2).op is symdiff.OPS["gate"]
     assert softplus(r1).op is f.softplus(r1).op
-    assert ad.forward_steps == len(wengert) == 7
+    assert ad.forward_steps == len(ad.compile(wengert).steps)  # one per (possibly fused) step run
 
 
 # --------------------------------------------------------------------------------------
@@ -84,12 +86,14 @@ def test_diamond_graph_computes_shared_register_once():
     _check_topological(wengert, {"a"})
     assert [s.output for s in wengert].count("s") == 1
     assert sorted(s.op for s in wengert) == sorted(["engine_counted", "tanh", "square", "hadamard", "add"])
-    ad = Autograd(xm)
-    values = ad.eval(wengert, xm.inputDict())
-    assert len(calls) == 1
     s = 2.0 * np.array([1.0, -2.0, 3.0])
-    np.testing.assert_allclose(values["top"], np.tanh(s) * s**2 + s, rtol=1e-15)
-    assert ad.forward_steps == 5
+    for fuse in (False, True):
+        calls.clear()
+        ad = Autograd(xm, fuse=fuse)
+        values = ad.eval(wengert, xm.inputDict())
+        assert len(calls) == 1
+        np.testing.assert_allclose(values["top"], np.tanh(s) * s**2 + s, rtol=1e-15)
+        assert ad.forward_steps == (5 if not fuse else len(ad.compile(wengert).steps))
 
 
 def test_operation_sequence_of_an_intermediate_register():
@@ -149,53 +153,73 @@ def _mixed_graph():
     return xm.setup()
 
 
-def _expected_backward_steps(xm, wengert):
-    """One derivative per (step, input) where the input depends on a param: computed from the registers."""
-    regs = xm.registers()
+def _expected_backward_steps(params, steps, seed="loss"):
+    """One derivative per (step, input) where the input depends on a param and the step leads to the seed.
 
-    def leads_to_param(name, memo={}):  # noqa: B006 - per-call memo is fine here
-        if name not in memo:
-            r = regs[name]
-            memo[name] = r.isParam() or any(leads_to_param(i.name) for i in r.inputs)
-        return memo[name]
-
-    return sum(leads_to_param(i) for step in wengert for i in step.inputs)
+    Computed from the (possibly rewritten) step list alone, independently of the compiler.
+    """
+    outs = [s.output if isinstance(s.output, tuple) else (s.output,) for s in steps]
+    depends = set(params)
+    for s, o in zip(steps, outs):
+        if depends & set(s.inputs):
+            depends.update(o)
+    live = {seed}
+    for s, o in zip(reversed(steps), reversed(outs)):
+        if live & set(o):
+            live.update(s.inputs)
+    return sum(i in depends for s, o in zip(steps, outs) if live & set(o) for i in s.inputs)
 
 
 def test_bprop_skips_data_inputs_and_counts_one_step_per_needed_derivative():
     xm = _mixed_graph()
     wengert = xm.operationSequence(xm.loss)
-    ad = Autograd(xm, passes=())
+    ad = Autograd(xm, passes=(), fuse=False)     # the seed's step list, one derivative per kernel call
     values = ad.eval(wengert, xm.inputDict())
     grads = ad.bprop(wengert, values, loss=np.float64(1.0))
     # by hand: mean 1, crossEnt 1 (not t), softMax 1, hadamard 1 (not g), relu 1, add 2, mul 1 (not x)
-    assert ad.backward_steps == 8 == _expected_backward_steps(xm, wengert)
+    assert ad.backward_steps == 8 == _expected_backward_steps(["W", "b"], wengert)
+    assert ad.forward_steps == len(wengert) == 8
     assert not {"x", "x2", "t", "g"} & set(grads)
     assert {"W", "b", "h", "o", "outputs", "loss"} <= set(grads)
 
 
-def test_bprop_counts_with_the_fused_pass():
+@pytest.mark.parametrize("passes, fuse", [(("crossent_softmax",), False), (("crossent_softmax",), True),
+                                          ((), True), (symdiff.autograd.DEFAULT_PASSES, True)])
+def test_bprop_counts_after_rewrites(passes, fuse):
     xm = _mixed_graph()
     wengert = xm.operationSequence(xm.loss)
-    ad = Autograd(xm)
+    ad = Autograd(xm, passes=passes, fuse=fuse)
     grads = ad.bprop(wengert, ad.eval(wengert, xm.inputDict()), loss=np.float64(1.0))
-    # crossEnt(softMax(o), t) became one crossEnt-softMax step: no softMax derivative any more
-    assert ad.backward_steps == 7
-    assert not {"x", "x2", "t", "g", "outputs"} & set(grads)
+    steps = ad.compile(wengert).steps
+    assert ad.forward_steps == len(steps)
+    assert ad.backward_steps == _expected_backward_steps(["W", "b"], steps)
+    if passes == ("crossent_softmax",) and not fuse:
+        assert ad.backward_steps == 7   # crossEnt(softMax(o), t) is one step: no softMax derivative
+    assert not {"x", "x2", "t", "g"} & set(grads)
+    np.testing.assert_allclose(grads["W"], _reference_grads(xm)["W"], rtol=1e-12)
 
 
-def test_counters_are_cumulative_and_reset():
+def _reference_grads(xm):
+    w = xm.operationSequence(xm.loss)
+    ad = Autograd(xm, passes=(), fuse=False)
+    return ad.bprop(w, ad.eval(w, xm.inputDict()), loss=np.float64(1.0))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_counters_are_cumulative_and_reset(fuse):
     xm = _mixed_graph()
     wengert = xm.operationSequence(xm.loss)
-    ad = Autograd(xm)
+    ad = Autograd(xm, fuse=fuse)
+    n_steps = len(ad.compile(wengert).steps)
+    per_bprop = _expected_backward_steps(["W", "b"], ad.compile(wengert).steps)
     for k in (1, 2, 3):
         values = ad.eval(wengert, xm.inputDict())
         ad.bprop(wengert, values, loss=np.float64(1.0))
-        assert (ad.forward_steps, ad.backward_steps) == (k * len(wengert), k * 7)
+        assert (ad.forward_steps, ad.backward_steps) == (k * n_steps, k * per_bprop)
     ad.reset_counts()
     assert (ad.forward_steps, ad.backward_steps) == (0, 0)
     ad.eval(wengert, xm.inputDict())
-    assert (ad.forward_steps, ad.backward_steps) == (len(wengert), 0)
+    assert (ad.forward_steps, ad.backward_steps) == (n_steps, 0)
 
 
 def test_bprop_with_no_param_below_the_seed_computes_nothing():
@@ -336,6 +360,127 @@ def test_param_gradients_are_distinct_arrays():
     np.testing.assert_array_equal(seed, np.ones((2, 3)))  # the caller's seed is untouched
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_param_gradients_do_not_share_memory_through_views(fuse):
+    """transpose's derivative is a view of delta: in-place clipping must still scale each gradient once."""
+    xm = XMan()
+    xm.W = f.param(name="W", default=np.ones((3, 3)))
+    xm.V = f.param(name="V", default=np.ones((3, 3)))
+    xm.loss = f.mean(xm.W + f.transpose(xm.V))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    ad = Autograd(xm, fuse=fuse)
+    g = ad.bprop(w, ad.eval(w, xm.inputDict()), loss=np.float64(1.0))
+    assert not np.shares_memory(g["W"], g["V"])
+    for name in ("W", "V"):
+        g[name] *= 0.5
+    np.testing.assert_allclose(g["W"], np.full((3, 3), 0.5 / 9), rtol=1e-15)
+    np.testing.assert_allclose(g["V"], np.full((3, 3), 0.5 / 9), rtol=1e-15)
+
+
+# --------------------------------------------------------------------------------------
+# Graph rewrites (fusion of elementwise groups, merged matrix products) change nothing numerically
+# --------------------------------------------------------------------------------------
+_RANDOM_OPS = ["tanh", "sigmoid", "relu", "negate", "square_tanh", "exp_tanh", "logsigmoid",
+               "add", "subtract", "hadamard", "mulW", "mulU"]
+
+
+def _random_model(recipe, named):
+    """A random DAG over (4, 3) registers: elementwise ops, products with params, shared registers."""
+    rng = np.random.default_rng(len(recipe))
+    xm = XMan()
+    xm.x = f.input(name="x", default=rng.normal(size=(4, 3)))
+    xm.p = f.param(name="p", default=rng.normal(size=(4, 3)))
+    xm.q = f.param(name="q", default=rng.normal(size=3))           # broadcasts against (4, 3)
+    xm.W = f.param(name="W", default=rng.normal(size=(3, 3)) / 2)
+    xm.U = f.param(name="U", default=rng.normal(size=(3, 3)) / 2)
+    nodes = [xm.x, xm.p, f.tanh(xm.q) + xm.x]
+    for k, (op, i, j) in enumerate(recipe):
+        a, b = nodes[i % len(nodes)], nodes[j % len(nodes)]
+        r = {"tanh": lambda: f.tanh(a), "sigmoid": lambda: f.sigmoid(a), "relu": lambda: f.relu(a),
+             "negate": lambda: f.negate(a), "square_tanh": lambda: f.square(f.tanh(a)),
+             "exp_tanh": lambda: f.exp(f.tanh(a)), "logsigmoid": lambda: f.log(f.sigmoid(a)),
+             "add": lambda: a + b, "subtract": lambda: a - b, "hadamard": lambda: f.hadamard(a, b),
+             "mulW": lambda: a * xm.W, "mulU": lambda: a * xm.U}[op]()
+        if k in named:
+            setattr(xm, f"n{k}", r)
+        nodes.append(r)
+    total = nodes[-1]
+    for r in nodes[3:-1:2]:
+        total = total + r
+    xm.loss = f.mean(f.crossEnt(f.softMax(total), f.input(name="t", default=np.eye(3)[[0, 1, 2, 1]])))
+    return xm.setup()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(recipe=st.lists(st.tuples(st.sampled_from(_RANDOM_OPS), st.integers(0, 20), st.integers(0, 20)),
+                       min_size=1, max_size=7),
+       named=st.sets(st.integers(0, 6)), dtype=st.sampled_from([np.float64, np.float32]))
+def test_rewritten_programs_match_the_seed_step_list(recipe, named, dtype):
+    xm = _random_model(recipe, named)
+    w = xm.operationSequence(xm.loss)
+    inputs = {k: np.asarray(v, dtype) for k, v in xm.inputDict().items()}
+    ref = Autograd(xm, passes=(), fuse=False)
+    v_ref = ref.eval(w, inputs)
+    g_ref = ref.bprop(w, v_ref, loss=np.float64(1.0))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)
+    for ad in (Autograd(xm), Autograd(xm, passes=(), fuse=True), Autograd(xm, fuse=False)):
+        values = ad.eval(w, inputs)
+        grads = ad.bprop(w, values, loss=np.float64(1.0))
+        for name in xm.named() & set(v_ref):  # every attribute register stays visible, with its value
+            np.testing.assert_allclose(values[name], v_ref[name], **tol, err_msg=name)
+            assert np.asarray(values[name]).dtype == dtype, name
+        for name in ("p", "q", "W", "U"):
+            assert (name in grads) == (name in g_ref)
+            if name in grads:
+                assert grads[name].dtype == dtype and grads[name].shape == inputs[name].shape
+                np.testing.assert_allclose(grads[name], g_ref[name], **tol, err_msg=name)
+        assert ad.backward_steps == _expected_backward_steps(["p", "q", "W", "U"], ad.compile(w).steps)
+
+
+def test_fused_kernels_follow_an_op_redefined_with_replace():
+    x, y = sp.symbols("x y")
+
+    def loss_and_grad(fuse):
+        xm = XMan()
+        xm.a = f.param(name="a", default=np.linspace(-1, 1, 6).reshape(2, 3))
+        xm.b = f.param(name="b", default=np.linspace(0.2, 0.7, 3))
+        xm.loss = f.mean(f.square(f.engine_gate2(f.tanh(xm.a), xm.b)))
+        xm.setup()
+        w = xm.operationSequence(xm.loss)
+        ad = Autograd(xm, fuse=fuse)
+        v = ad.eval(w, xm.inputDict())
+        return float(v["loss"]), ad.bprop(w, v, loss=np.float64(1.0))["a"]
+
+    defop("engine_gate2", x * sp.tanh(y), args=[x, y])
+    first = loss_and_grad(True)
+    np.testing.assert_allclose(first[1], loss_and_grad(False)[1], rtol=1e-12)
+    defop("engine_gate2", x * sp.exp(y), args=[x, y], replace=True)
+    fused, plain = loss_and_grad(True), loss_and_grad(False)
+    assert fused[0] != pytest.approx(first[0])
+    assert fused[0] == pytest.approx(plain[0], rel=1e-12)
+    np.testing.assert_allclose(fused[1], plain[1], rtol=1e-12)
+
+
+def test_products_with_one_left_operand_and_different_widths():
+    """x*W1 and x*W2 share x but not a shape: the default passes must still compute them."""
+    rng = np.random.default_rng(8)
+    xm = XMan()
+    xm.x = f.input(name="x", default=rng.normal(size=(2, 4)))
+    xm.W1 = f.param(name="W1", default=rng.normal(size=(4, 3)))
+    xm.W2 = f.param(name="W2", default=rng.normal(size=(4, 5)))
+    xm.W3 = f.param(name="W3", default=rng.normal(size=(4, 3)))
+    xm.loss = f.mean(f.tanh(xm.x * xm.W1)) + f.mean(f.tanh(xm.x * xm.W2)) + f.mean(f.sigmoid(xm.x * xm.W3))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    ref = _reference_grads(xm)
+    ad = Autograd(xm)
+    grads = ad.bprop(w, ad.eval(w, xm.inputDict()), loss=np.float64(1.0))
+    for name in ("W1", "W2", "W3"):
+        np.testing.assert_allclose(grads[name], ref[name], rtol=1e-12, atol=1e-15)
+    assert grad_check(xm, w).ok
+
+
 # --------------------------------------------------------------------------------------
 # OneHot
 # --------------------------------------------------------------------------------------
@@ -435,30 +580,34 @@ def _float32_model(dtype):
     rng = np.random.default_rng(6)
     x = sp.Symbol("x")
     swish = defop("engine_swish", x / (1 + sp.exp(-x)), args=[x], replace=True)
+    leaky = defop("engine_leaky", sp.Max(x, x / 10), args=[x], replace=True)     # derivative: select()
+    step = defop("engine_step", sp.Piecewise((1, x > 0), (0, True)), args=[x], replace=True)  # integer choices
     xm = XMan()
     xm.a = f.input(name="a", default=rng.normal(size=(5, 4)).astype(dtype))
     xm.t = f.input(name="t", default=np.eye(3, dtype=dtype)[rng.integers(0, 3, 5)])
     xm.W = f.param(name="W", default=rng.normal(size=(4, 3)).astype(dtype))
     xm.b = f.param(name="b", default=rng.normal(size=3).astype(dtype))
     xm.h = swish(f.sigmoid(xm.a * xm.W + xm.b)) - f.relu(f.negate(f.exp(f.tanh(xm.b))))
-    xm.outputs = f.softMax(f.hadamard(f.square(xm.h), f.log(f.sigmoid(xm.h))))
+    xm.h2 = leaky(xm.h) + step(xm.h)
+    xm.outputs = f.softMax(f.hadamard(f.square(xm.h2), f.log(f.sigmoid(xm.h))))
     xm.loss = f.mean(f.crossEnt(xm.outputs, xm.t))
     return xm.setup()
 
 
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("passes", [(), ("crossent_softmax",)])
 @pytest.mark.parametrize("seed", [np.float64(1.0), 1.0, np.float32(1.0)])
-def test_float32_stays_float32_through_forward_and_backward(passes, seed):
+def test_float32_stays_float32_through_forward_and_backward(passes, seed, fuse):
     xm = _float32_model(np.float32)
     w = xm.operationSequence(xm.loss)
-    ad = Autograd(xm, passes=passes)
+    ad = Autograd(xm, passes=passes, fuse=fuse)
     values = ad.eval(w, xm.inputDict())
     grads = ad.bprop(w, values, loss=seed)
     assert {k: np.asarray(v).dtype for k, v in values.items() if np.asarray(v).dtype != np.float32} == {}
     assert {k: np.asarray(g).dtype for k, g in grads.items() if np.asarray(g).dtype != np.float32} == {}
     # and float32 agrees with the same model in float64
     xm64 = _float32_model(np.float64)
-    ad64 = Autograd(xm64, passes=passes)
+    ad64 = Autograd(xm64, passes=passes, fuse=fuse)
     v64 = ad64.eval(w, xm64.inputDict(**{k: np.asarray(v, np.float64) for k, v in xm.inputDict().items()}))
     g64 = ad64.bprop(w, v64, loss=np.float64(1.0))
     for name in ("W", "b"):
@@ -522,6 +671,22 @@ def test_broadcast_mismatch_in_an_elementwise_op_is_a_shape_error():
     xm.setup()
     with pytest.raises(ShapeError, match=r"'add'.*'s'.*a\(3, 4\).*b\(5,\)"):
         Autograd(xm).eval(xm.operationSequence(xm.s), xm.inputDict())
+
+
+def test_shape_mismatch_inside_a_fused_group_names_the_op_and_shapes():
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.ones((3, 4)))
+    xm.b = f.param(name="b", default=np.ones(5))
+    xm.s = xm.a + xm.b
+    xm.h = f.tanh(f.sigmoid(xm.s))
+    xm.setup()
+    ad = Autograd(xm)
+    w = xm.operationSequence(xm.h)
+    assert any(isinstance(s.output, tuple) for s in ad.compile(w).steps)  # add, sigmoid, tanh fused
+    with pytest.raises(ShapeError) as info:
+        ad.eval(w, xm.inputDict())
+    msg = str(info.value)
+    assert "add" in msg and "'s" in msg and "a(3, 4)" in msg and "b(5,)" in msg
 
 
 def test_missing_input_names_the_register():
