@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -72,5 +73,18 @@ def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> 
     _atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
+def _finite_or_null(obj: Any) -> Any:
+    """NaN and infinities become ``null``: ``json.dumps`` would write ``NaN``, which is not JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def save_json(path: str | os.PathLike[str], obj: Any) -> None:
-    _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2).encode() + b"\n"))
+    """Strict JSON (non-finite numbers written as ``null``), atomically."""
+    text = json.dumps(_finite_or_null(obj), indent=2, allow_nan=False)
+    _atomic_write(path, lambda fh: fh.write(text.encode() + b"\n"))

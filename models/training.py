@@ -456,7 +456,8 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
     if result.message:
         (reporter.warn if result.stopped != "early-stop" else reporter.info)(result.message)
     if result.best_params is None:
-        reporter.warn("no epoch completed, so there are no parameters worth keeping: nothing was written")
+        why = "no epoch completed" if not result.epochs else "no epoch reached a finite validation loss"
+        reporter.warn(f"{why}, so there are no parameters worth keeping: nothing was written")
         return EXIT_INTERRUPTED if result.stopped == "interrupted" else EXIT_FAILED
     model.set_params(result.best_params)
     test = trainer.evaluate("test")
