@@ -18,8 +18,9 @@ from .passes import DEFAULT_PASSES, PASSES
 from .registry import MULTI_OPS, get_op, sum_to_shape
 
 
-#: (op, input index) pairs whose kernels take a :class:`OneHot` value as it is (a gather)
-ONEHOT_OPERANDS = {("mul", 0)}
+def takes_onehot(op: str, j: int) -> bool:
+    """Whether input ``j`` of ``op`` takes a :class:`OneHot` value as it is (a gather, a stack of them)."""
+    return (op == "mul" and j == 0) or op.startswith("vconcat")
 
 
 class SymdiffError(ValueError):
@@ -99,7 +100,7 @@ class Program:
         # handed over dense, as if the caller had passed the dense matrix
         sparse = {n for n, _ in leaves}
         for s in self.steps:
-            sparse.difference_update(i for j, i in enumerate(s.inputs) if (s.op, j) not in ONEHOT_OPERANDS)
+            sparse.difference_update(i for j, i in enumerate(s.inputs) if not takes_onehot(s.op, j))
         self.dense_leaves = {k for n, k in leaves if n not in sparse}
         params = set(params)
         self.params = [n for n, _ in leaves if n in params]

@@ -104,5 +104,13 @@ class OneHot:
             self._valid = pad if pad.any() else np.zeros(0, bool)
         return self._valid if self._valid.size else None
 
+    @staticmethod
+    def vstack(parts: "list[OneHot]") -> "OneHot":
+        """The rows of several one-hot matrices of one depth, stacked (slots padded with -1)."""
+        k = max(p.indices.shape[1] for p in parts)
+        idx = [p.indices if p.indices.shape[1] == k else
+               np.pad(p.indices, ((0, 0), (0, k - p.indices.shape[1])), constant_values=-1) for p in parts]
+        return OneHot(np.concatenate(idx), parts[0].depth, parts[0].dtype)
+
     def __repr__(self) -> str:
         return f"OneHot(shape={self.shape}, ones_per_row<={self.indices.shape[1]})"

@@ -180,7 +180,61 @@ class Split:
         return bp
 
 
+class VConcat:
+    """``vconcat{k}``: k matrices with one column count stacked, and their row offsets.
+
+    One-hot parts of one depth stay one-hot, so the product that follows is
+    still a gather and its weight gradient a single scatter-add.
+    """
+
+    nondifferentiable: tuple[int, ...] = ()
+
+    def __init__(self, k: int) -> None:
+        self.name, self.n_inputs, self.n_deltas = f"vconcat{k}", k, 1
+
+    def forward(self, *parts: Any) -> tuple[Any, np.ndarray]:
+        offsets = np.cumsum([0, *(p.shape[0] for p in parts)])
+        if all(isinstance(p, OneHot) for p in parts) and len({p.depth for p in parts}) == 1:
+            return OneHot.vstack(list(parts)), offsets
+        dense = [np.asarray(p) for p in parts]
+        if any(d.ndim != 2 or d.shape[1] != dense[0].shape[1] for d in dense):
+            raise ValueError(f"{self.name} needs matrices with one column count, got {[d.shape for d in dense]}")
+        return np.concatenate(dense), offsets
+
+    def backward(self, needed: tuple[bool, ...]) -> Any:
+        def bp(delta: np.ndarray, stacked: Any, offsets: np.ndarray, *parts: Any) -> tuple[np.ndarray, ...]:
+            return tuple(delta[offsets[j]:offsets[j + 1]] for j, need in enumerate(needed) if need)
+
+        return bp
+
+
+class RSplit:
+    """``rsplit{k}``: a matrix cut into k row blocks (views) at the offsets of a ``vconcat``."""
+
+    nondifferentiable: tuple[int, ...] = (1,)
+
+    def __init__(self, k: int) -> None:
+        self.name, self.n_inputs, self.n_deltas = f"rsplit{k}", 2, k
+
+    def forward(self, m: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(m[offsets[j]:offsets[j + 1]] for j in range(self.n_deltas))
+
+    def backward(self, needed: tuple[bool, ...]) -> Any:
+        k = self.n_deltas
+
+        def bp(*args: Any) -> tuple[np.ndarray]:
+            deltas, blocks = args[:k], args[k:2 * k]
+            if any(not isinstance(d, np.ndarray) for d in deltas):
+                deltas = tuple(d if isinstance(d, np.ndarray) else np.zeros_like(b) for d, b in zip(deltas, blocks))
+            return (np.concatenate(deltas),)
+
+        return bp
+
+
+MULTI_KINDS = {"hconcat": Concat, "split": Split, "vconcat": VConcat, "rsplit": RSplit}
+
+
 def multi_op(kind: str, k: int) -> Any:
-    """The ``hconcat{k}``/``split{k}`` op, registered on first use."""
-    op = Concat(k) if kind == "hconcat" else Split(k)
+    """The ``hconcat{k}``/``split{k}``/``vconcat{k}``/``rsplit{k}`` op, registered on first use."""
+    op = MULTI_KINDS[kind](k)
     return MULTI_OPS.setdefault(op.name, op)

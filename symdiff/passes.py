@@ -35,51 +35,63 @@ def crossent_softmax(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
 
 
 def merge_matmuls(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Step]:
-    """Merge ``mul(a, P1) ... mul(a, Pk)`` (one left operand, k leaf right operands) into one product.
+    """Merge matrix products that share an operand into one product, in two rounds.
 
-    The k right operands are concatenated side by side once (``hconcat{k}``,
-    shared by every group that uses the same ones: an LSTM's gate weights at
-    every time step), multiplied by ``a`` in one matrix product, and the result
-    is split back into the k registers (``split{k}``, views), so everything
-    downstream is unchanged. Same math: columns of a matrix product are
-    independent. Backward, the k gradient blocks are concatenated once and
-    ``a``'s gradient is one product instead of k products and k-1 sums.
-    Operands may differ in width; their column offsets travel with the concatenation.
+    1. ``mul(a, P1) ... mul(a, Pk)`` (one left operand, k leaf right operands):
+       the ``P`` are concatenated side by side once (``hconcat{k}``, shared by
+       every group using the same ones: an LSTM's gate weights at every time
+       step), multiplied by ``a`` once, and the result is cut back into the k
+       registers (``split{k}``, views).
+    2. ``mul(L1, R) ... mul(Lk, R)`` (one right operand, k leaf left operands):
+       the ``L`` are stacked (``vconcat{k}``; one-hot inputs stay one-hot) and
+       multiplied once, cut back by rows (``rsplit{k}``): an LSTM's characters
+       at all time steps become one gather, and their weight gradient one
+       scatter-add instead of one per step plus a sum over steps.
+
+    Same math (rows and columns of a product are independent); everything
+    downstream is unchanged. Operands may differ in width or height: the
+    offsets travel with the concatenation.
     """
+    steps = _merge_products(list(steps), by_right=False)
+    return _merge_products(steps, by_right=True)
+
+
+def _merge_products(steps: list[Step], by_right: bool) -> list[Step]:
     from .ops import multi_op
 
     produced = {o for s in steps for o in _outputs(s)}
-    by_left: dict[str, list[int]] = {}
+    shared, other = (1, 0) if by_right else (0, 1)
+    by_operand: dict[str, list[int]] = {}
     for k, s in enumerate(steps):
-        if s.op == "mul" and s.inputs[1] not in produced:
-            by_left.setdefault(s.inputs[0], []).append(k)
+        if s.op == "mul" and s.inputs[other] not in produced:
+            by_operand.setdefault(s.inputs[shared], []).append(k)
     groups = {}
-    for left, ks in by_left.items():
-        rights = [steps[k].inputs[1] for k in ks]
-        if len(ks) >= 2 and len(set(rights)) == len(rights) and left not in rights:
-            groups[min(ks)] = sorted(ks, key=lambda k: steps[k].inputs[1])
+    for operand, ks in by_operand.items():
+        others = [steps[k].inputs[other] for k in ks]
+        if len(ks) >= 2 and len(set(others)) == len(others) and operand not in others:
+            groups[min(ks)] = ks if by_right else sorted(ks, key=lambda k: steps[k].inputs[other])
     if not groups:
-        return list(steps)
+        return steps
+    kind, cut = ("vconcat", "rsplit") if by_right else ("hconcat", "split")
     merged = {k for ks in groups.values() for k in ks}
     out: list[Step] = []
-    concatenated: set[str] = set()
+    stacked: set[str] = set()
     for k, s in enumerate(steps):
         if k in groups:
             ks = groups[k]
-            left = s.inputs[0]
-            rights = tuple(steps[j].inputs[1] for j in ks)
-            cat = f"hconcat({','.join(rights)})"
-            offsets = f"offsets({','.join(rights)})"
-            if cat not in concatenated:
-                out.append(Step((cat, offsets), multi_op("hconcat", len(ks)).name, rights))
-                concatenated.add(cat)
-            product = f"{left}*{cat}"
-            out.append(Step(product, "mul", (left, cat)))
-            out.append(Step(tuple(steps[j].output for j in ks), multi_op("split", len(ks)).name, (product, offsets)))
+            parts = tuple(steps[j].inputs[other] for j in ks)
+            cat = f"{kind}({','.join(parts)})"
+            offsets = f"offsets({cat})"
+            if cat not in stacked:
+                out.append(Step((cat, offsets), multi_op(kind, len(ks)).name, parts))
+                stacked.add(cat)
+            operand = s.inputs[shared]
+            product = f"{cat}*{operand}" if by_right else f"{operand}*{cat}"
+            out.append(Step(product, "mul", (cat, operand) if by_right else (operand, cat)))
+            out.append(Step(tuple(steps[j].output for j in ks), multi_op(cut, len(ks)).name, (product, offsets)))
         elif k not in merged:
             out.append(s)
     return out
-
 
 def _fusable(op_name: str) -> bool:
     op = get_op(op_name)
