@@ -16,7 +16,7 @@ _EXPORTS = {
     "GradCheckReport": "gradcheck", "grad_check": "gradcheck",
     "Register": "graph", "Step": "graph", "WengertList": "graph", "XMan": "graph", "f": "graph",
     "OneHot": "onehot",
-    "OPS": "registry", "Op": "registry", "get_op": "registry",
+    "OPS": "registry", "MULTI_OPS": "registry", "Op": "registry", "get_op": "registry",
     "REWRITES": "symbolic", "defop": "symbolic",
 }
 __all__ = sorted(_EXPORTS)

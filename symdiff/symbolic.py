@@ -462,6 +462,8 @@ class FusedKernel:
     def gradient_expressions(self, needed: Sequence[bool]) -> tuple[sp.Expr, ...]:
         """dL/d(input j) for each needed j, written with the saved results wherever they occur."""
         to_result = {self.expressions[r]: s for r, s in zip(self.results, self.result_symbols)}
+        # relu'(u) = step(u) = step(relu(u)): read the saved result instead of recomputing u
+        to_result.update({Step(e.args[0]): Step(s) for e, s in list(to_result.items()) if isinstance(e, Relu)})
         grads = []
         for j, need in enumerate(needed):
             if not need:
@@ -485,8 +487,10 @@ class FusedKernel:
         names.update({s: sp.Symbol(f"r{r}") for r, s in zip(self.results, self.result_symbols)})
         names.update({s: sp.Symbol(f"delta{o}") for o, s in zip(self.spec.outputs, self.delta_symbols)})
         fwd = [f"r{r} = {self.expressions[r].xreplace(names)}" for r in self.results]
-        bwd = [f"{mask}: " + "; ".join(str(g.xreplace(names)) for g in grads)
-               for mask, (_, _, grads) in self._backward.items()]
+        bwd = []
+        for mask, (_, _, grads) in self._backward.items():
+            wrt = [j for j, need in enumerate(mask) if need]
+            bwd += [f"dL/d in{j} = {g.xreplace(names)}" for j, g in zip(wrt, grads)]
         return fwd, bwd
 
 
