@@ -143,7 +143,28 @@ def cmd_ops(args: argparse.Namespace) -> int:
 
         model = build_model(args.wengert, dict(max_len=3, num_chars=5, num_hid=4, num_labels=3), seed=0)
         print(model.xm.operationSequence(model.xm.register("loss")))
+    if args.fused:
+        _print_fused(args.fused)
     return 0
+
+
+def _print_fused(kind: str) -> None:
+    """The compiled step list of a small model after the graph rewrites, and each fused kernel."""
+    from models.training import build_model
+    from symdiff import Autograd, MULTI_OPS, WengertList
+
+    model = build_model(kind, dict(max_len=3, num_chars=5, num_hid=4, num_labels=3), seed=0)
+    xm = model.xm
+    program = Autograd(xm).compile(xm.operationSequence(xm.register("loss")))
+    program.backward_plan(["loss"])  # derives the fused gradients, so they can be shown
+    console = _console()
+    console.print(f"[bold]{kind}[/] after the passes (max_len 3), one step a line:", highlight=False)
+    console.print(str(WengertList(program.steps)), highlight=False, markup=False)
+    for name in dict.fromkeys(s.op for s in program.steps if s.op.startswith("fused")):
+        fwd, bwd = MULTI_OPS[name].display()
+        console.print(f"\n[bold]{name}[/]  (in_j: inputs, rK: results, deltaK: gradient arriving at result K)",
+                      highlight=False)
+        console.print("\n".join(["  " + line for line in fwd + bwd]), highlight=False, markup=False)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -155,14 +176,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model, vocab = load_model(args.model)
     except ModelFileError as exc:
         return _fail("symdiff predict", str(exc))
+    from rich.text import Text  # titles and labels are data, never rich markup ("[/]" would crash)
+
     probs = predict_titles(model, vocab, list(args.titles))
     table = Table(title=f"predictions ({model.kind})")
     table.add_column("title")
     for label in vocab.labels:
-        table.add_column(label, justify="right")
+        table.add_column(Text(label), justify="right")
     for title, row in zip(args.titles, probs):
         best = int(row.argmax())
-        table.add_row(title, *[f"[bold]{p:.3f}[/]" if j == best else f"{p:.3f}" for j, p in enumerate(row)])
+        table.add_row(Text(title), *[f"[bold]{p:.3f}[/]" if j == best else f"{p:.3f}" for j, p in enumerate(row)])
     _console().print(table)
     return 0
 
@@ -171,6 +194,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
     from rich.table import Table
+    from rich.text import Text
 
     from models import experiments as X
 
@@ -206,33 +230,34 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             if name == "report":
                 path, notes = X.write_report(args.out, args.report)
                 for note in notes:
-                    console.print(f"[yellow]{note}[/]", highlight=False)
-                console.print(f"report written to [bold]{path}[/]", highlight=False)
+                    console.print(note, style="yellow", markup=False, highlight=False)
+                console.print(f"report written to {path}", markup=False, highlight=False)
                 continue
             data = X.run(name, dataset=args.dataset, epochs=args.epochs, repeats=args.repeats, seed=args.seed,
                          batch_sizes=args.batch_sizes, max_lens=args.max_lens, draws=args.draws, progress=bar)
             files = X.save(name, data, args.out)
             title, cols, rows = X.summary_table(name, data)
-            table = Table(title=title)
+            table = Table(title=Text(title))  # text from data, never rich markup
             for k, col in enumerate(cols):
-                table.add_column(col, justify="left" if k < 2 else "right")
+                table.add_column(Text(col), justify="left" if k < 2 else "right")
             for row in rows:
-                table.add_row(*row)
+                table.add_row(*map(Text, row))
             console.print(table)
             for warning in data.get("warnings", []):
-                console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+                console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
             plots = X.save_plots(name, data, args.out)
             console.print(f"{name}: data written to {', '.join(str(p) for p in files)} "
-                          f"({data['meta']['wall_seconds']:.1f} s)", highlight=False)
+                          f"({data['meta']['wall_seconds']:.1f} s)", markup=False, highlight=False)
             if plots is None:
                 console.print(f"{name}: plots skipped, matplotlib is not installed; to get them run "
-                              f"[bold]{X.PLOTS_HINT}[/] and then `symdiff experiment report --out {args.out}`",
-                              highlight=False)
+                              f"{X.PLOTS_HINT} and then `symdiff experiment report --out {args.out}`",
+                              markup=False, highlight=False)
             else:
-                console.print(f"{name}: plots written to {', '.join(str(p) for p in plots)}", highlight=False)
+                console.print(f"{name}: plots written to {', '.join(str(p) for p in plots)}", markup=False,
+                              highlight=False)
         if args.which in X.EXPERIMENTS:
-            console.print(f"[dim]update the report with: symdiff experiment report --out {args.out} "
-                          f"--report {args.report}[/]", highlight=False)
+            console.print(f"update the report with: symdiff experiment report --out {args.out} "
+                          f"--report {args.report}", style="dim", markup=False, highlight=False)
     except X.ExperimentError as exc:
         return _fail("symdiff experiment", str(exc))
     except KeyboardInterrupt:
@@ -265,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_gradcheck)
     o = sub.add_parser("ops", help="list every primitive with its SymPy expression and generated derivatives")
     o.add_argument("--wengert", choices=("mlp", "lstm"), help="also print a small model's Wengert list")
+    o.add_argument("--fused", choices=("mlp", "lstm"),
+                   help="also print a small model's step list after the graph rewrites and its fused kernels")
     o.set_defaults(func=cmd_ops)
     pr = sub.add_parser("predict", help="classify titles with a model saved by --save_model")
     pr.add_argument("--model", required=True, help="a .npz written by `symdiff mlp|lstm --save_model PATH`")

@@ -5,7 +5,7 @@
   :class:`~models.training.Trainer` (its ``train_seconds``: the training loop only).
 * :func:`run_steps` — forward and backward steps of ONE update, read from the
   engine's counters (``Autograd.forward_steps/backward_steps``), for the default
-  engine and for the unfused one (``passes=()``).
+  engine and for the plain, unfused Wengert list (see :func:`engines`).
 * :func:`run_init` — question 5: the scale ``a`` of ``w_i ~ U[0, a]`` that keeps
   ``Σ x_i w_i`` in tanh's responsive range, derived in closed form and checked
   by sampling.
@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import io
 import json
 import math
 import os
 import platform
+import re
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -44,8 +45,8 @@ MAX_LENS = (10, 15, 20)
 BASE_BATCH, BASE_LEN, NUM_HID = 64, 10, 50
 MODELS = ("mlp", "lstm")
 EXPERIMENTS = ("timing", "steps", "init")
-ENGINES = {"default": None, "unfused": ()}   # Autograd passes: None = the engine's defaults
 PLOTS_HINT = "pip install -e '.[plots]'"
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 SATURATED = 0.99                             # |tanh(s)| above this counts as saturated
 S_SATURATED = math.atanh(SATURATED)          # ≈ 2.647
 
@@ -119,8 +120,7 @@ def machine_info() -> dict[str, Any]:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
-    threads = {k: v for k, v in os.environ.items()
-               if k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    threads = {k: os.environ[k] for k in BLAS_THREAD_VARS if k in os.environ}
     return {"cpu_model": cpu_model or platform.processor() or "unknown",
             "logical_cpus": os.cpu_count(), "usable_cpus": usable,
             "physical_cores": len(physical) or None,
@@ -129,11 +129,29 @@ def machine_info() -> dict[str, Any]:
             "load_average": load}
 
 
-def _meta(experiment: str, command: str, started: float, wall: float) -> dict[str, Any]:
+def code_version() -> dict[str, Any] | None:
+    """The checkout's commit and which engine/model files differ from it (the code that was measured)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        status = git("status", "--porcelain", "--", "symdiff", "models").splitlines()
+        changed = [line[3:] for line in status if line[3:] and line[3:] != "models/experiments.py"]
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "uncommitted": sorted(changed)}
+
+
+def _meta(experiment: str, command: str, started: float, wall: float,
+          code: dict[str, Any] | None = None) -> dict[str, Any]:
     info = machine_info()
     return {"experiment": experiment, "command": command,
             "date": datetime.fromtimestamp(started, timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "wall_seconds": round(wall, 2), "machine": info}
+            "wall_seconds": round(wall, 2), "machine": info, "code": code or code_version()}
 
 
 def _ints(values: Iterable[int]) -> str:
@@ -142,7 +160,9 @@ def _ints(values: Iterable[int]) -> str:
 
 def _command(experiment: str, **flags: Any) -> str:
     """The ``symdiff experiment`` command line that reproduces a run (flags with their values)."""
-    parts = ["symdiff", "experiment", experiment]
+    # BLAS thread settings change the timings, so a reproducing command must carry them
+    parts = [f"{k}={os.environ[k]}" for k in BLAS_THREAD_VARS if k in os.environ]
+    parts += ["symdiff", "experiment", experiment]
     for k, v in flags.items():
         if v is None:
             continue
@@ -236,6 +256,7 @@ def run_timing(dataset: str | os.PathLike[str] | None = None, *, models: Sequenc
     progress.start("timing", repeats * len(models) * sum(epochs * per_run[n] for n, _ in grid))
     started, t0 = time.time(), time.perf_counter()
     load_before = machine_info()["load_average"]
+    code = code_version()  # the code as imported now, before any of it runs
     measurements: list[dict[str, Any]] = []
     warnings: list[str] = []
     for r in range(1, repeats + 1):
@@ -265,10 +286,11 @@ def run_timing(dataset: str | os.PathLike[str] | None = None, *, models: Sequenc
                 "models": list(models), "batch_sizes": list(batch_sizes), "max_lens": list(max_lens),
                 "base_batch": base_batch, "base_len": base_len, "num_hid": num_hid,
                 "init_lr": {k: DEFAULT_LR[k] for k in models}, "epochs": epochs, "repeats": repeats,
-                "seed": seed, "dtype": "float64", "optimizer": "sgd"}
+                "seed": seed, "dtype": "float64", "optimizer": "sgd",
+                "fuse": getattr(TrainConfig(), "fuse", None)}
     command = _command("timing", dataset=dataset, epochs=epochs, repeats=repeats,
                        batch_sizes=batch_sizes, max_lens=max_lens, seed=seed)
-    meta = _meta("timing", command, started, wall)
+    meta = _meta("timing", command, started, wall, code)
     meta["load_average_before"] = load_before
     return {"meta": meta, "settings": settings, "measurements": measurements,
             "summary": summarize_timing(measurements, settings), "warnings": warnings}
@@ -299,13 +321,50 @@ def summarize_timing(measurements: list[dict[str, Any]], settings: dict[str, Any
 
 
 # ---- steps ----------------------------------------------------------------------------------
+CROSSENT_ONLY = "crossEnt-softMax only"
+
+
+def engines() -> dict[str, dict[str, Any]]:
+    """The engine configurations counted: ``Autograd`` keyword arguments by name.
+
+    *default* is the engine as the trainer runs it (whatever passes it applies
+    by default); *unfused* is the plain Wengert list, every op a step (the
+    assignment's counts); *crossEnt-softMax only* is the plain list with only
+    that rewrite, which isolates its effect. Since the engine grew an
+    elementwise-fusion switch (``fuse``, on by default and not one of the
+    ``passes``), ``passes=()`` alone no longer gives the plain list.
+    """
+    from symdiff import Autograd
+
+    plain: dict[str, Any] = {"passes": ()}
+    if "fuse" in inspect.signature(Autograd).parameters:
+        plain["fuse"] = False
+    return {"default": {}, CROSSENT_ONLY: {**plain, "passes": ("crossent_softmax",)}, "unfused": plain}
+
+
+def engine_call(kwargs: dict[str, Any]) -> str:
+    args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    return f"Autograd(xm{args})"
+
+
+def engine_description(xm: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """How a configuration is built and the rewrites it really applies (read off an ``Autograd``)."""
+    from symdiff import Autograd
+
+    ad = Autograd(xm, **kwargs)
+    return {"call": engine_call(kwargs), "passes": list(ad.passes)}
+
+
 def count_update_steps(model: Any, codes: np.ndarray, targets: np.ndarray,
-                       passes: Sequence[str] | None = None) -> dict[str, int]:
-    """Forward and backward steps of one update (forward pass + backward pass), from the engine's counters."""
+                       engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Forward and backward steps of one update (forward pass + backward pass), from the engine's counters.
+
+    ``engine`` holds ``Autograd`` keyword arguments (see :func:`engines`).
+    """
     from symdiff import Autograd
 
     xm = model.xm
-    ad = Autograd(xm) if passes is None else Autograd(xm, passes=passes)
+    ad = Autograd(xm, **(engine or {}))
     wengert = xm.operationSequence(xm.register("loss"))
     inputs = {**model.params, **model.feed(codes), "y": targets}
     ad.reset_counts()
@@ -349,7 +408,8 @@ def run_steps(dataset: str | os.PathLike[str] | None = None, *, models: Sequence
     else:
         num_chars, num_labels = 30, 5
     grid = timing_grid(batch_sizes, max_lens, base_batch, base_len)
-    progress.start("steps", len(models) * len(grid) * len(ENGINES))
+    configs = engines()
+    progress.start("steps", len(models) * len(grid) * len(configs))
     started, t0 = time.time(), time.perf_counter()
     rows = []
     for kind in models:
@@ -363,25 +423,34 @@ def run_steps(dataset: str | os.PathLike[str] | None = None, *, models: Sequence
                 codes = rng.integers(-1, num_chars, size=(n, m)).astype(np.int32)
                 labels = rng.integers(0, num_labels, size=n)
             targets = np.eye(num_labels)[labels]
-            for engine, passes in ENGINES.items():
-                counts = count_update_steps(model, codes, targets, passes)
+            for engine, kwargs in configs.items():
+                counts = count_update_steps(model, codes, targets, kwargs)
                 rows.append({"model": kind, "engine": engine, "batch_size": n, "max_len": m, **counts})
                 progress.advance(1, f"{kind} N={n} M={m} {engine}")
     progress.finish()
     settings = {"dataset": None if dataset is None else str(dataset), "models": list(models),
                 "batch_sizes": list(batch_sizes), "max_lens": list(max_lens), "base_batch": base_batch,
                 "base_len": base_len, "num_hid": num_hid, "num_chars": num_chars, "num_labels": num_labels,
-                "engines": {k: ("default passes" if v is None else list(v)) for k, v in ENGINES.items()}}
+                "engines": {k: engine_description(model.xm, v) for k, v in configs.items()}}
     command = _command("steps", dataset=dataset, batch_sizes=batch_sizes, max_lens=max_lens)
     return {"meta": _meta("steps", command, started, time.perf_counter() - t0), "settings": settings,
             "counts": rows, "summary": summarize_steps(rows, settings)}
+
+
+def _op_kinds(counts: dict[str, int]) -> dict[str, int]:
+    """Op counts by kind: a trailing arity (``vconcat10``, ``rsplit20``) is dropped, since it may follow M."""
+    kinds: dict[str, int] = {}
+    for name, k in counts.items():
+        kind = re.sub(r"\d+$", "", name) or name
+        kinds[kind] = kinds.get(kind, 0) + k
+    return kinds
 
 
 def summarize_steps(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
     """Per model and engine: counts along the M sweep (with differences) and along the N sweep."""
     out = []
     for kind in settings["models"]:
-        for engine in ENGINES:
+        for engine in settings["engines"]:
             def at(n: int, m: int, key: str) -> Any:
                 return next(r[key] for r in rows if r["model"] == kind and r["engine"] == engine
                             and r["batch_size"] == n and r["max_len"] == m)
@@ -402,7 +471,8 @@ def summarize_steps(rows: list[dict[str, Any]], settings: dict[str, Any]) -> lis
             if len(settings["max_lens"]) > 1:
                 # which ops one more character adds to the graph (from the compiled lists, not a formula)
                 m0, m1 = settings["max_lens"][0], settings["max_lens"][-1]
-                first, last = at(settings["base_batch"], m0, "op_counts"), at(settings["base_batch"], m1, "op_counts")
+                first = _op_kinds(at(settings["base_batch"], m0, "op_counts"))
+                last = _op_kinds(at(settings["base_batch"], m1, "op_counts"))
                 entry["ops_per_character"] = {op: (last.get(op, 0) - first.get(op, 0)) / (m1 - m0)
                                               for op in sorted(set(first) | set(last))
                                               if last.get(op, 0) != first.get(op, 0)}
@@ -513,10 +583,21 @@ def run_init(*, d: int = 1000, draws: int = 20000, seed: int = 0, bins: int = 60
 
 # ---- saving ---------------------------------------------------------------------------------
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` completely or not at all (temporary file, then rename); errors as one line."""
+    try:
+        _atomic_write(path, data)
+    except OSError as exc:
+        raise ExperimentError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; these are ordinary shareable files
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -643,16 +724,18 @@ def _plot_timing(plt: Any, data: dict[str, Any]) -> list[Any]:
 
 def _plot_steps(plt: Any, data: dict[str, Any]) -> list[Any]:
     s = data["settings"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.6), sharey=True)
-    styles = {("default", "forward_steps"): "o-", ("default", "backward_steps"): "s-",
-              ("unfused", "forward_steps"): "o--", ("unfused", "backward_steps"): "s--"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.8), sharey=True)
+    colors = dict(zip(s["engines"], ("tab:blue", "tab:green", "tab:orange", "tab:red")))
     for entry in data["summary"]:
         if entry["model"] != "lstm":
             continue
-        for key in ("forward_steps", "backward_steps"):
+        for key, style in (("forward_steps", "o--"), ("backward_steps", "s-")):
             lab = f"{key.split('_')[0]}, {entry['engine']}"
-            left.plot(s["max_lens"], entry[key]["along_M"], styles[entry["engine"], key], label=lab)
-            right.plot(s["batch_sizes"], entry[key]["along_N"], styles[entry["engine"], key], label=lab)
+            kw: dict[str, Any] = dict(color=colors[entry["engine"]], label=lab)
+            if entry["engine"] == CROSSENT_ONLY:  # one backward step from unfused: draw it thin, on top
+                kw.update(lw=1, markersize=3, zorder=3)
+            left.plot(s["max_lens"], entry[key]["along_M"], style, **kw)
+            right.plot(s["batch_sizes"], entry[key]["along_N"], style, **kw)
     left.set_xlabel(f"max length M (N = {s['base_batch']})")
     right.set_xlabel(f"batch size N (M = {s['base_len']})")
     left.set_ylabel("steps in one LSTM update")
@@ -661,8 +744,8 @@ def _plot_steps(plt: Any, data: dict[str, Any]) -> list[Any]:
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
-    left.legend(fontsize=8)
-    fig.suptitle("engine-counted steps of one LSTM update", fontsize=10)
+    left.legend(fontsize=7)
+    fig.suptitle("engine-counted steps of one LSTM update (forward dashed, backward solid)", fontsize=10)
     fig.tight_layout()
     return [fig]
 
@@ -674,7 +757,8 @@ def _plot_init(plt: Any, data: dict[str, Any]) -> list[Any]:
         for r in rows:
             edges = np.array(r["hist_edges"])
             ax.stairs(r["hist_counts"], edges,
-                      label=f"{r['label']}: a={r['a']:.3g}, {100 * r['saturated_fraction']:.1f}% sat.")
+                      label=f"{'recommended ' if r['recommended'] else ''}a = {r['a']:.3g}: "
+                            f"{100 * r['saturated_fraction']:.1f}% saturated")
         ax.set_xscale("log")
         ax.axvspan(S_SATURATED, max(r["hist_edges"][-1] for r in rows), color="red", alpha=0.08)
         ax.axvline(S_SATURATED, color="red", lw=0.8)
@@ -800,7 +884,7 @@ def _figure(report_dir: Path, out: Path, filename: str, alt: str) -> str:
 
 def _timing_section(t: dict[str, Any], steps: dict[str, Any] | None, report_dir: Path, out: Path) -> list[str]:
     s, meta = t["settings"], t["meta"]
-    summ = t["summary"]
+    summ = summarize_timing(t["measurements"], s)  # from the raw measurements
     rows_n = {k: [r for r in summ if r["model"] == k and r["sweep"] == "batch_size"] for k in s["models"]}
     rows_m = {k: [r for r in summ if r["model"] == k and r["sweep"] == "max_len"] for k in s["models"]}
     rows = s["rows"]
@@ -808,7 +892,10 @@ def _timing_section(t: dict[str, Any], steps: dict[str, Any] | None, report_dir:
     L.append(f"Dataset `{s['dataset']}` ({rows['train']:,} training / {rows['valid']:,} validation rows, "
              f"{s['num_chars']} characters, {s['num_labels']} labels); num_hid {s['num_hid']}, learning rate "
              + ", ".join(f"{v:g} ({k.upper()})" for k, v in s["init_lr"].items())
-             + f", plain SGD, float64, seed {s['seed']}. Every setting was trained {s['repeats']} time(s) for "
+             + f", plain SGD, float64, seed {s['seed']}"
+             + ({True: ", the trainer's default engine (elementwise fusion on, §2)",
+                 False: ", elementwise fusion off"}.get(s.get("fuse"), ""))
+             + f". Every setting was trained {s['repeats']} time(s) for "
              f"{s['epochs']} epoch(s) from the same initial parameters and batch order. The time is the "
              "`train_seconds` the `Trainer` reports: the minibatch loop only (forward, backward, update), without "
              "loading, compiling or validation. A run's figure is the mean over its epochs; the tables give the "
@@ -846,47 +933,63 @@ def _timing_section(t: dict[str, Any], steps: dict[str, Any] | None, report_dir:
             beta, alpha = np.polyfit(ns, per_batch, 1)
             fits[kind] = (alpha, beta, rs)
     if fits:
-        parts = []
+        parts, not_falling = [], []
         for kind, (alpha, beta, rs) in fits.items():
             first, last = rs[0], rs[-1]
-            share = alpha / (first["median"] / first["batches"])
-            parts.append(f"{kind.upper()}: α = {_f(1000 * alpha, 2)} ms per update and β = {_f(1e6 * beta, 1)} µs "
-                         f"per row, so at N = {first['batch_size']} the fixed part is {100 * share:.0f}% of an "
-                         f"update; epoch time went from {_f(first['median'])} s to {_f(last['median'])} s "
-                         f"(×{_f(last['median'] / first['median'], 2)}) from N = {first['batch_size']} to "
-                         f"{last['batch_size']}")
+            if alpha > 0 and beta > 0:
+                share = alpha / (first["median"] / first["batches"])
+                fit = (f"α = {_f(1000 * alpha, 2)} ms per update and β = {_f(1e6 * beta, 1)} µs per row, so at "
+                       f"N = {first['batch_size']} the fixed part is {100 * share:.0f}% of an update")
+            else:
+                fit = (f"α = {_f(1000 * alpha, 2)} ms, β = {_f(1e6 * beta, 1)} µs per row — a fit the noise has "
+                       "spoilt (a negative term means nothing physical)")
+            parts.append(f"{kind.upper()}: {fit}; epoch time went from {_f(first['median'])} s to "
+                         f"{_f(last['median'])} s (×{_f(last['median'] / first['median'], 2)}) from "
+                         f"N = {first['batch_size']} to {last['batch_size']}")
+            if last["median"] >= first["median"]:
+                not_falling.append(kind.upper())
         n_fixed = ""
         if ("lstm", s["base_len"]) in step_at:
             n_fixed = (f" (at M = {s['base_len']} the LSTM's update is {step_at['lstm', s['base_len']]} engine steps, the "
                        f"MLP's {step_at.get(('mlp', s['base_len']), '?')}: §2)")
+        caveat = ""
+        if not_falling:
+            caveat = (f" *In this run the epoch time of the {' and '.join(not_falling)} did not fall from the "
+                      "smallest to the largest N: the noise on this shared machine exceeded the effect there; "
+                      "compare the min–max columns.*")
         L += ["**Per-epoch time falls as N grows.** An epoch is ⌈rows/N⌉ updates. Every update pays a fixed "
               "price — one Python-level kernel call per step of the Wengert list, each with numpy's call "
               f"overhead, whatever the batch size{n_fixed} — plus work that grows with the N rows of each matrix. "
               "Fitting the median time per update to α + β·N gives " + "; ".join(parts) + ". "
               "Larger batches spread the fixed price over more rows, so fewer, only slightly dearer updates "
               "make a shorter epoch; the gain shrinks as N grows because the per-row work (β × rows per "
-              "epoch) is a floor that batching cannot remove. Per-update noise and the short MLP epochs "
-              "make the MLP's fit the rougher of the two.", ""]
+              "epoch) is a floor that batching cannot remove." + caveat, ""]
     ratios = {}
     for kind, rs in rows_m.items():
         if len(rs) >= 2:
             ratios[kind] = (rs[0], rs[-1], rs[-1]["median"] / rs[0]["median"])
     if ratios:
         m0, m1 = s["max_lens"][0], s["max_lens"][-1]
-        growth = ", ".join(f"{k.upper()} ×{_f(r, 2)} ({_f(a['median'])} → {_f(b['median'])} s)"
+        growth = "; ".join(f"{k.upper()} {_f(a['median'])} → {_f(b['median'])} s per epoch "
+                           f"(+{_f(b['median'] - a['median'])} s, ×{_f(r, 2)}; per update "
+                           f"{_f(a['median_ms_per_batch'], 2)} → {_f(b['median_ms_per_batch'], 2)} ms)"
                            for k, (a, b, r) in ratios.items())
-        text = (f"**The LSTM's time grows with M, the MLP's much less.** From M = {m0} to M = {m1} the epoch time "
-                f"changed by {growth}. ")
+        text = (f"**The LSTM's time grows with M, the MLP's much less.** From M = {m0} to M = {m1}: {growth}. ")
         if ("lstm", m0) in step_at and ("lstm", m1) in step_at:
             sr = step_at["lstm", m1] / step_at["lstm", m0]
             lstm_a, lstm_b, _ = ratios.get("lstm", (None, None, None))
             text += (f"The LSTM is unrolled over the M characters, so its graph itself grows: one update is "
                      f"{step_at['lstm', m0]} engine steps at M = {m0} and {step_at['lstm', m1]} at M = {m1} "
-                     f"(×{_f(sr, 2)}, §2), every one a numpy call on N × {s['num_hid']} matrices")
+                     f"(×{_f(sr, 2)}, §2), each a numpy call on matrices of N rows, and the cells must run one "
+                     "after another")
             if lstm_a is not None:
                 us0 = 1e6 * lstm_a["median"] / lstm_a["batches"] / step_at["lstm", m0]
                 us1 = 1e6 * lstm_b["median"] / lstm_b["batches"] / step_at["lstm", m1]
-                text += f"; the time per step stays about the same ({_f(us0, 1)} µs at M = {m0}, {_f(us1, 1)} µs at M = {m1})"
+                same = 0.8 <= us1 / us0 <= 1.25
+                text += (f"; the time per engine step {'stays about the same' if same else 'changes'} "
+                         f"({_f(us0, 1)} µs at M = {m0}, {_f(us1, 1)} µs at M = {m1}), so the time follows the "
+                         "step count (a little below it: the parameter update and the output layer do not grow "
+                         "with M)")
             text += ". "
         else:
             text += ("The LSTM is unrolled over the M characters, so every extra character adds a whole block of "
@@ -894,28 +997,53 @@ def _timing_section(t: dict[str, Any], steps: dict[str, Any] | None, report_dir:
         if ("mlp", m0) in step_at and ("mlp", m1) in step_at:
             text += (f"The MLP's graph is the same {step_at['mlp', m0]} steps for every M: a longer title only "
                      "widens its one-hot input, and with the gather path `X·W1` picks M rows of `W1` per title "
-                     "(the backward pass scatter-adds M rows), work that is small next to the fixed cost of the "
-                     "steps. ")
-        if "lstm" in ratios and "mlp" in ratios and ratios["lstm"][2] <= ratios["mlp"][2]:
-            text += ("*In this run the measured growth does not show the expected difference; with two shared "
-                     "cores the noise can exceed the effect — compare the min–max columns.* ")
+                     "(the backward pass scatter-adds M rows) — N·M·num_hid additions, no new steps. ")
+        if "lstm" in ratios and "mlp" in ratios:
+            (la, lb, lr), (ma, mb, mr) = ratios["lstm"], ratios["mlp"]
+            d_l, d_m = lb["median"] - la["median"], mb["median"] - ma["median"]
+            if d_l <= d_m:
+                text += ("*In this run the measured growth does not show the expected difference; with two shared "
+                         "cores the noise can exceed the effect — compare the min–max columns.* ")
+            else:
+                text += (f"In absolute terms the LSTM's epoch grew {_f(d_l / d_m, 0)} times as much as the MLP's. ")
+                if mr >= 0.75 * lr:
+                    text += (f"Relative to its own size the MLP's time still grew noticeably (×{_f(mr, 2)} against "
+                             f"the LSTM's ×{_f(lr, 2)}): its whole update costs only "
+                             f"{_f(ma['median_ms_per_batch'], 2)} ms, so even the gather and scatter of M rows of "
+                             "`W1` is a visible share of it, while for the LSTM that share is lost among its "
+                             "cells. ")
         L += [text, ""]
     return L
 
 
+ENGINE_NOTES = {
+    "default": "the engine as the trainer runs it, with every rewrite it applies by default",
+    CROSSENT_ONLY: "the plain list with only the `crossent_softmax` rewrite, which fuses "
+                   "`crossEnt(softMax(o), y)` into one step — the engine's only default rewrite before the "
+                   "performance passes",
+    "unfused": "the plain Wengert list, one step per op — what the assignment's step counts refer to",
+}
+
+
 def _steps_section(st: dict[str, Any], report_dir: Path, out: Path) -> list[str]:
     s = st["settings"]
+    summ = summarize_steps(st["counts"], s)  # from the raw counts, not a stored summary
     L = ["## 2. Forward and backward steps in one LSTM update", "",
          "Counted by the engine, not by a formula: `Autograd.reset_counts()`, then `eval` and `bprop` of the "
          "loss's Wengert list on one batch"
          + (f" (the first N training titles of `{s['dataset']}`)" if s.get("dataset") else " of random titles")
-         + ", then `forward_steps` / `backward_steps`. A forward step is one op evaluated; a backward step is "
-         "one derivative computed (one per op input that leads to a parameter, so inputs such as `h0`, `c0` "
-         "and the characters get none). *default* is the engine as the trainer uses it, with the "
-         "`crossent_softmax` pass that fuses `crossEnt(softMax(o), y)`; *unfused* is `Autograd(xm, passes=())`, "
-         "the plain list, which is what the assignment's step counts refer to.", ""]
+         + ", then `forward_steps` / `backward_steps`. A forward step is one (possibly fused) op evaluated; a "
+         "backward step is one derivative taken, one per input of a step that leads to a parameter (so `h0`, "
+         "`c0`, the characters and the labels get none). The engine configurations counted:", ""]
+    for name, eng in s["engines"].items():
+        applied = ", ".join(f"`{p}`" for p in eng["passes"]) or "none"
+        L.append(f"* *{name}* — `{eng['call']}`: {ENGINE_NOTES.get(name, '')} (rewrites applied: {applied}).")
+    if "fuse=False" in s["engines"].get("unfused", {}).get("call", ""):
+        L += ["", "Elementwise fusion is switched by `fuse`, not by `passes` (it is on by default), so "
+              "`Autograd(xm, passes=())` alone no longer runs the plain list; the unfused counts need "
+              "`fuse=False` as well."]
     body = []
-    for e in st["summary"]:
+    for e in summ:
         for key in ("forward_steps", "backward_steps"):
             c = e[key]
             fit = (f"{c['per_character']:g}·M + {c['intercept']:g}" if c.get("per_character") is not None
@@ -925,37 +1053,57 @@ def _steps_section(st: dict[str, Any], report_dir: Path, out: Path) -> list[str]
                          fit, " / ".join(str(v) for v in c["along_N"])])
     cols = ["model", "engine", "steps", *[f"M={m}" for m in s["max_lens"]], "differences", "fit",
             "N=" + "/".join(str(n) for n in s["batch_sizes"]) + f" (M={s['base_len']})"]
-    L += [_md_table(cols, body, "lll" + "r" * (len(cols) - 3)), "",
-          f"(M sweep at N = {s['base_batch']}; num_hid {s['num_hid']}, {s['num_chars']} characters, "
-          f"{s['num_labels']} labels.)", "",
+    L += ["", _md_table(cols, body, "lll" + "r" * (len(cols) - 3)), "",
+          f"(M sweep at N = {s['base_batch']}, N sweep at M = {s['base_len']}; num_hid {s['num_hid']}, "
+          f"{s['num_chars']} characters, {s['num_labels']} labels.)", "",
           _figure(report_dir, out, FIGURES["steps"][0], "steps of one LSTM update against M and N"), ""]
-    lstm = next((e for e in st["summary"] if e["model"] == "lstm" and e["engine"] == "default"), None)
-    unf = next((e for e in st["summary"] if e["model"] == "lstm" and e["engine"] == "unfused"), None)
-    if lstm is not None and lstm.get("ops_per_character"):
-        comp = ", ".join(f"{_g(v)} × {k}" for k, v in sorted(lstm["ops_per_character"].items(), key=lambda kv: -kv[1]))
-        fw, bw = lstm["forward_steps"], lstm["backward_steps"]
-        text = (f"**Linear in M.** The LSTM is unrolled: the graph holds one copy of the cell per character, and "
-                f"each copy is the same block of ops — per extra character the compiled list gains {comp} "
-                f"(read off the compiled lists at M = {s['max_lens'][0]} and {s['max_lens'][-1]}). So every "
-                f"character adds {_g(fw['per_character'])} forward steps and {_g(bw['per_character'])} backward "
-                "steps (most ops have two inputs on the path to a parameter, hence two derivatives), and the "
-                f"differences between M = {', '.join(str(m) for m in s['max_lens'])} are equal. The intercepts are the "
-                "output layer, softmax and loss, less the derivatives the first step does not need (its `h0`, `c0` "
-                "are inputs). ")
-        text += ("**Independent of N.** N is the number of rows of every matrix, not part of the graph: one step "
-                 "is one op over the whole batch, so a bigger batch makes steps dearer (§1), never more numerous. ")
-        if unf is not None:
-            d_f = unf["forward_steps"]["along_M"][0] - fw["along_M"][0]
-            d_b = unf["backward_steps"]["along_M"][0] - bw["along_M"][0]
-            text += (f"**Default vs unfused.** The unfused list differs by {d_f:+d} forward and {d_b:+d} backward "
-                     "step(s) at every M and N: the pass swaps `crossEnt` for `crossEnt-softMax` one for one and "
-                     "keeps `softMax` to produce the probabilities, so the same number of ops is evaluated, but the "
-                     "unfused list takes two derivatives at the loss (through `crossEnt`, then `softMax`) where "
-                     "the fused step takes one (`p − y` with respect to the logits). ")
-        mlp = next((e for e in st["summary"] if e["model"] == "mlp" and e["engine"] == "default"), None)
+
+    def entry(model: str, engine: str) -> dict[str, Any] | None:
+        return next((e for e in summ if e["model"] == model and e["engine"] == engine), None)
+
+    def comp(e: dict[str, Any]) -> str:
+        return ", ".join(f"{_g(v)} × `{k}`" for k, v in sorted(e.get("ops_per_character", {}).items(),
+                                                                key=lambda kv: (-kv[1], kv[0])))
+
+    unf, dflt, ce = entry("lstm", "unfused"), entry("lstm", "default"), entry("lstm", CROSSENT_ONLY)
+    ms = ", ".join(str(m) for m in s["max_lens"])
+    if unf is not None and unf.get("ops_per_character") and unf["forward_steps"].get("per_character") is not None:
+        fw, bw = unf["forward_steps"], unf["backward_steps"]
+        text = (f"**Linear in M.** The LSTM is unrolled: its graph holds one copy of the cell per character and "
+                f"every copy is the same block of ops — per extra character the plain list gains {comp(unf)} "
+                f"(read off the compiled lists at M = {s['max_lens'][0]} and {s['max_lens'][-1]}), "
+                f"{_g(fw['per_character'])} forward steps, and {_g(bw['per_character'])} backward steps (most of "
+                "those ops have two inputs on the path to a parameter, hence two derivatives). Only the count of "
+                f"copies depends on M, so the differences between M = {ms} are equal for every configuration. "
+                f"The intercepts ({_g(fw['intercept'])} forward, {_g(bw['intercept'])} backward, unfused) are the "
+                "output layer, softmax and loss, less the derivatives the first cell does not need because `h0` "
+                "and `c0` are inputs. ")
+        if dflt is not None and dflt.get("ops_per_character"):
+            df, db = dflt["forward_steps"], dflt["backward_steps"]
+            rewrites = ", ".join(f"`{p}`" for p in s["engines"]["default"]["passes"]) or "none"
+            if df.get("per_character") is not None and df["per_character"] != fw["per_character"]:
+                text += (f"The default engine (rewrites {rewrites}) compiles the same block into {comp(dflt)}, so "
+                         f"a character costs it {_g(df['per_character'])} forward and {_g(db['per_character'])} "
+                         f"backward steps instead of {_g(fw['per_character'])} and {_g(bw['per_character'])}: "
+                         "fewer, bigger steps, still linear in M. ")
+        text += ("\n\n**Independent of N.** N is the number of rows of every matrix, not part of the graph: a step is "
+                 "one op over the whole batch, so a bigger batch makes steps dearer (§1), never more numerous. ")
+        if ce is not None:
+            d_f = ce["forward_steps"]["along_M"][0] - fw["along_M"][0]
+            d_b = ce["backward_steps"]["along_M"][0] - bw["along_M"][0]
+            same = (all(c - u == d_f for c, u in zip(ce["forward_steps"]["along_M"], fw["along_M"]))
+                    and all(c - u == d_b for c, u in zip(ce["backward_steps"]["along_M"], bw["along_M"])))
+            where = "at every M and N" if same else f"at M = {s['max_lens'][0]}"
+            text += (f"\n\n**The crossEnt-softMax pass** on its own changes the counts by {d_f:+d} forward and "
+                     f"{d_b:+d} backward step(s) ({where}; *{CROSSENT_ONLY}* "
+                     "against *unfused*): it swaps `crossEnt` for `crossEnt-softMax` one for one and keeps `softMax` "
+                     "to produce the probabilities, so as many ops are evaluated, but the plain list takes two "
+                     "derivatives at the loss (through `crossEnt`, then `softMax`) where the fused step takes one "
+                     "(`p − y` with respect to the logits). ")
+        mlp = entry("mlp", "unfused") or entry("mlp", "default")
         if mlp is not None:
-            text += (f"For contrast the MLP's update is {mlp['forward_steps']['along_M'][0]} forward and "
-                     f"{mlp['backward_steps']['along_M'][0]} backward steps for every M and N.")
+            text += (f"\n\nFor contrast the MLP's update is {mlp['forward_steps']['along_M'][0]} forward and "
+                     f"{mlp['backward_steps']['along_M'][0]} backward steps ({mlp['engine']}) for every M and N.")
         L += [text, ""]
     return L
 
@@ -985,7 +1133,7 @@ def _attention_section() -> list[str]:
             "engine ops, `f.softMax(f.mul(Q, f.transpose(D)))` (`attend` also returns the attended vectors "
             "`A D`). `tests/test_nn.py` compares `A` with a per-query numpy loop and gradient-checks "
             "`mean(crossEnt(A, T))` with `Q` and `D` as parameters. Checked again while writing this report: "
-            f"{', '.join(f'{p.name} {p.shape}' for p in rep.params)}, every element, unfused engine — largest "
+            f"{', '.join(f'{p.name} {p.shape}' for p in rep.params)}, every element, no graph rewrites (`passes=()`) — largest "
             f"relative difference between backprop and central differences {worst:.1e} "
             f"({'agree' if rep.ok else 'DISAGREE'}).", ""]
 
@@ -1059,7 +1207,12 @@ def write_report(out: str | os.PathLike[str] = DEFAULT_OUT, report: str | os.Pat
                 notes.append(f"figures not redrawn: matplotlib is not installed ({PLOTS_HINT})")
                 break
     report = Path(report)
-    report.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        report.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExperimentError(f"--report {report}: cannot create its folder ({exc.strerror or exc})") from None
+    if report.is_dir() or not os.access(report.parent, os.W_OK):
+        raise ExperimentError(f"--report {report}: not a writable file path")
     rdir = report.parent
     first = next(d for d in data.values() if d is not None)
     m = first["meta"]["machine"]
@@ -1080,11 +1233,26 @@ def write_report(out: str | os.PathLike[str] = DEFAULT_OUT, report: str | os.Pat
             ["logical CPUs (usable by this process)", f"{m['logical_cpus']} ({m['usable_cpus']})"],
             ["numpy / BLAS", f"{m['numpy']} / {m['blas'] or 'unknown'}"],
             ["Python / platform", f"{m['python']} / {m['platform']}"]]
+    for name in EXPERIMENTS:
+        code = data[name]["meta"].get("code") if data[name] is not None else None
+        if code:
+            dirty = (f", with uncommitted changes to {', '.join(f'`{c}`' for c in code['uncommitted'])}"
+                     if code["uncommitted"] else "")
+            rows.append([f"code measured by `{name}`", f"commit `{code['commit']}`{dirty}"])
     if data["timing"] is not None:
         t = data["timing"]["meta"]
         rows.append(["load average (1, 5, 15 min) before → after the timing run",
                      f"{t.get('load_average_before')} → {t['machine']['load_average']}"])
+    threads = m.get("blas_thread_env") or {}
+    rows.append(["BLAS threads", ", ".join(f"`{k}={v}`" for k, v in threads.items()) if threads
+                 else f"library default ({m['usable_cpus']} usable CPUs)"])
     L += [_md_table(["", ""], rows, "ll"), "",
+          *([f"BLAS was limited to {', '.join(f'`{k}={v}`' for k, v in threads.items())} for these runs. The "
+             "models' matrices are small (N × 50 by 50 × 50 for the LSTM), so a second BLAS thread has little "
+             "to gain, and when the cores are already busy with other jobs OpenBLAS's threads wait for each other: "
+             "in a trial on this machine (not part of these runs) that made the N ≥ 64 settings much slower and "
+             "erratic, which would time the scheduler rather than the code. The variable is part of the commands above.", ""]
+            if threads else []),
           "The machine is shared: other jobs were running on its cores during the runs, so single timings are "
           "noisy. The repeats are interleaved (all settings once, then all again), so load that comes and goes is "
           "spread over every setting, and the tables report the median with the min–max spread rather than a "
@@ -1102,5 +1270,6 @@ def write_report(out: str | os.PathLike[str] = DEFAULT_OUT, report: str | os.Pat
         L += _init_section(data["init"], rdir, out)
     else:
         L += ["## 4. Initialisation scale for tanh (question 5)", "", "*Not run yet: `symdiff experiment init`.*", ""]
-    _atomic_write_bytes(report, ("\n".join(L).rstrip() + "\n").encode())
+    text = re.sub(r"[ \t]+\n", "\n", "\n".join(L)).rstrip() + "\n"
+    _atomic_write_bytes(report, text.encode())
     return report, notes
