@@ -156,9 +156,11 @@ def _mixed_graph():
 def _expected_backward_steps(params, steps, seed="loss"):
     """One derivative per (step, input) where the input depends on a param and the step leads to the seed.
 
-    Computed from the (possibly rewritten) step list alone, independently of the compiler.
+    Computed from the (possibly rewritten) step list alone, independently of the compiler. Inputs a
+    multi-output step declares non-differentiable (the offsets of a split) carry no gradient.
     """
     outs = [s.output if isinstance(s.output, tuple) else (s.output,) for s in steps]
+    frozen = [getattr(symdiff.registry.MULTI_OPS.get(s.op), "nondifferentiable", ()) for s in steps]
     depends = set(params)
     for s, o in zip(steps, outs):
         if depends & set(s.inputs):
@@ -167,7 +169,8 @@ def _expected_backward_steps(params, steps, seed="loss"):
     for s, o in zip(reversed(steps), reversed(outs)):
         if live & set(o):
             live.update(s.inputs)
-    return sum(i in depends for s, o in zip(steps, outs) if live & set(o) for i in s.inputs)
+    return sum(i in depends and j not in fz
+               for s, o, fz in zip(steps, outs, frozen) if live & set(o) for j, i in enumerate(s.inputs))
 
 
 def test_bprop_skips_data_inputs_and_counts_one_step_per_needed_derivative():
@@ -382,7 +385,7 @@ def test_param_gradients_do_not_share_memory_through_views(fuse):
 # Graph rewrites (fusion of elementwise groups, merged matrix products) change nothing numerically
 # --------------------------------------------------------------------------------------
 _RANDOM_OPS = ["tanh", "sigmoid", "relu", "negate", "square_tanh", "exp_tanh", "logsigmoid",
-               "add", "subtract", "hadamard", "mulW", "mulU"]
+               "add", "subtract", "hadamard", "mulW", "mulU", "mulV", "onehotV", "onehotO"]
 
 
 def _random_model(recipe, named):
@@ -394,6 +397,9 @@ def _random_model(recipe, named):
     xm.q = f.param(name="q", default=rng.normal(size=3))           # broadcasts against (4, 3)
     xm.W = f.param(name="W", default=rng.normal(size=(3, 3)) / 2)
     xm.U = f.param(name="U", default=rng.normal(size=(3, 3)) / 2)
+    xm.V = f.param(name="V", default=rng.normal(size=(3, 5)) / 2)            # a different width
+    xm.O = f.param(name="O", default=rng.normal(size=(6, 3)) / 2)
+    xm.X = f.input(name="X", default=_dense(np.array([[0, 5], [2, -1], [-1, -1], [3, 1]]), 6))  # multi-hot
     nodes = [xm.x, xm.p, f.tanh(xm.q) + xm.x]
     for k, (op, i, j) in enumerate(recipe):
         a, b = nodes[i % len(nodes)], nodes[j % len(nodes)]
@@ -401,7 +407,10 @@ def _random_model(recipe, named):
              "negate": lambda: f.negate(a), "square_tanh": lambda: f.square(f.tanh(a)),
              "exp_tanh": lambda: f.exp(f.tanh(a)), "logsigmoid": lambda: f.log(f.sigmoid(a)),
              "add": lambda: a + b, "subtract": lambda: a - b, "hadamard": lambda: f.hadamard(a, b),
-             "mulW": lambda: a * xm.W, "mulU": lambda: a * xm.U}[op]()
+             "mulW": lambda: a * xm.W, "mulU": lambda: a * xm.U,
+             "mulV": lambda: f.tanh(a * xm.V) * f.transpose(xm.V),      # (4, 5) back to (4, 3)
+             "onehotV": lambda: f.tanh(xm.X * xm.O) * xm.V * f.transpose(xm.V),
+             "onehotO": lambda: f.hadamard(xm.X * xm.O, a)}[op]()
         if k in named:
             setattr(xm, f"n{k}", r)
         nodes.append(r)
@@ -421,21 +430,24 @@ def test_rewritten_programs_match_the_seed_step_list(recipe, named, dtype):
     w = xm.operationSequence(xm.loss)
     inputs = {k: np.asarray(v, dtype) for k, v in xm.inputDict().items()}
     ref = Autograd(xm, passes=(), fuse=False)
-    v_ref = ref.eval(w, inputs)
+    v_ref = ref.eval(w, inputs)                 # the seed's step list, dense one-hot input
     g_ref = ref.bprop(w, v_ref, loss=np.float64(1.0))
+    params = ["p", "q", "W", "U", "V", "O"]
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)
-    for ad in (Autograd(xm), Autograd(xm, passes=(), fuse=True), Autograd(xm, fuse=False)):
-        values = ad.eval(w, inputs)
+    sparse = {**inputs, "X": OneHot(np.array([[0, 5], [2, -1], [-1, -1], [3, 1]]), 6, dtype)}
+    for ad, feed in ((Autograd(xm), inputs), (Autograd(xm), sparse), (Autograd(xm, passes=(), fuse=True), sparse),
+                     (Autograd(xm, fuse=False), inputs)):
+        values = ad.eval(w, feed)
         grads = ad.bprop(w, values, loss=np.float64(1.0))
         for name in xm.named() & set(v_ref):  # every attribute register stays visible, with its value
             np.testing.assert_allclose(values[name], v_ref[name], **tol, err_msg=name)
             assert np.asarray(values[name]).dtype == dtype, name
-        for name in ("p", "q", "W", "U"):
+        for name in params:
             assert (name in grads) == (name in g_ref)
             if name in grads:
                 assert grads[name].dtype == dtype and grads[name].shape == inputs[name].shape
                 np.testing.assert_allclose(grads[name], g_ref[name], **tol, err_msg=name)
-        assert ad.backward_steps == _expected_backward_steps(["p", "q", "W", "U"], ad.compile(w).steps)
+        assert ad.backward_steps == _expected_backward_steps(params, ad.compile(w).steps)
 
 
 def test_fused_kernels_follow_an_op_redefined_with_replace():

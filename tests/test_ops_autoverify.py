@@ -140,6 +140,12 @@ def test_an_op_declared_in_a_test_is_picked_up_by_the_same_checker():
     verify_op("autoverify_fresh_op")  # broadcast shapes, random points, exactly as the parametrized test
 
 
+def test_a_declared_op_with_a_compound_condition_broadcasts():
+    x, y = sp.symbols("x y")
+    defop("autoverify_both_positive", sp.Piecewise((x * y, (x > 0) & (y > 0)), (0, True)), args=[x, y])
+    verify_op("autoverify_both_positive")  # (5, 3) with (3,) and (5, 1): the condition must broadcast too
+
+
 def test_checker_fails_on_a_wrong_derivative():
     wrong = Op("autoverify_wrong_square", 1, np.square, (lambda delta, out, x: delta * x,), elementwise=True)
     register(wrong, replace=True)

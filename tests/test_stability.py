@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Any, Callable
 
 import mpmath
 import numpy as np
@@ -51,7 +52,7 @@ POINTS = _points()
 
 # Each REWRITES pattern -> naive declarations of it (name, expression, exact reference or None).
 # With reference None, mpmath evaluates the naive expression and its SymPy derivative.
-Ref = tuple  # (value(t), derivative(t)) on mpmath numbers
+Ref = tuple[Callable[[Any], Any], Callable[[Any], Any]]  # (value(t), derivative(t)) on mpmath numbers
 CASES: dict[str, list[tuple[str, sp.Expr, Ref | None]]] = {
     "log(1 + exp(u))": [("softplus", sp.log(1 + E(x)), None)],
     "log(1 + exp(-u))": [("softplus_of_minus", sp.log(1 + E(-x)), None)],
@@ -120,18 +121,26 @@ def test_naive_declaration_is_finite_warning_free_and_accurate(pattern, name, ex
 
 @pytest.mark.parametrize("name, expr", [(n, e) for _, n, e, _ in ALL_CASES])
 def test_naive_declaration_in_a_graph_trains_at_extremes(name, expr):
-    """Through the engine: forward and bprop at exactly -1000, 0, 1000 with strict numpy."""
+    """Through the engine, alone and inside a fused elementwise group: exactly -1000, 0, 1000."""
     op = defop(f"stability_graph_{name}", expr, args=[x])
+    f = symdiff.f
     xm = symdiff.XMan()
-    xm.w = symdiff.f.param(name="w", default=np.array([-1000.0, 0.0, 1000.0]))
-    xm.loss = symdiff.f.mean(op(xm.w))
+    xm.w = f.param(name="w", default=np.array([-1000.0, 0.0, 1000.0]))
+    xm.alone = f.mean(op(xm.w))
+    xm.loss = xm.alone + f.mean(f.hadamard(op(f.negate(f.negate(xm.w))), f.sigmoid(xm.w)))
     xm.setup()
     wengert = xm.operationSequence(xm.loss)
-    ad = symdiff.Autograd(xm)
-    with strict_numpy():
-        values = ad.eval(wengert, xm.inputDict())
-        grads = ad.bprop(wengert, values, loss=np.float64(1.0))
-    assert np.isfinite(values["loss"]) and np.isfinite(grads["w"]).all()
+    results = []
+    for fuse in (False, True):
+        ad = symdiff.Autograd(xm, fuse=fuse)
+        with strict_numpy():
+            values = ad.eval(wengert, xm.inputDict())
+            grads = ad.bprop(wengert, values, loss=np.float64(1.0))
+        assert np.isfinite(values["loss"]) and np.isfinite(grads["w"]).all()
+        results.append((values["loss"], grads["w"]))
+    assert any(isinstance(s.output, tuple) for s in ad.compile(wengert).steps)  # the second term was fused
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-12, atol=TINY)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-12, atol=EPS)
 
 
 def _high_precision(fn, points):
