@@ -53,16 +53,17 @@ def _float64(v: Any) -> Any:
 def grad_check(xm: XMan, wengert: Sequence[Step], inputs: Mapping[str, Any] | None = None, *,
                eps: float = 1e-4, rtol: float = 1e-4, atol: float = 1e-6,
                max_elements: int | None = 64, seed: int = 0, loss: str | None = None,
-               passes: Sequence[str] | None = None) -> GradCheckReport:
+               passes: Sequence[str] | None = None, fuse: bool = True) -> GradCheckReport:
     """Compare ``bprop`` with central differences ``(L(w+eps) - L(w-eps)) / 2eps``.
 
     Runs in float64 at the registers' default values (or ``inputs``). Each
     param has up to ``max_elements`` elements perturbed, chosen by a seeded RNG
     (``None`` checks every element). An element agrees when
     ``|num - ana| <= atol + rtol * max(|num|, |ana|)``; the seed assignment's bar
-    (3 decimal places) is far looser.
+    (3 decimal places) is far looser. ``passes``/``fuse`` choose the graph
+    rewrites as for :class:`Autograd` (default: all of them).
     """
-    ad = Autograd(xm) if passes is None else Autograd(xm, passes=passes)
+    ad = Autograd(xm, fuse=fuse) if passes is None else Autograd(xm, passes=passes, fuse=fuse)
     values = {k: _float64(v) for k, v in (xm.inputDict() if inputs is None else inputs).items()}
     loss = loss or wengert[-1][0]
     program = ad.compile(wengert)

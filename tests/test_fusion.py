@@ -1,0 +1,172 @@
+"""Elementwise fusion and product merging: same numbers as the seed's step list, fewer steps.
+
+The rewrites are checked against ``Autograd(xm, passes=(), fuse=False)`` (the
+plain Wengert list) on both models as built and on random graphs; every fused
+kernel the models produce is checked against central differences on its own.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sympy as sp
+from hypothesis import given, settings, strategies as st
+
+from models.training import build_model
+from symdiff import Autograd, MULTI_OPS, XMan, f, grad_check
+from symdiff.symbolic import FusedKernel
+
+DIMS = dict(max_len=4, num_chars=7, num_hid=5, num_labels=3)
+
+
+def _run(ad, xm, inputs):
+    w = xm.operationSequence(xm.register("loss"))
+    values = ad.eval(w, inputs)
+    grads = ad.bprop(w, values, loss=np.float64(1.0))
+    return values, grads, ad.compile(w)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_models_agree_with_the_plain_step_list(kind, dense):
+    model = build_model(kind, DIMS, seed=3)
+    xm = model.xm
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, DIMS["num_chars"], size=(6, DIMS["max_len"]))
+    inputs = {**model.params, **model.feed(codes, dense), "y": np.eye(3)[rng.integers(0, 3, 6)]}
+    v0, g0, plain = _run(Autograd(xm, passes=(), fuse=False), xm, inputs)
+    v1, g1, fast = _run(Autograd(xm), xm, inputs)
+    assert len(fast.steps) < len(plain.steps)
+    assert any(s.op.startswith("fused") for s in fast.steps)
+    for name in ("loss", "outputs", "rowloss"):
+        np.testing.assert_allclose(v1[name], v0[name], rtol=1e-10, atol=1e-12)
+    for name in model.params:
+        np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_lstm_cell_derives_once_and_every_step_uses_it():
+    model = build_model("lstm", {**DIMS, "max_len": 6}, seed=0)
+    program = Autograd(model.xm).compile(model.xm.operationSequence(model.xm.register("loss")))
+    cells = [s.op for s in program.steps if s.op.startswith("fused") and "sigmoid" in s.op]
+    assert len(cells) == 6 and len(set(cells)) == 1
+
+
+def test_lstm_products_are_merged_into_one_gather_and_one_product_per_step():
+    M = 5
+    model = build_model("lstm", {**DIMS, "max_len": M}, seed=0)
+    program = Autograd(model.xm).compile(model.xm.operationSequence(model.xm.register("loss")))
+    muls = [s for s in program.steps if s.op == "mul"]
+    # one stacked gather for all characters, one h·U product per step, the output layer
+    assert len(muls) == 1 + M + 1
+    assert sum(s.op.startswith("vconcat") for s in program.steps) == 1
+
+
+def _fused_kernels_of_models() -> list[str]:
+    names = []
+    for kind in ("mlp", "lstm"):
+        model = build_model(kind, DIMS, seed=0)
+        program = Autograd(model.xm).compile(model.xm.operationSequence(model.xm.register("loss")))
+        names += [s.op for s in program.steps if s.op.startswith("fused")]
+    return sorted(set(names))
+
+
+@pytest.mark.parametrize("name", _fused_kernels_of_models())
+def test_every_fused_kernel_passes_central_differences(name):
+    kernel: FusedKernel = MULTI_OPS[name]
+    rng = np.random.default_rng(1)
+    n = kernel.n_inputs
+    xs = [rng.uniform(-2, 2, size=(4, 3)) for _ in range(n)]
+    results = kernel.forward(*xs)
+    deltas = [rng.standard_normal((4, 3)) for _ in range(kernel.n_deltas)]
+    grads = kernel.backward((True,) * n)(*deltas, *results, *xs)
+
+    def scalar(*args):
+        out = kernel.forward(*args)
+        return sum(float(np.sum(d * o)) for d, o in zip(deltas, out[:kernel.n_deltas]))
+
+    eps = 1e-6
+    for j in range(n):
+        num = np.zeros_like(xs[j])
+        for i in range(xs[j].size):
+            orig = xs[j].flat[i]
+            xs[j].flat[i] = orig + eps
+            up = scalar(*xs)
+            xs[j].flat[i] = orig - eps
+            down = scalar(*xs)
+            xs[j].flat[i] = orig
+            num.flat[i] = (up - down) / (2 * eps)
+        g = np.broadcast_to(grads[j], num.shape)
+        assert np.max(np.abs(g - num) / np.maximum(np.abs(num), 1e-3)) < 1e-6, f"{name}: input {j}"
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_grad_check_passes_fused_and_unfused(kind):
+    model = build_model(kind, DIMS, seed=0)
+    w = model.xm.operationSequence(model.xm.register("loss"))
+    assert grad_check(model.xm, w).ok
+    assert grad_check(model.xm, w, passes=(), fuse=False).ok
+
+
+UNARY = ["relu", "sigmoid", "tanh", "square", "negate"]
+BINARY = ["add", "subtract", "hadamard"]
+
+
+@st.composite
+def elementwise_graphs(draw):
+    """A random graph of registered elementwise ops over two params and one input, with a mean loss."""
+    n_ops = draw(st.integers(2, 8))
+    choices = [draw(st.tuples(st.sampled_from(UNARY + BINARY), st.integers(0, 100), st.integers(0, 100)))
+               for _ in range(n_ops)]
+    keep_mid = draw(st.booleans())
+    return choices, keep_mid
+
+
+@settings(max_examples=40, deadline=None)
+@given(elementwise_graphs())
+def test_random_elementwise_graphs_agree_fused_and_unfused(graph):
+    choices, keep_mid = graph
+    rng = np.random.default_rng(len(choices))
+    xm = XMan()
+    regs = [f.input(name="x", default=rng.uniform(-1, 1, (4, 3))),
+            f.param(name="p", default=rng.uniform(-1, 1, (4, 3))),
+            f.param(name="b", default=rng.uniform(-1, 1, (3,)))]
+    for k, (op, i, j) in enumerate(choices):
+        a, b = regs[i % len(regs)], regs[j % len(regs)]
+        regs.append(getattr(f, op)(a) if op in UNARY else getattr(f, op)(a, b))
+        if keep_mid and k == len(choices) // 2:
+            xm.mid = regs[-1]  # a named register in the middle must stay visible
+    # a matrix product in the middle of the chain splits it into two groups
+    xm.W = f.param(name="W", default=rng.uniform(-1, 1, (3, 3)))
+    xm.loss = f.mean(f.tanh(regs[-1] * xm.W) + regs[-2])
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    plain, fast = Autograd(xm, passes=(), fuse=False), Autograd(xm)
+    v0, v1 = plain.eval(w, xm.inputDict()), fast.eval(w, xm.inputDict())
+    np.testing.assert_allclose(v1["loss"], v0["loss"], rtol=1e-10, atol=1e-12)
+    if keep_mid:
+        np.testing.assert_allclose(v1["mid"], v0["mid"], rtol=1e-10, atol=1e-12)
+    g0 = plain.bprop(w, v0, loss=np.float64(1.0))
+    g1 = fast.bprop(w, v1, loss=np.float64(1.0))
+    for name in ("p", "b", "W"):
+        if name in g0:
+            np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_a_user_op_fuses_and_its_gradient_is_derived_through_the_group():
+    x, y = sp.symbols("x y")
+    from symdiff import defop
+    from symdiff.registry import OPS
+
+    defop("fusion_test_softplus", sp.log(1 + sp.exp(x)), args=[x], replace=True)
+    try:
+        rng = np.random.default_rng(2)
+        xm = XMan()
+        xm.a = f.param(name="a", default=rng.normal(size=(3, 4)))
+        xm.b = f.param(name="b", default=rng.normal(size=(4,)))
+        xm.loss = f.mean(f.fusion_test_softplus(f.hadamard(xm.a, xm.a) + xm.b))
+        xm.setup()
+        w = xm.operationSequence(xm.loss)
+        program = Autograd(xm).compile(w)
+        assert any(s.op.startswith("fused") and "fusion_test_softplus" in s.op for s in program.steps)
+        assert grad_check(xm, w, max_elements=None).ok
+    finally:
+        OPS.pop("fusion_test_softplus", None)
