@@ -249,10 +249,20 @@ def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, .
     bp = kernel.backward(needed)
     out_slots = results[:kernel.n_deltas]
     sizes = [i for i, need in zip(ins, needed) if need]
+    per_term = getattr(kernel, "backward_terms", None)
+    n_out = kernel.n_deltas
 
     def run(g: list[Any], v: list[Any]) -> None:
         deltas = [0 if g[s] is None else g[s] for s in out_slots]
-        grads = bp(*deltas, *[v[s] for s in results], *[v[i] for i in ins])
+        args = (*deltas, *[v[s] for s in results], *[v[i] for i in ins])
+        if per_term is not None and len({d.shape for d in deltas if isinstance(d, np.ndarray)}) > 1:
+            # outputs of different shapes (one broadcast, one not): the terms of each input's
+            # gradient are summed back to its shape one by one, or a broadcast term is over-counted
+            terms = per_term(needed)(*args)
+            grads = [sum(sum_to_shape(terms[a * n_out + k], v[x].shape, v[x].dtype) for k in range(n_out))
+                     for a, x in enumerate(sizes)]
+        else:
+            grads = bp(*args)
         for t, acc, x, d in zip(targets, accumulate, sizes, grads):
             shape, dtype = v[x].shape, v[x].dtype
             if getattr(d, "shape", None) != shape or d.dtype != dtype:

@@ -430,6 +430,7 @@ class FusedKernel:
         self.forward, self.forward_source = _lambdify(self.inputs, [exprs[r] for r in self.results])
         self._conform_forward(spec)
         self._backward: dict[tuple[bool, ...], tuple[Callable[..., Any], str, tuple[sp.Expr, ...]]] = {}
+        self._backward_terms: dict[Any, Callable[..., Any]] = {}
 
     def _conform_forward(self, spec: GroupSpec) -> None:
         """Give each result the shape and dtype the unfused steps would have given it.
@@ -458,6 +459,26 @@ class FusedKernel:
                     for o, use in zip(raw(*xs), uses)]
 
         self.forward = forward
+
+    def gradient_terms(self, needed: Sequence[bool]) -> tuple[sp.Expr, ...]:
+        """``delta_k * d(result k)/d(input j)`` for each needed j and each output k, flattened.
+
+        Used when the group's outputs differ in shape: each term must then be
+        summed back to the input's shape on its own before the terms are added.
+        """
+        to_result = {self.expressions[r]: s for r, s in zip(self.results, self.result_symbols)}
+        return tuple(stabilise(d * sp.diff(self.expressions[o], self.inputs[j])).xreplace(to_result)
+                     for j, need in enumerate(needed) if need
+                     for o, d in zip(self.spec.outputs, self.delta_symbols))
+
+    def backward_terms(self, needed: tuple[bool, ...]) -> Callable[..., Any]:
+        """Like :meth:`backward`, but returns the per-output terms (see :meth:`gradient_terms`)."""
+        key = ("terms", needed)
+        if key not in self._backward_terms:
+            fn, _ = _lambdify((*self.delta_symbols, *self.result_symbols, *self.inputs),
+                              list(self.gradient_terms(needed)))
+            self._backward_terms[key] = fn
+        return self._backward_terms[key]
 
     def gradient_expressions(self, needed: Sequence[bool]) -> tuple[sp.Expr, ...]:
         """dL/d(input j) for each needed j, written with the saved results wherever they occur."""
