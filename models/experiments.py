@@ -28,13 +28,14 @@ import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
+
+from .storage import save_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATASET = ROOT.parent / "shared" / "data" / "smaller"
@@ -585,26 +586,10 @@ def run_init(*, d: int = 1000, draws: int = 20000, seed: int = 0, bins: int = 60
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` completely or not at all (temporary file, then rename); errors as one line."""
     try:
-        _atomic_write(path, data)
+        save_bytes(path, data)
     except OSError as exc:
         raise ExperimentError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; these are ordinary shareable files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _csv_rows(name: str, data: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:

@@ -84,6 +84,10 @@ def _finite_or_null(obj: Any) -> Any:
     return obj
 
 
+def save_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    _atomic_write(path, lambda fh: fh.write(data))
+
+
 def save_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Strict JSON (non-finite numbers written as ``null``), atomically."""
     text = json.dumps(_finite_or_null(obj), indent=2, allow_nan=False)
