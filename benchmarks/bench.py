@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import models  # noqa: F401,I001  (first: one BLAS thread for engine and reference alike, see models/__init__)
 import numpy as np
 
 from benchmarks import reference as R
@@ -140,7 +141,8 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     m = report["machine"]
     table = Table(title=f"seconds per training epoch on {prefix.name} (median of {args.repeats}; {m['cores']} cores, "
-                        f"{m['cpu']}, numpy {m['numpy']})")
+                        f"{m['cpu']}, numpy {m['numpy']}, BLAS threads {m['blas_threads']})")
     for col in ("model", "dtype", "implementation", "median s/epoch", "min", "max", "ratio to reference"):
         table.add_column(col, justify="left" if col in ("model", "dtype", "implementation") else "right")
     for r in report["rows"]:

@@ -340,4 +340,6 @@ class Autograd:
                 raise MissingInputError(f"values has no entry for register(s) {missing[:5]}: pass the dict eval() returned")
             slots = [values[n] for n in program.names]
         grads = program.backward(slots, seeds)
-        return {n: g for n, g in zip(program.names, grads) if g is not None}
+        # one-hot weight gradients are row-sparse inside the engine; the public result is dense
+        return {n: g if isinstance(g, np.ndarray) else np.asarray(g)
+                for n, g in zip(program.names, grads) if g is not None}

@@ -79,12 +79,14 @@ class OneHot:
             rows[padded] = 0
         return rows.sum(axis=1)
 
-    def rmatmul_grad(self, delta: np.ndarray) -> np.ndarray:
+    def rmatmul_grad(self, delta: np.ndarray) -> "RowSparse":
         """``self.T @ delta`` (the weight gradient) as a scatter-add of ``delta`` rows.
 
-        The ones are grouped by column once per batch (cached: an LSTM feeds the
-        same characters to four gates), then each group of ``delta`` rows is
-        summed with one ``reduceat``: several times faster than ``np.add.at``.
+        The ones are grouped by column once per batch (cached), then each group
+        of ``delta`` rows is summed with one ``reduceat``: several times faster
+        than ``np.add.at``. The result keeps only the rows a character touched
+        (:class:`RowSparse`): a batch touches a few hundred of the MLP's ~2000
+        rows of ``W1``, and plain SGD then updates just those.
         """
         if self._segments is None:
             rows, cols = self._nonzeros()
@@ -93,10 +95,10 @@ class OneHot:
             starts = np.flatnonzero(np.r_[True, sorted_cols[1:] != sorted_cols[:-1]]) if cols.size else cols
             self._segments = (rows[order], sorted_cols[starts], starts)
         rows, columns, starts = self._segments
-        out = np.zeros((self.depth, delta.shape[1]), dtype=delta.dtype)
-        if rows.size:
-            out[columns] = np.add.reduceat(delta[rows], starts, axis=0)
-        return out
+        shape = (self.depth, delta.shape[1])
+        if not rows.size:
+            return RowSparse(columns, np.zeros((0, shape[1]), delta.dtype), shape)
+        return RowSparse(columns, np.add.reduceat(delta[rows], starts, axis=0), shape)
 
     def _padding(self) -> np.ndarray | None:
         if self._valid is None:
@@ -114,3 +116,47 @@ class OneHot:
 
     def __repr__(self) -> str:
         return f"OneHot(shape={self.shape}, ones_per_row<={self.indices.shape[1]})"
+
+
+class RowSparse:
+    """A matrix that is zero outside a set of rows: the weight gradient of a one-hot product.
+
+    ``rows`` are distinct; ``values[i]`` is row ``rows[i]``. Anything that needs
+    the full matrix gets it through ``__array__`` (so sums, ``np.asarray``,
+    Adam's moments all see the dense gradient); plain SGD and gradient
+    clipping work on the rows alone. Column slices stay sparse (the gate
+    weights of a merged LSTM product are cut out of one gradient).
+    """
+
+    __slots__ = ("rows", "values", "shape")
+    ndim = 2
+
+    def __init__(self, rows: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> None:
+        self.rows, self.values, self.shape = rows, values, tuple(shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.values.dtype
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        dense = np.zeros(self.shape, dtype=dtype or self.values.dtype)
+        dense[self.rows] = self.values
+        return dense
+
+    def __getitem__(self, key: Any) -> Any:
+        if (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)
+                and isinstance(key[1], slice)):
+            cols = self.values[:, key[1]]
+            return RowSparse(self.rows, cols, (self.shape[0], cols.shape[1]))
+        return np.asarray(self)[key]
+
+    def __add__(self, other: Any) -> np.ndarray:
+        return np.asarray(self) + np.asarray(other)
+
+    __radd__ = __add__
+
+    def copy(self) -> "RowSparse":
+        return RowSparse(self.rows, self.values.copy(), self.shape)
+
+    def __repr__(self) -> str:
+        return f"RowSparse(shape={self.shape}, rows={len(self.rows)})"

@@ -28,6 +28,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .onehot import RowSparse
+
 __all__ = [
     "Optimizer",
     "SGD",
@@ -164,6 +166,9 @@ class Optimizer:
             p = self.params.get(name)
             if p is None:
                 continue
+            if isinstance(g, RowSparse) and g.shape == p.shape and self._rows_only():
+                self._update_rows(p, g)
+                continue
             g = np.asarray(g)
             if g.shape != p.shape:
                 raise ValueError(
@@ -178,6 +183,13 @@ class Optimizer:
             self._update(name, p, g)
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _rows_only(self) -> bool:
+        """Whether a row-sparse gradient can update just its rows (no state, no decay)."""
+        return False
+
+    def _update_rows(self, p: np.ndarray, g: RowSparse) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> StateDict:
@@ -261,6 +273,13 @@ class SGD(Optimizer):
         # Only allocate a velocity buffer when it is used.
         self._slots = ("momentum",) if self.momentum > 0.0 else ()
         super().__init__(params, lr)
+
+    def _rows_only(self) -> bool:
+        return not self.momentum and not self.weight_decay
+
+    def _update_rows(self, p: np.ndarray, g: RowSparse) -> None:
+        # the rows a one-hot batch touched; identical to p -= lr * dense(g) (untouched rows get -lr*0)
+        p[g.rows] -= self._lr * g.values
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
         lr = self._lr
@@ -364,6 +383,8 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float) -> float:
     max_norm = _positive("max_norm", max_norm)
     arrays = []
     for name, g in grads.items():
+        if isinstance(g, RowSparse):
+            g = g.values  # the zero rows add nothing to the norm and need no scaling
         if not isinstance(g, np.ndarray):
             raise ValueError(
                 f"grads[{name!r}] must be a numpy ndarray (clipped in place), "
