@@ -161,8 +161,9 @@ def _ints(values: Iterable[int]) -> str:
 
 def _command(experiment: str, **flags: Any) -> str:
     """The ``symdiff experiment`` command line that reproduces a run (flags with their values)."""
-    # BLAS thread settings change the timings, so a reproducing command must carry them
-    parts = [f"{k}={os.environ[k]}" for k in BLAS_THREAD_VARS if k in os.environ]
+    # BLAS thread settings change the timings, so a reproducing command must carry any that
+    # differ from the one thread models/__init__ sets by default
+    parts = [f"{k}={os.environ[k]}" for k in BLAS_THREAD_VARS if os.environ.get(k, "1") != "1"]
     parts += ["symdiff", "experiment", experiment]
     for k, v in flags.items():
         if v is None:
