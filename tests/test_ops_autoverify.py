@@ -108,15 +108,6 @@ def verify_op(name: str) -> None:
 COLLECTED = sorted(symdiff.OPS)
 
 
-@pytest.fixture(autouse=True)
-def _restore_registry():
-    """Ops declared by a test are removed (and replaced ones restored) afterwards."""
-    before = dict(symdiff.OPS)
-    yield
-    symdiff.OPS.clear()
-    symdiff.OPS.update(before)
-
-
 @pytest.mark.parametrize("name", COLLECTED)
 def test_derivatives_match_central_differences(name):
     verify_op(name)

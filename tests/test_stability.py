@@ -72,14 +72,6 @@ CASES: dict[str, list[tuple[str, sp.Expr, Ref | None]]] = {
 ALL_CASES = [(pattern, *case) for pattern, cases in CASES.items() for case in cases]
 
 
-@pytest.fixture(autouse=True)
-def _restore_registry():
-    before = dict(symdiff.OPS)
-    yield
-    symdiff.OPS.clear()
-    symdiff.OPS.update(before)
-
-
 def test_every_rewrite_pattern_has_a_naive_declaration_here():
     assert set(CASES) == {pattern for pattern, _ in REWRITES}
 
