@@ -74,33 +74,92 @@ def _one_line_error(parser: argparse.ArgumentParser) -> Any:
     return error
 
 
+# ---- presets --------------------------------------------------------------------------------
+# The hyperparameters a preset sets; each is also a flag, and a flag given on the command line wins.
+PRESET_KEYS = ("max_len", "num_hid", "batch_size", "epochs", "init_lr", "dtype", "optimizer", "momentum",
+               "weight_decay", "clip", "schedule", "patience")
+# Chosen on the validation split of ../shared/data/smaller with benchmarks/sweep.py (docs/tuning.md).
+# Keys left out keep the seed's defaults. "seed" itself is no table: it is the parser's defaults.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "best": {
+        "mlp": dict(optimizer="adamw", init_lr=0.006, weight_decay=0.3, num_hid=128, max_len=25, batch_size=128,
+                    epochs=30, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None),
+        "lstm": dict(optimizer="adam", init_lr=0.01, weight_decay=0.0, num_hid=64, max_len=30, batch_size=64,
+                     epochs=20, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None),
+    },
+}
+PRESET_NAMES = ("seed", *PRESETS)
+GIVEN = "given_flags"  # the parsed namespace's record of the PRESET_KEYS set on the command line
+
+
+class _Given(argparse.Action):
+    """argparse's plain ``store``, which also records that the flag was given on the command line.
+
+    So ``--preset best --optimizer sgd`` keeps sgd even though sgd is also the default:
+    comparing values against the parser's defaults could not tell the two apart.
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, GIVEN, tuple(sorted({*getattr(namespace, GIVEN, ()), self.dest})))
+
+
+def apply_preset(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with ``params["preset"]``'s values filled in for every hyperparameter not given.
+
+    "Given" means: listed in ``params["given_flags"]`` (what the CLI parser records); for a
+    hand-made dict without that key, every PRESET_KEYS key present in it. ``preset`` missing or
+    "seed" returns ``params`` unchanged (the seed's behaviour).
+    """
+    name = params.get("preset") or "seed"
+    if name == "seed":
+        return params
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid names are: {', '.join(PRESET_NAMES)}")
+    given = set(params[GIVEN]) if GIVEN in params else {k for k in PRESET_KEYS if k in params}
+    return {**params, **{k: v for k, v in PRESETS[name][kind].items() if k not in given}}
+
+
 def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     """The seed's flags (same names and defaults) plus symdiff's own."""
     p.error = _one_line_error(p)  # type: ignore[method-assign]
-    p.add_argument("--max_len", type=_positive_int, default=10, help="characters per title (default 10)")
-    p.add_argument("--num_hid", type=_positive_int, default=50, help="hidden units (default 50)")
-    p.add_argument("--batch_size", type=_positive_int, default=64, help="minibatch size (default 64)")
+    p.set_defaults(**{GIVEN: ()})
+    p.add_argument("--max_len", action=_Given, type=_positive_int, default=10,
+                   help="characters per title (default 10)")
+    p.add_argument("--num_hid", action=_Given, type=_positive_int, default=50, help="hidden units (default 50)")
+    p.add_argument("--batch_size", action=_Given, type=_positive_int, default=64,
+                   help="minibatch size (default 64)")
     p.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="path prefix of <prefix>.train/.valid/.test, or a shipped name (default: demo)")
-    p.add_argument("--epochs", type=_positive_int, default=15, help="training epochs (default 15)")
-    p.add_argument("--init_lr", type=_positive_float, default=DEFAULT_LR[kind],
+    p.add_argument("--epochs", action=_Given, type=_positive_int, default=15, help="training epochs (default 15)")
+    p.add_argument("--init_lr", action=_Given, type=_positive_float, default=DEFAULT_LR[kind],
                    help=f"learning rate (default {DEFAULT_LR[kind]})")
     p.add_argument("--output_file", default="output.npy", help="test-set probabilities, np.save (default output.npy)")
     p.add_argument("--seed", type=_seed, default=0, help="seed for initialisation and shuffling (default 0)")
     p.add_argument("--metrics_file", default=None, help="write per-epoch metrics as JSON here")
     p.add_argument("--save_model", default=None, help="save the best parameters (.npz) for `symdiff predict`")
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="float precision")
+    p.add_argument("--dtype", action=_Given, choices=("float64", "float32"), default="float64",
+                   help="float precision")
     p.add_argument("--dense", action="store_true",
                    help="feed dense one-hot matrices instead of the sparse gather path (same math, slower)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="do not fuse chains of elementwise ops into one derived kernel (same math, slower)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="update rule (default: the seed's sgd)")
-    p.add_argument("--momentum", type=_unit_float, default=0.9, help="momentum for momentum/nesterov (default 0.9)")
-    p.add_argument("--weight_decay", type=_non_negative_float, default=0.0, help="weight decay (default 0)")
-    p.add_argument("--clip", type=_positive_float, default=None, help="clip the global gradient norm to this")
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule")
-    p.add_argument("--patience", type=_positive_int, default=None,
+    p.add_argument("--optimizer", action=_Given, choices=OPTIMIZERS, default="sgd",
+                   help="update rule (default: the seed's sgd)")
+    p.add_argument("--momentum", action=_Given, type=_unit_float, default=0.9,
+                   help="momentum for momentum/nesterov (default 0.9)")
+    p.add_argument("--weight_decay", action=_Given, type=_non_negative_float, default=0.0,
+                   help="weight decay (default 0)")
+    p.add_argument("--clip", action=_Given, type=_positive_float, default=None,
+                   help="clip the global gradient norm to this")
+    p.add_argument("--schedule", action=_Given, choices=SCHEDULES, default="constant",
+                   help="learning-rate schedule")
+    p.add_argument("--patience", action=_Given, type=_positive_int, default=None,
                    help="stop when validation loss has not improved for this many epochs")
+    p.add_argument("--preset", choices=tuple(PRESET_NAMES), default="seed",
+                   help="seed (default): the seed's defaults above; best: the tuned values for this model "
+                        "(docs/tuning.md) for every hyperparameter not given on the command line")
 
 
 def parse_args(kind: str, argv: list[str]) -> dict[str, Any]:

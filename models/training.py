@@ -93,7 +93,7 @@ class TrainConfig:
         return cls(**known)
 
 
-from .flags import DEFAULT_LR  # noqa: E402  (one table of defaults, shared with the CLI)
+from .flags import DEFAULT_LR, PRESET_KEYS, apply_preset  # noqa: E402  (defaults shared with the CLI)
 
 
 # ---- events ---------------------------------------------------------------------------------
@@ -420,7 +420,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
     """Load data, train, write predictions/metrics/model atomically; returns the exit code."""
+    try:  # --preset fills the hyperparameters not given on the command line (models/flags.py)
+        params = apply_preset(kind, params)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     cfg = TrainConfig.from_params({"init_lr": DEFAULT_LR[kind], **params})
+    if params.get("preset", "seed") != "seed":
+        reporter.info(f"preset {params['preset']}: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in PRESET_KEYS))
     try:  # combinations the flag parser cannot judge alone (e.g. nesterov needs momentum > 0)
         make_optimizer(cfg.optimizer, {"probe": np.zeros(1)}, cfg.init_lr, momentum=cfg.momentum,
                        weight_decay=cfg.weight_decay)
