@@ -166,9 +166,11 @@ class Optimizer:
             p = self.params.get(name)
             if p is None:
                 continue
-            if isinstance(g, RowSparse) and g.shape == p.shape and self._rows_only():
-                self._update_rows(p, g)
-                continue
+            if isinstance(g, RowSparse) and g.shape == p.shape:
+                if self._rows_only():
+                    self._update_rows(p, g)
+                    continue
+                g = self._densify(name, g)
             g = np.asarray(g)
             if g.shape != p.shape:
                 raise ValueError(
@@ -188,6 +190,25 @@ class Optimizer:
     def _rows_only(self) -> bool:
         """Whether a row-sparse gradient can update just its rows (no state, no decay)."""
         return False
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: Any, kind: str = "tmp") -> np.ndarray:
+        """A per-parameter work array, reused across steps.
+
+        Large temporaries allocated afresh every step are mapped and unmapped by
+        the allocator each time (page faults dominated Adam on a 5000x128 weight).
+        """
+        buffers = self.__dict__.setdefault("_buffers", {})
+        buf = buffers.get((kind, name))
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = buffers[(kind, name)] = np.empty(shape, dtype)
+        return buf
+
+    def _densify(self, name: str, g: RowSparse) -> np.ndarray:
+        """The dense matrix of a row-sparse gradient, in a reused buffer."""
+        dense = self._scratch(name, g.shape, g.dtype, "dense")
+        dense.fill(0)
+        dense[g.rows] = g.values
+        return dense
 
     def _update_rows(self, p: np.ndarray, g: RowSparse) -> None:
         raise NotImplementedError
@@ -339,16 +360,23 @@ class Adam(Optimizer):
         self._steps[name] = t
         m = self._state["exp_avg"][name]
         v = self._state["exp_avg_sq"][name]
+        tmp = self._scratch(name, g.shape, np.result_type(g, m))
         m *= b1
-        m += (1.0 - b1) * g
+        np.multiply(1.0 - b1, g, out=tmp)
+        m += tmp
         v *= b2
-        v += (1.0 - b2) * (g * g)
+        np.multiply(g, g, out=tmp)
+        tmp *= 1.0 - b2
+        v += tmp
         bias1 = 1.0 - b1**t
         bias2 = 1.0 - b2**t
-        denom = np.sqrt(v)
+        denom = self._scratch(name, v.shape, v.dtype, "denom")
+        np.sqrt(v, out=denom)
         denom /= math.sqrt(bias2)
         denom += self.eps
-        p -= (lr / bias1) * (m / denom)
+        np.divide(m, denom, out=denom)
+        denom *= lr / bias1
+        p -= denom
 
 
 class AdamW(Adam):
