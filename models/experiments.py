@@ -832,14 +832,10 @@ def parse_int_list(text: str) -> tuple[int, ...]:
 
 
 def parse_positive_int(text: str) -> int:
-    """A whole number >= 1 (an argparse ``type=``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    """A whole number >= 1 (an argparse ``type=``): the training flags' own check."""
+    from .flags import positive_int
+
+    return positive_int(text)
 
 
 # ---- the report -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from symdiff.optim import OPTIMIZERS, SCHEDULES
 
@@ -15,54 +15,27 @@ from .data import DEFAULT_DATASET
 DEFAULT_LR = {"mlp": 0.05, "lstm": 0.5}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``convert`` the text, then require ``ok(value)`` (``rule`` says what)."""
+    what = "a whole number" if convert is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):  # nan fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 1:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, "at least 1")
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_unit_float = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+_seed = _checked(int, lambda v: v >= 0, "0 or more")
 
 
 def _one_line_error(parser: argparse.ArgumentParser) -> Any:
@@ -125,14 +98,14 @@ def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     """The seed's flags (same names and defaults) plus symdiff's own."""
     p.error = _one_line_error(p)  # type: ignore[method-assign]
     p.set_defaults(**{GIVEN: ()})
-    p.add_argument("--max_len", action=_Given, type=_positive_int, default=10,
+    p.add_argument("--max_len", action=_Given, type=positive_int, default=10,
                    help="characters per title (default 10)")
-    p.add_argument("--num_hid", action=_Given, type=_positive_int, default=50, help="hidden units (default 50)")
-    p.add_argument("--batch_size", action=_Given, type=_positive_int, default=64,
+    p.add_argument("--num_hid", action=_Given, type=positive_int, default=50, help="hidden units (default 50)")
+    p.add_argument("--batch_size", action=_Given, type=positive_int, default=64,
                    help="minibatch size (default 64)")
     p.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="path prefix of <prefix>.train/.valid/.test, or a shipped name (default: demo)")
-    p.add_argument("--epochs", action=_Given, type=_positive_int, default=15, help="training epochs (default 15)")
+    p.add_argument("--epochs", action=_Given, type=positive_int, default=15, help="training epochs (default 15)")
     p.add_argument("--init_lr", action=_Given, type=_positive_float, default=DEFAULT_LR[kind],
                    help=f"learning rate (default {DEFAULT_LR[kind]})")
     p.add_argument("--output_file", default="output.npy", help="test-set probabilities, np.save (default output.npy)")
@@ -155,7 +128,7 @@ def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
                    help="clip the global gradient norm to this")
     p.add_argument("--schedule", action=_Given, choices=SCHEDULES, default="constant",
                    help="learning-rate schedule")
-    p.add_argument("--patience", action=_Given, type=_positive_int, default=None,
+    p.add_argument("--patience", action=_Given, type=positive_int, default=None,
                    help="stop when validation loss has not improved for this many epochs")
     p.add_argument("--preset", choices=tuple(PRESET_NAMES), default="seed",
                    help="seed (default): the seed's defaults above; best: the tuned values for this model "
