@@ -44,20 +44,25 @@ class RichReporter:
                            f"valid acc {r.valid_accuracy:.4f}  [dim]({r.train_seconds:.2f}s)[/]{mark}")
 
     def info(self, text: str) -> None:
-        self.console.print(f"[dim]{text}[/]", highlight=False)
+        from rich.markup import escape  # messages quote data (titles, labels, paths): never markup
+
+        self.console.print(f"[dim]{escape(text)}[/]", highlight=False)
 
     def warn(self, text: str) -> None:
-        self.console.print(f"[bold yellow]warning:[/] {text}", highlight=False)
+        from rich.markup import escape
+
+        self.console.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False)
 
     def finish(self, summary: dict[str, Any]) -> None:
         from rich.table import Table
+        from rich.text import Text  # values such as paths are data, never markup
 
         self.progress.stop()
         table = Table(title="result")
         table.add_column("")
         table.add_column("value", justify="right")
         for k, v in summary.items():
-            table.add_row(k.replace("_", " "), f"{v:.4f}" if isinstance(v, float) else str(v))
+            table.add_row(k.replace("_", " "), Text(f"{v:.4f}" if isinstance(v, float) else str(v)))
         self.console.print(table)
 
     def close(self) -> None:
