@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .graph import Step, XMan
-from .onehot import OneHot
+from .onehot import OneHot, RowSparse
 from .passes import DEFAULT_PASSES, PASSES
 from .registry import MULTI_OPS, get_op, sum_to_shape
 
@@ -206,13 +206,15 @@ class Program:
         for name in self.params:
             k = self.slot[name]
             a = g[k]
-            if not isinstance(a, np.ndarray):
+            memory = a.values if isinstance(a, RowSparse) else a  # a row-sparse gradient's memory is its rows
+            if not isinstance(memory, np.ndarray):
                 continue
-            same = taken.setdefault(id(_owner(a)), [])
-            if any(np.shares_memory(a, b) for b in same):
+            same = taken.setdefault(id(_owner(memory)), [])
+            if any(np.shares_memory(memory, b) for b in same):
                 a = g[k] = a.copy()
-                same = taken.setdefault(id(a), [])
-            same.append(a)
+                memory = a.values if isinstance(a, RowSparse) else a
+                same = taken.setdefault(id(memory), [])
+            same.append(memory)
         return g
 
     def _error(self, k: int, exc: Exception, v: Sequence[Any], phase: str) -> SymdiffError:
@@ -255,7 +257,7 @@ def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, .
     def run(g: list[Any], v: list[Any]) -> None:
         deltas = [0 if g[s] is None else g[s] for s in out_slots]
         args = (*deltas, *[v[s] for s in results], *[v[i] for i in ins])
-        if per_term is not None and len({d.shape for d in deltas if isinstance(d, np.ndarray)}) > 1:
+        if per_term is not None and len({d.shape for d in deltas if hasattr(d, "shape")}) > 1:
             # outputs of different shapes (one broadcast, one not): the terms of each input's
             # gradient are summed back to its shape one by one, or a broadcast term is over-counted
             terms = per_term(needed)(*args)

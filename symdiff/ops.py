@@ -39,12 +39,16 @@ def _mul(a: Any, b: np.ndarray) -> np.ndarray:
 
 
 def _mul_da(delta: np.ndarray, out: Any, a: Any, b: np.ndarray) -> np.ndarray:
+    if np.ndim(b) == 1:  # matrix-vector (or vector-vector) product: delta has lost b's axis
+        return np.multiply.outer(delta, b) if np.ndim(a) == 2 else delta * b
     return delta @ b.T
 
 
-def _mul_db(delta: np.ndarray, out: Any, a: Any, b: np.ndarray) -> np.ndarray:
+def _mul_db(delta: np.ndarray, out: Any, a: Any, b: np.ndarray) -> Any:
     if isinstance(a, OneHot):
         return a.rmatmul_grad(delta)
+    if np.ndim(a) == 1:  # vector-matrix (or vector-vector) product: delta has lost a's axis
+        return np.multiply.outer(a, delta) if np.ndim(b) == 2 else delta * a
     return a.T @ delta
 
 
@@ -132,109 +136,88 @@ for _op in STRUCTURAL:
 
 
 # ---- multi-output structural ops, made by the merge_matmuls pass ---------------------------
-class Concat:
-    """``hconcat{k}``: k matrices with one row count side by side, and their column offsets.
+class Stack:
+    """``hconcat{k}`` (side by side, ``axis=1``) / ``vconcat{k}`` (on top, ``axis=0``) of k operands.
 
-    The offsets (a small integer array, a second output) tell ``split{k}`` where
-    to cut, so operands of different widths merge too.
+    The second output, the *layout*, holds the offsets at which the matching
+    ``split{k}``/``rsplit{k}`` cuts (so operands of different widths merge) and
+    which operands were vectors (a vector is one column, or one row). One-hot
+    parts of one depth stacked by rows stay one-hot, so the product that
+    follows is still a gather and its weight gradient one scatter-add.
     """
 
     nondifferentiable: tuple[int, ...] = ()
 
-    def __init__(self, k: int) -> None:
-        self.name, self.n_inputs, self.n_deltas = f"hconcat{k}", k, 1
-
-    def forward(self, *parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if any(np.ndim(p) != 2 or np.shape(p)[0] != np.shape(parts[0])[0] for p in parts):
-            raise ValueError(f"{self.name} needs matrices with one row count, got {[np.shape(p) for p in parts]}")
-        offsets = np.cumsum([0, *(p.shape[1] for p in parts)])
-        return np.concatenate(parts, axis=1), offsets
-
-    def backward(self, needed: tuple[bool, ...]) -> Any:
-        def bp(delta: np.ndarray, cat: np.ndarray, offsets: np.ndarray, *parts: np.ndarray) -> tuple[np.ndarray, ...]:
-            return tuple(delta[:, offsets[j]:offsets[j + 1]] for j, need in enumerate(needed) if need)
-
-        return bp
-
-
-class Split:
-    """``split{k}``: a matrix cut into k column blocks (views) at the offsets of an ``hconcat``."""
-
-    nondifferentiable: tuple[int, ...] = (1,)  # the offsets
-
-    def __init__(self, k: int) -> None:
-        self.name, self.n_inputs, self.n_deltas = f"split{k}", 2, k
-
-    def forward(self, m: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(m[:, offsets[j]:offsets[j + 1]] for j in range(self.n_deltas))
-
-    def backward(self, needed: tuple[bool, ...]) -> Any:
-        k = self.n_deltas
-
-        def bp(*args: Any) -> tuple[np.ndarray]:
-            deltas, blocks, m = args[:k], args[k:2 * k], args[2 * k]
-            if any(not isinstance(d, np.ndarray) for d in deltas):  # a block that got no gradient
-                deltas = tuple(d if isinstance(d, np.ndarray) else np.zeros_like(b) for d, b in zip(deltas, blocks))
-            return (np.concatenate(deltas, axis=1),)
-
-        return bp
-
-
-class VConcat:
-    """``vconcat{k}``: k matrices with one column count stacked, and their row offsets.
-
-    One-hot parts of one depth stay one-hot, so the product that follows is
-    still a gather and its weight gradient a single scatter-add.
-    """
-
-    nondifferentiable: tuple[int, ...] = ()
-
-    def __init__(self, k: int) -> None:
-        self.name, self.n_inputs, self.n_deltas = f"vconcat{k}", k, 1
+    def __init__(self, k: int, axis: int) -> None:
+        self.name = f"{'hconcat' if axis else 'vconcat'}{k}"
+        self.n_inputs, self.n_deltas, self.axis = k, 1, axis
 
     def forward(self, *parts: Any) -> tuple[Any, np.ndarray]:
-        offsets = np.cumsum([0, *(p.shape[0] for p in parts)])
-        if all(isinstance(p, OneHot) for p in parts) and len({p.depth for p in parts}) == 1:
-            return OneHot.vstack(list(parts)), offsets
+        k, axis = self.n_inputs, self.axis
+        if axis == 0 and all(isinstance(p, OneHot) for p in parts) and len({p.depth for p in parts}) == 1:
+            return OneHot.vstack(list(parts)), np.array([np.cumsum([0, *(p.shape[0] for p in parts)]), [0] * (k + 1)])
         dense = [np.asarray(p) for p in parts]
-        if any(d.ndim != 2 or d.shape[1] != dense[0].shape[1] for d in dense):
-            raise ValueError(f"{self.name} needs matrices with one column count, got {[d.shape for d in dense]}")
-        return np.concatenate(dense), offsets
+        if any(d.ndim not in (1, 2) for d in dense):
+            raise ValueError(f"{self.name} needs vectors or matrices, got shapes {[d.shape for d in dense]}")
+        flags = [d.ndim == 1 for d in dense]
+        dense = [np.expand_dims(d, axis) if d.ndim == 1 else d for d in dense]
+        if len({d.shape[1 - axis] for d in dense}) != 1:
+            raise ValueError(f"{self.name} needs operands that agree along axis {1 - axis}, got shapes "
+                             f"{[np.shape(p) for p in parts]}")
+        offsets = np.cumsum([0, *(d.shape[axis] for d in dense)])
+        return np.concatenate(dense, axis=axis), np.array([offsets, [*flags, 0]])
 
     def backward(self, needed: tuple[bool, ...]) -> Any:
-        def bp(delta: np.ndarray, stacked: Any, offsets: np.ndarray, *parts: Any) -> tuple[np.ndarray, ...]:
-            return tuple(delta[offsets[j]:offsets[j + 1]] for j, need in enumerate(needed) if need)
+        axis = self.axis
+
+        def bp(delta: Any, stacked: Any, layout: np.ndarray, *parts: Any) -> tuple[Any, ...]:
+            out = []
+            for j, need in enumerate(needed):
+                if need:
+                    a, b = layout[0, j], layout[0, j + 1]
+                    cut = a if layout[1, j] else slice(a, b)
+                    out.append(delta[:, cut] if axis else delta[cut])
+            return tuple(out)
 
         return bp
 
 
-class RSplit:
-    """``rsplit{k}``: a matrix cut into k row blocks (views) at the offsets of a ``vconcat``."""
+class Cut:
+    """``split{k}`` (last axis) / ``rsplit{k}`` (first axis): a product cut back into k blocks (views)."""
 
-    nondifferentiable: tuple[int, ...] = (1,)
+    nondifferentiable: tuple[int, ...] = (1,)  # the layout
 
-    def __init__(self, k: int) -> None:
-        self.name, self.n_inputs, self.n_deltas = f"rsplit{k}", 2, k
+    def __init__(self, k: int, axis: int) -> None:
+        self.name = f"{'split' if axis else 'rsplit'}{k}"
+        self.n_inputs, self.n_deltas, self.axis = 2, k, axis
 
-    def forward(self, m: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(m[offsets[j]:offsets[j + 1]] for j in range(self.n_deltas))
+    def _index(self, layout: np.ndarray, j: int) -> Any:
+        a, b = layout[0, j], layout[0, j + 1]
+        cut = a if layout[1, j] else slice(a, b)
+        return (Ellipsis, cut) if self.axis else cut
+
+    def forward(self, m: np.ndarray, layout: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(m[self._index(layout, j)] for j in range(self.n_deltas))
 
     def backward(self, needed: tuple[bool, ...]) -> Any:
         k = self.n_deltas
+        axis = -1 if self.axis else 0
 
         def bp(*args: Any) -> tuple[np.ndarray]:
-            deltas, blocks = args[:k], args[k:2 * k]
-            if any(not isinstance(d, np.ndarray) for d in deltas):
-                deltas = tuple(d if isinstance(d, np.ndarray) else np.zeros_like(b) for d, b in zip(deltas, blocks))
-            return (np.concatenate(deltas),)
+            deltas, blocks, layout = args[:k], args[k:2 * k], args[2 * k + 1]
+            # a block that got no gradient arrives as the placeholder 0 (a RowSparse is a real gradient)
+            parts = [np.zeros_like(blk) if isinstance(d, (int, float)) else d for d, blk in zip(deltas, blocks)]
+            parts = [np.expand_dims(d, axis) if layout[1, j] else d for j, d in enumerate(parts)]
+            return (np.concatenate(parts, axis=axis),)
 
         return bp
 
 
-MULTI_KINDS = {"hconcat": Concat, "split": Split, "vconcat": VConcat, "rsplit": RSplit}
+MULTI_KINDS = {"hconcat": (Stack, 1), "split": (Cut, 1), "vconcat": (Stack, 0), "rsplit": (Cut, 0)}
 
 
 def multi_op(kind: str, k: int) -> Any:
     """The ``hconcat{k}``/``split{k}``/``vconcat{k}``/``rsplit{k}`` op, registered on first use."""
-    op = MULTI_KINDS[kind](k)
+    cls, axis = MULTI_KINDS[kind]
+    op = cls(k, axis)
     return MULTI_OPS.setdefault(op.name, op)

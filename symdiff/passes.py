@@ -81,7 +81,7 @@ def _merge_products(steps: list[Step], by_right: bool) -> list[Step]:
             ks = groups[k]
             parts = tuple(steps[j].inputs[other] for j in ks)
             cat = f"{kind}({','.join(parts)})"
-            offsets = f"offsets({cat})"
+            offsets = f"layout({cat})"
             if cat not in stacked:
                 out.append(Step((cat, offsets), multi_op(kind, len(ks)).name, parts))
                 stacked.add(cat)

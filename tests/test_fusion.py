@@ -185,3 +185,81 @@ def test_a_user_op_fuses_and_its_gradient_is_derived_through_the_group():
     program = Autograd(xm).compile(w)
     assert any(s.op.startswith("fused") and "fusion_test_softplus" in s.op for s in program.steps)
     assert grad_check(xm, w, max_elements=None).ok
+
+
+# ---- merge_matmuls edge cases ----------------------------------------------------------------
+def _param_grads(xm, inputs, **kw):
+    w = xm.operationSequence(xm.loss)
+    program = Autograd(xm, **kw).compile(w)
+    values = program.forward(inputs)
+    g = program.backward(values, {"loss": np.float64(1.0)})
+    return {n: g[program.slot[n]] for n in program.params}
+
+
+def test_row_sparse_gradient_through_a_split_is_not_dropped():
+    """X·(P·Q1) + X·(P·Q2) with one-hot X: the merged product's gradient blocks are row-sparse."""
+    from symdiff import OneHot
+
+    rng = np.random.default_rng(0)
+    xm = XMan()
+    xm.X = f.input(name="X")
+    xm.P = f.param(name="P", default=rng.normal(size=(6, 3)))
+    xm.Q1 = f.param(name="Q1", default=rng.normal(size=(3, 4)))
+    xm.Q2 = f.param(name="Q2", default=rng.normal(size=(3, 4)))
+    xm.loss = f.mean(f.square(xm.X * (xm.P * xm.Q1) + xm.X * (xm.P * xm.Q2)))
+    xm.setup()
+    inputs = {**xm.inputDict(), "X": OneHot(rng.integers(-1, 6, size=(5, 1)), 6)}
+    plain = _param_grads(xm, inputs, passes=(), fuse=False)
+    fast = _param_grads(xm, inputs)
+    for name in plain:
+        assert np.abs(np.asarray(plain[name])).sum() > 0
+        np.testing.assert_allclose(np.asarray(fast[name]), np.asarray(plain[name]), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_row_sparse_param_gradients_do_not_share_memory(fuse):
+    """X·(W1 + W2): add hands the same row-sparse delta to both params; clipping must scale each once."""
+    from symdiff import OneHot
+    from symdiff.optim import clip_grad_norm
+
+    rng = np.random.default_rng(1)
+    xm = XMan()
+    xm.X = f.input(name="X")
+    xm.W1 = f.param(name="W1", default=rng.normal(size=(6, 3)))
+    xm.W2 = f.param(name="W2", default=rng.normal(size=(6, 3)))
+    xm.loss = f.mean(f.square(xm.X * (xm.W1 + xm.W2)))
+    xm.setup()
+    grads = _param_grads(xm, {**xm.inputDict(), "X": OneHot(rng.integers(0, 6, size=(5, 1)), 6)}, fuse=fuse)
+    assert clip_grad_norm(grads, 0.1) > 0.1
+    total = np.sqrt(sum(float(np.sum(np.asarray(g) ** 2)) for g in grads.values()))
+    assert total == pytest.approx(0.1, rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["matrix-vector", "vector-matrix", "vectors-stacked"])
+def test_products_with_vector_operands_merge_and_differentiate(case):
+    rng = np.random.default_rng(2)
+    xm = XMan()
+    if case == "matrix-vector":      # A·v1 + A·v2: merged by columns, each product a vector
+        xm.A = f.input(name="A", default=rng.normal(size=(4, 3)))
+        xm.v1 = f.param(name="v1", default=rng.normal(size=3))
+        xm.v2 = f.param(name="v2", default=rng.normal(size=3))
+        xm.loss = f.mean(f.square(xm.A * xm.v1 + xm.A * xm.v2))
+    elif case == "vector-matrix":    # u·B1 + u·B2
+        xm.u = f.input(name="u", default=rng.normal(size=3))
+        xm.B1 = f.param(name="B1", default=rng.normal(size=(3, 4)))
+        xm.B2 = f.param(name="B2", default=rng.normal(size=(3, 4)))
+        xm.loss = f.mean(f.square(xm.u * xm.B1 + xm.u * xm.B2))
+    else:                            # u1·B + u2·B: merged by rows
+        xm.u1 = f.param(name="u1", default=rng.normal(size=3))
+        xm.u2 = f.param(name="u2", default=rng.normal(size=3))
+        xm.B = f.param(name="B", default=rng.normal(size=(3, 4)))
+        xm.loss = f.mean(f.square(xm.u1 * xm.B + xm.u2 * xm.B))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    assert any(s.op.startswith(("split", "rsplit")) for s in Autograd(xm).compile(w).steps)
+    plain = _param_grads(xm, xm.inputDict(), passes=(), fuse=False)
+    fast = _param_grads(xm, xm.inputDict())
+    for name in plain:
+        np.testing.assert_allclose(fast[name], plain[name], rtol=1e-12, atol=1e-14)
+    assert grad_check(xm, w, max_elements=None).ok
+    assert grad_check(xm, w, passes=(), fuse=False, max_elements=None).ok
