@@ -171,13 +171,9 @@ class Stack:
         axis = self.axis
 
         def bp(delta: Any, stacked: Any, layout: np.ndarray, *parts: Any) -> tuple[Any, ...]:
-            out = []
-            for j, need in enumerate(needed):
-                if need:
-                    a, b = layout[0, j], layout[0, j + 1]
-                    cut = a if layout[1, j] else slice(a, b)
-                    out.append(delta[:, cut] if axis else delta[cut])
-            return tuple(out)
+            offsets, vectors = layout.tolist()
+            cuts = [a if v else slice(a, b) for a, b, v, need in zip(offsets, offsets[1:], vectors, needed) if need]
+            return tuple(delta[:, c] for c in cuts) if axis else tuple(delta[c] for c in cuts)
 
         return bp
 
@@ -191,13 +187,12 @@ class Cut:
         self.name = f"{'split' if axis else 'rsplit'}{k}"
         self.n_inputs, self.n_deltas, self.axis = 2, k, axis
 
-    def _index(self, layout: np.ndarray, j: int) -> Any:
-        a, b = layout[0, j], layout[0, j + 1]
-        cut = a if layout[1, j] else slice(a, b)
-        return (Ellipsis, cut) if self.axis else cut
-
     def forward(self, m: np.ndarray, layout: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(m[self._index(layout, j)] for j in range(self.n_deltas))
+        offsets, vectors = layout.tolist()  # plain ints: indexing with numpy scalars is slower
+        cuts = [a if v else slice(a, b) for a, b, v in zip(offsets, offsets[1:], vectors)]
+        if self.axis:
+            return tuple(m[..., c] for c in cuts)
+        return tuple(m[c] for c in cuts)
 
     def backward(self, needed: tuple[bool, ...]) -> Any:
         k = self.n_deltas
@@ -207,7 +202,8 @@ class Cut:
             deltas, blocks, layout = args[:k], args[k:2 * k], args[2 * k + 1]
             # a block that got no gradient arrives as the placeholder 0 (a RowSparse is a real gradient)
             parts = [np.zeros_like(blk) if isinstance(d, (int, float)) else d for d, blk in zip(deltas, blocks)]
-            parts = [np.expand_dims(d, axis) if layout[1, j] else d for j, d in enumerate(parts)]
+            if layout[1].any():
+                parts = [np.expand_dims(d, axis) if v else d for d, v in zip(parts, layout[1].tolist())]
             return (np.concatenate(parts, axis=axis),)
 
         return bp
