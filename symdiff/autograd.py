@@ -294,7 +294,8 @@ class Autograd:
             raise ValueError(f"unknown pass(es) {unknown}; available: {sorted(PASSES)}")
         self.passes = tuple(p for p in passes if p != "fuse_elementwise") + (("fuse_elementwise",) if fuse else ())
         self.counters = Counters()
-        self._programs: dict[int, tuple[Sequence[Step], Program]] = {}
+        self._programs: dict[tuple[Step, ...], Program] = {}
+        self._last: tuple[Sequence[Step], Program] | None = None
 
     @property
     def forward_steps(self) -> int:
@@ -308,16 +309,25 @@ class Autograd:
         self.counters.forward_steps = self.counters.backward_steps = 0
 
     def compile(self, wengert: Sequence[Step]) -> Program:
-        """The compiled program for ``wengert`` (cached; do not mutate a list after use)."""
-        cached = self._programs.get(id(wengert))
-        if cached is not None and cached[0] is wengert:
-            return cached[1]
-        steps = [Step(*s) if not isinstance(s, Step) else s for s in wengert]
-        keep = self.xman.named()
-        for name in self.passes:
-            steps = PASSES[name](steps, keep=keep)
-        program = Program(steps, self.xman.params(), self.counters)
-        self._programs[id(wengert)] = (wengert, program)  # keeps the list alive, so ids stay unique
+        """The compiled program for ``wengert``, cached by its steps.
+
+        The list last compiled is also remembered by identity, so calling ``eval``
+        and ``bprop`` with the same list costs no hashing; a list rebuilt every
+        step (``operationSequence`` in the loop) finds its program by content and
+        is not compiled again. Do not mutate a list after use.
+        """
+        last = self._last
+        if last is not None and last[0] is wengert:
+            return last[1]
+        key = tuple(s if isinstance(s, Step) else Step(*s) for s in wengert)
+        program = self._programs.get(key)
+        if program is None:
+            steps = list(key)
+            keep = self.xman.named()
+            for name in self.passes:
+                steps = PASSES[name](steps, keep=keep)
+            program = self._programs[key] = Program(steps, self.xman.params(), self.counters)
+        self._last = (wengert, program)
         return program
 
     def eval(self, wengert: Sequence[Step], inputDict: Mapping[str, Any]) -> Values:

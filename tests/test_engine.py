@@ -767,3 +767,20 @@ def test_two_registers_with_the_same_name_fail_at_setup():
     xm.c = xm.a + xm.b
     with pytest.raises(ValueError, match="'w'"):
         xm.setup()
+
+
+def test_a_wengert_list_rebuilt_every_step_is_compiled_once():
+    """Seed-style loops call operationSequence inside the loop: the program is found by content."""
+    rng = np.random.default_rng(3)
+    xm = XMan()
+    xm.x = f.input(name="x", default=rng.normal(size=(2, 3)))
+    xm.W = f.param(name="W", default=rng.normal(size=(3, 3)))
+    xm.loss = f.mean(f.tanh(xm.x * xm.W))
+    xm.setup()
+    ad = Autograd(xm)
+    first = ad.compile(xm.operationSequence(xm.loss))
+    for _ in range(5):
+        w = xm.operationSequence(xm.loss)
+        assert ad.compile(w) is first
+        ad.bprop(w, ad.eval(w, xm.inputDict()), loss=np.float64(1.0))
+    assert ad.forward_steps == 5 * len(first.steps)
