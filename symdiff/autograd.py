@@ -18,9 +18,6 @@ from .passes import DEFAULT_PASSES, PASSES
 from .registry import MULTI_OPS, get_op, sum_to_shape
 
 
-def takes_onehot(op: str, j: int) -> bool:
-    """Whether input ``j`` of ``op`` takes a :class:`OneHot` value as it is (a gather, a stack of them)."""
-    return (op == "mul" and j == 0) or op.startswith("vconcat")
 
 
 class SymdiffError(ValueError):
@@ -69,7 +66,7 @@ class Program:
                 names.append(name)
             return slot[name]
 
-        outputs = {o for s in self.steps for o in _outputs(s)}
+        outputs = {o for s in self.steps for o in s.outputs}
         leaves: list[tuple[str, int]] = []
         for s in self.steps:
             for i in s.inputs:
@@ -88,7 +85,7 @@ class Program:
                 raise SymdiffError(f"step {s}: op {s.op!r} takes {arity} inputs, got {len(s.inputs)}")
             self.ops.append(op)
             ins = tuple(slot_of(i) for i in s.inputs)
-            for o in _outputs(s):
+            for o in s.outputs:
                 if o in slot:
                     raise SymdiffError(f"register {o!r} is computed twice or used before it is computed")
             out: Any = tuple(slot_of(o) for o in s.output) if isinstance(s.output, tuple) else slot_of(s.output)
@@ -99,8 +96,9 @@ class Program:
         # a OneHot value stays sparse only where a kernel expects one; anywhere else it is
         # handed over dense, as if the caller had passed the dense matrix
         sparse = {n for n, _ in leaves}
-        for s in self.steps:
-            sparse.difference_update(i for j, i in enumerate(s.inputs) if not takes_onehot(s.op, j))
+        for s, op in zip(self.steps, self.ops):
+            keeps = getattr(op, "onehot_inputs", ())
+            sparse.difference_update(i for j, i in enumerate(s.inputs) if j not in keeps)
         self.dense_leaves = {k for n, k in leaves if n not in sparse}
         params = set(params)
         self.params = [n for n, _ in leaves if n in params]
@@ -108,7 +106,7 @@ class Program:
         needs = {n for n in self.params}
         for s in self.steps:
             if any(i in needs for i in s.inputs):
-                needs.update(_outputs(s))
+                needs.update(s.outputs)
         self.needs_grad = needs
         self._backward_plans: dict[tuple[str, ...], tuple[list[tuple[Any, int]], int]] = {}
 
@@ -150,16 +148,12 @@ class Program:
         for s in key:
             if s not in self.slot:
                 raise SymdiffError(f"cannot backpropagate from {s!r}: it is not a register of this Wengert list")
-        live = set(key)  # registers the seeds depend on
-        for s in reversed(self.steps):
-            if any(o in live for o in _outputs(s)):
-                live.update(s.inputs)
-        written = set(key)
+        written = set(key)  # registers a gradient reaches, walking back from the seeds
         plan: list[tuple[Any, int]] = []
         count = 0
         for k in range(len(self.steps) - 1, -1, -1):
             s = self.steps[k]
-            outs = _outputs(s)
+            outs = s.outputs
             if not any(o in written for o in outs) or not any(o in self.needs_grad for o in outs):
                 continue
             _, o, ins = self.forward_plan[k]
@@ -221,7 +215,7 @@ class Program:
         s = self.steps[k]
         shapes = ", ".join(f"{i}{tuple(np.shape(v[self.slot[i]])) if v[self.slot[i]] is not None else '?'}"
                            for i in s.inputs)
-        out = ", ".join(s.output) if isinstance(s.output, tuple) else s.output
+        out = ", ".join(s.outputs)
         cls = ShapeError if "shape" in str(exc) or "broadcast" in str(exc) or "dimension" in str(exc) else SymdiffError
         return cls(f"{phase} of op {s.op!r} computing register {out!r} failed for inputs {shapes}: {exc}")
 
@@ -229,10 +223,6 @@ class Program:
 def _owner(a: np.ndarray) -> Any:
     """The object whose memory ``a`` uses (numpy collapses chains of views to it)."""
     return a if a.base is None else a.base
-
-
-def _outputs(s: Step) -> tuple[str, ...]:
-    return s.output if isinstance(s.output, tuple) else (s.output,)
 
 
 def _single_backward(bp: Any, o: int, ins: tuple[int, ...], target: int, accumulate: bool) -> Any:

@@ -103,6 +103,11 @@ class Step(NamedTuple):
     op: str
     inputs: tuple[str, ...]
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The registers this step computes (one, or several for a multi-output step)."""
+        return self.output if isinstance(self.output, tuple) else (self.output,)
+
     def __str__(self) -> str:
         if isinstance(self.output, tuple):
             mark = "   [fused]" if self.op.startswith("fused") else ""

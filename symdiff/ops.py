@@ -115,7 +115,8 @@ def _transpose_back(delta: np.ndarray, out: Any, a: np.ndarray) -> np.ndarray:
 
 
 STRUCTURAL = (
-    Op("mul", 2, _mul, (_mul_da, _mul_db), formula="a @ b (matrix product; one-hot a gathers rows of b)",
+    Op("mul", 2, _mul, (_mul_da, _mul_db), onehot_inputs=(0,),
+       formula="a @ b (matrix product; one-hot a gathers rows of b)",
        derivative_formulas=("delta @ b.T", "a.T @ delta (scatter-add for one-hot a)"),
        doc="matrix product, also written a * b and a @ b"),
     Op("softMax", 1, _softmax, (_softmax_back,), formula="exp(o - max o) / sum exp(o - max o), row-wise",
@@ -151,6 +152,7 @@ class Stack:
     def __init__(self, k: int, axis: int) -> None:
         self.name = f"{'hconcat' if axis else 'vconcat'}{k}"
         self.n_inputs, self.n_deltas, self.axis = k, 1, axis
+        self.onehot_inputs = tuple(range(k)) if axis == 0 else ()  # one-hot rows stack as one-hot
 
     def forward(self, *parts: Any) -> tuple[Any, np.ndarray]:
         k, axis = self.n_inputs, self.axis

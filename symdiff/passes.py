@@ -59,7 +59,7 @@ def merge_matmuls(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Ste
 def _merge_products(steps: list[Step], by_right: bool) -> list[Step]:
     from .ops import multi_op
 
-    produced = {o for s in steps for o in _outputs(s)}
+    produced = {o for s in steps for o in s.outputs}
     shared, other = (1, 0) if by_right else (0, 1)
     by_operand: dict[str, list[int]] = {}
     for k, s in enumerate(steps):
@@ -114,7 +114,7 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
     steps = list(steps)
     n = len(steps)
     fusable = [not isinstance(s.output, tuple) and _fusable(s.op) for s in steps]
-    producer = {o: k for k, s in enumerate(steps) for o in _outputs(s)}
+    producer = {o: k for k, s in enumerate(steps) for o in s.outputs}
     consumers: dict[str, list[int]] = {}
     for k, s in enumerate(steps):
         for i in s.inputs:
@@ -184,12 +184,8 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
     return _toposort(nodes)
 
 
-def _outputs(s: Step) -> tuple[str, ...]:
-    return s.output if isinstance(s.output, tuple) else (s.output,)
-
-
 def _users(steps: Sequence[Step], consumers: dict[str, list[int]], k: int) -> list[int]:
-    return [c for o in _outputs(steps[k]) for c in consumers.get(o, ())]
+    return [c for o in steps[k].outputs for c in consumers.get(o, ())]
 
 
 def _path_outside(steps: Sequence[Step], consumers: dict[str, list[int]], a: set[int], b: set[int]) -> bool:
@@ -215,7 +211,7 @@ def _toposort(nodes: list[tuple[int, Step]]) -> list[Step]:
 
     out_of: dict[str, int] = {}
     for idx, (_, s) in enumerate(nodes):
-        for name in (s.output if isinstance(s.output, tuple) else (s.output,)):
+        for name in s.outputs:
             out_of[name] = idx
     deps = [{out_of[i] for i in s.inputs if i in out_of} for _, s in nodes]
     users: dict[int, list[int]] = {}

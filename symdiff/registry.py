@@ -35,6 +35,8 @@ class Op:
     # names of hand-written forward/backward formulas, for `symdiff ops`
     formula: str = ""
     derivative_formulas: tuple[str, ...] = field(default_factory=tuple)
+    # inputs whose kernels take a symdiff.OneHot value as it is (a gather); elsewhere it is made dense
+    onehot_inputs: tuple[int, ...] = ()
 
     def __call__(self, *inputs: Any) -> Any:
         """Build a register computed by this op: ``gate(a, b)`` is ``f.gate(a, b)``."""
