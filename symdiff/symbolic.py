@@ -300,10 +300,14 @@ def _smoke_test(name: str, fn: Callable[..., Any], n_args: int, what: str) -> No
 
 
 def _keeps_float32(fn: Callable[..., Any], n_args: int) -> bool:
-    """Whether ``fn`` maps float32 arrays to float32 (checked once, at declaration)."""
+    """Whether ``fn`` maps float32 arrays to float32 results (checked once, at declaration).
+
+    ``fn`` may return one array or a list of them (a fused group's results).
+    """
     probe = [np.linspace(0.1 + 0.05 * k, 0.9, 4, dtype=np.float32) for k in range(n_args)]
     with np.errstate(all="ignore"):
-        return np.asarray(fn(*probe)).dtype == np.float32
+        out = fn(*probe)
+    return all(np.asarray(o).dtype == np.float32 for o in (out if isinstance(out, list) else [out]))
 
 
 def _backward_kernel(raw: Callable[..., Any], j: int) -> Callable[..., Any]:
@@ -446,10 +450,7 @@ class FusedKernel:
         uses = [sorted(deps[r]) for r in self.results]
         exact = all({self.inputs[k] for k in use} <= self.expressions[r].free_symbols
                     for r, use in zip(self.results, uses))
-        probe = [np.linspace(0.1 + 0.05 * k, 0.9, 4, dtype=np.float32) for k in range(spec.n_inputs)]
-        with np.errstate(all="ignore"):
-            exact = exact and all(np.asarray(o).dtype == np.float32 for o in self.forward(*probe))
-        if exact:
+        if exact and _keeps_float32(self.forward, spec.n_inputs):
             return
         raw = self.forward
 
