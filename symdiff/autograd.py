@@ -14,6 +14,7 @@ import numpy as np
 
 from .graph import Step, XMan
 from .onehot import OneHot, RowSparse
+from .ops import Blocks
 from .passes import DEFAULT_PASSES, PASSES
 from .registry import MULTI_OPS, get_op, sum_to_shape
 
@@ -282,7 +283,8 @@ class Autograd:
         unknown = [p for p in passes if p not in PASSES]
         if unknown:
             raise ValueError(f"unknown pass(es) {unknown}; available: {sorted(PASSES)}")
-        self.passes = tuple(p for p in passes if p != "fuse_elementwise") + (("fuse_elementwise",) if fuse else ())
+        fusion = ("fuse_blocks", "fuse_elementwise")
+        self.passes = tuple(p for p in passes if p not in fusion) + (fusion if fuse else ())
         self.counters = Counters()
         self._programs: dict[tuple[Step, ...], Program] = {}
         self._last: tuple[Sequence[Step], Program] | None = None
@@ -343,5 +345,6 @@ class Autograd:
             slots = [values[n] for n in program.names]
         grads = program.backward(slots, seeds)
         # one-hot weight gradients are row-sparse inside the engine; the public result is dense
+        # (and blocks that fuse_blocks could not lay side by side are internal: left out)
         return {n: g if isinstance(g, np.ndarray) else np.asarray(g)
-                for n, g in zip(program.names, grads) if g is not None}
+                for n, g in zip(program.names, grads) if g is not None and not isinstance(g, Blocks)}

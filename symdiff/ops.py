@@ -189,7 +189,9 @@ class Cut:
         self.name = f"{'split' if axis else 'rsplit'}{k}"
         self.n_inputs, self.n_deltas, self.axis = 2, k, axis
 
-    def forward(self, m: np.ndarray, layout: np.ndarray) -> tuple[np.ndarray, ...]:
+    def forward(self, m: Any, layout: np.ndarray | None) -> tuple[np.ndarray, ...]:
+        if layout is None:  # blocks that could not share one array (see Blocks)
+            return tuple(m)
         offsets, vectors = layout.tolist()  # plain ints: indexing with numpy scalars is slower
         cuts = [a if v else slice(a, b) for a, b, v in zip(offsets, offsets[1:], vectors)]
         if self.axis:
@@ -204,9 +206,182 @@ class Cut:
             deltas, blocks, layout = args[:k], args[k:2 * k], args[2 * k + 1]
             # a block that got no gradient arrives as the placeholder 0 (a RowSparse is a real gradient)
             parts = [np.zeros_like(blk) if isinstance(d, (int, float)) else d for d, blk in zip(deltas, blocks)]
+            if layout is None:
+                return (Blocks(parts),)
             if layout[1].any():
                 parts = [np.expand_dims(d, axis) if v else d for d, v in zip(parts, layout[1].tolist())]
             return (np.concatenate(parts, axis=axis),)
+
+        return bp
+
+
+class Blocks(list):
+    """Blocks that could not be laid side by side in one array (their leading shapes differ).
+
+    The horizontal-fusion ops fall back to one block at a time and pass a
+    ``Blocks`` list with layout ``None`` instead of an array and its layout;
+    :class:`Cut` hands the blocks out unchanged. Same results, no speed-up.
+    """
+
+    shape = None  # not an array: the compiler's shape checks leave it alone
+    dtype = None
+
+
+def _blocks(m: Any, layout: np.ndarray | None) -> list[Any]:
+    """The blocks of ``m`` along its last axis (``Blocks`` are already blocks)."""
+    if layout is None:
+        return list(m)
+    offsets, vectors = layout.tolist()
+    return [m[..., a if v else slice(a, b)] for a, b, v in zip(offsets, offsets[1:], vectors)]
+
+
+def _join(parts: list[Any], layout: np.ndarray | None) -> Any:
+    """Inverse of :func:`_blocks`: gradients of the blocks as one gradient of ``m``."""
+    if layout is None:
+        return Blocks(parts)
+    if layout[1].any():
+        parts = [np.expand_dims(d, -1) if v else d for d, v in zip(parts, layout[1].tolist())]
+    return np.concatenate(parts, axis=-1)
+
+
+class Concat:
+    """``cat{k}``: k operands side by side along their *last* axis (a bias per gate → one bias).
+
+    Unlike ``hconcat`` (right operands of a product, where a vector is a column)
+    this keeps numpy's broadcasting view: ``(H,)`` vectors join into ``(k·H,)``.
+    Operands whose leading shapes differ stay apart as :class:`Blocks`.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.name = f"cat{k}"
+        self.n_inputs, self.n_deltas = k, 1
+        self.nondifferentiable: tuple[int, ...] = ()
+
+    def forward(self, *parts: Any) -> tuple[Any, np.ndarray | None]:
+        dense = [np.asarray(p) for p in parts]
+        if any(d.ndim == 0 for d in dense) or len({d.shape[:-1] for d in dense}) != 1:
+            return Blocks(dense), None
+        offsets = np.cumsum([0, *(d.shape[-1] for d in dense)])
+        return np.concatenate(dense, axis=-1), np.array([offsets, [0] * len(offsets)])
+
+    def backward(self, needed: tuple[bool, ...]) -> Any:
+        def bp(delta: Any, joined: Any, layout: np.ndarray | None, *parts: Any) -> tuple[Any, ...]:
+            return tuple(d for d, need in zip(_blocks(delta, layout), needed) if need)
+
+        return bp
+
+
+class Blockwise:
+    """``blockwise[op]``: a binary elementwise op applied to two arrays cut into the same blocks.
+
+    Made by the ``fuse_blocks`` pass from ``op(a_j, b_j)`` for every block ``j``
+    of two cuts (an LSTM's four gate pre-activations ``x·W_g + h·U_g``, then
+    ``+ b_g``): one call on the whole ``(N, k·H)`` arrays instead of k calls on
+    strided views. The op's own (SymPy-derived) kernels do the work. When the
+    layouts differ (blocks of other widths, broadcasting per block) it falls
+    back to one block at a time, with the same results.
+    """
+
+    nondifferentiable = (1, 3)  # the layouts
+
+    def __init__(self, op_name: str) -> None:
+        from .registry import get_op
+
+        self.op = get_op(op_name)
+        self.name = f"blockwise[{op_name}]"
+        self.n_inputs, self.n_deltas = 4, 1
+        self._last: tuple[Any, Any, bool] = (None, None, False)
+
+    def _aligned(self, la: Any, lb: Any) -> bool:
+        last = self._last
+        if la is last[0] and lb is last[1]:  # the same layouts at every time step: compare once
+            return last[2]
+        same = (la is not None and lb is not None and la.shape == lb.shape
+                and bool((la == lb).all()) and not la[1].any())
+        self._last = (la, lb, same)
+        return same
+
+    def forward(self, a: Any, la: Any, b: Any, lb: Any) -> tuple[Any, np.ndarray | None]:
+        fn = self.op.forward
+        if self._aligned(la, lb):
+            return fn(a, b), la
+        return Blocks([fn(x, y) for x, y in zip(_blocks(a, la), _blocks(b, lb))]), None
+
+    def backward(self, needed: tuple[bool, ...]) -> Any:
+        da, db = self.op.backward
+
+        def bp(delta: Any, r: Any, lr: Any, a: Any, la: Any, b: Any, lb: Any) -> tuple[Any, ...]:
+            if lr is not None:  # aligned: whole arrays
+                return tuple(g(delta, r, a, b) for g, need in ((da, needed[0]), (db, needed[2])) if need)
+            per = list(zip(_blocks(delta, None), r, _blocks(a, la), _blocks(b, lb)))
+            out = []
+            if needed[0]:
+                out.append(_join([da(d, o, x, y) for d, o, x, y in per], la))
+            if needed[2]:
+                out.append(_join([db(d, o, x, y) for d, o, x, y in per], lb))
+            return tuple(out)
+
+        return bp
+
+
+class BlockMap:
+    """``blockmap[op1,op2,...]``: a unary elementwise op per block, one call per run of equal ops.
+
+    Made by the ``fuse_blocks`` pass when every block of a cut goes through a
+    unary op: an LSTM's gates ``[tanh, sigmoid, sigmoid, sigmoid]`` become one
+    ``tanh`` and one ``sigmoid`` over three blocks at once. It cuts as it goes:
+    its results are the k blocks (views), then each run's whole result, which
+    the backward pass hands to the op's output-form derivative.
+    """
+
+    nondifferentiable = (1,)
+
+    def __init__(self, op_names: tuple[str, ...]) -> None:
+        from .registry import get_op
+
+        self.ops = tuple(get_op(n) for n in op_names)
+        runs: list[tuple[Any, int, int]] = []  # (op, first block, one past the last block)
+        for j, op in enumerate(self.ops):
+            if runs and runs[-1][0] is op:
+                runs[-1] = (op, runs[-1][1], j + 1)
+            else:
+                runs.append((op, j, j + 1))
+        self.runs = runs
+        label = ",".join(f"{op.name}*{b - a}" if b - a > 1 else op.name for op, a, b in runs)
+        self.name = f"blockmap[{label}]"
+        self.n_inputs, self.n_deltas = 2, len(op_names)
+
+    def forward(self, s: Any, layout: Any) -> tuple[Any, ...]:
+        if layout is None:
+            blocks = [op.forward(x) for op, x in zip(self.ops, s)]
+            return (*blocks, *(Blocks(blocks[a:b]) for _, a, b in self.runs))
+        offsets, vectors = layout.tolist()
+        blocks: list[Any] = []
+        whole = []
+        for op, a, b in self.runs:
+            base = offsets[a]
+            t = op.forward(s[..., base:offsets[b]])
+            whole.append(t)
+            for j in range(a, b):
+                lo = offsets[j] - base
+                blocks.append(t[..., lo] if vectors[j] else t[..., lo:offsets[j + 1] - base])
+        return (*blocks, *whole)
+
+    def backward(self, needed: tuple[bool, ...]) -> Any:
+        k = self.n_deltas
+
+        def bp(*args: Any) -> tuple[Any, ...]:
+            deltas, blocks, whole, s, layout = args[:k], args[k:2 * k], args[2 * k:-2], args[-2], args[-1]
+            deltas = [np.zeros_like(blk) if isinstance(d, (int, float)) else d for d, blk in zip(deltas, blocks)]
+            if layout is None:
+                return (Blocks([op.backward[0](d, o, x) for op, d, o, x in zip(self.ops, deltas, blocks, s)]),)
+            offsets, vectors = layout.tolist()
+            parts = []
+            for (op, a, b), t in zip(self.runs, whole):
+                ds = [np.expand_dims(d, -1) if vectors[j] else d for j, d in zip(range(a, b), deltas[a:b])]
+                d = ds[0] if len(ds) == 1 else np.concatenate(ds, axis=-1)
+                parts.append(op.backward[0](d, t, s[..., offsets[a]:offsets[b]]))
+            return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1),)
 
         return bp
 
@@ -219,3 +394,15 @@ def multi_op(kind: str, k: int) -> Any:
     cls, axis = MULTI_KINDS[kind]
     op = cls(k, axis)
     return MULTI_OPS.setdefault(op.name, op)
+
+
+def block_op(kind: str, arg: Any) -> Any:
+    """The ``cat{k}`` (arg k), ``blockwise[op]`` (arg op name) or ``blockmap[...]`` (arg op names)
+    op of the ``fuse_blocks`` pass, registered on first use."""
+    op = {"cat": Concat, "blockwise": Blockwise, "blockmap": BlockMap}[kind](arg)
+    known = MULTI_OPS.get(op.name)
+    if known is not None and getattr(known, "ops", None) == getattr(op, "ops", None) \
+            and getattr(known, "op", None) is getattr(op, "op", None):
+        return known
+    MULTI_OPS[op.name] = op  # new, or an op it uses was redefined with replace=True
+    return op

@@ -93,6 +93,128 @@ def _merge_products(steps: list[Step], by_right: bool) -> list[Step]:
             out.append(s)
     return out
 
+def fuse_blocks(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Step]:
+    """Horizontal fusion: an elementwise op applied to every block of a cut runs once on the whole array.
+
+    After ``merge_matmuls`` an LSTM step computes ``x·[W_c W_f W_i W_o]`` and
+    ``h·[U_c U_f U_i U_o]``, cuts each into four gate blocks, and then adds,
+    biases and squashes block by block: sixteen numpy calls on strided views.
+    Three rewrites, repeated until none applies, lift that work above the cut:
+
+    * ``op(a_j, b_j)`` for every block ``j`` of two cuts of one kind → one
+      ``blockwise[op](A, layout_A, B, layout_B)``, then a cut;
+    * ``op(a_j, p_j)`` with leaf registers ``p_j`` (the biases) → the leaves
+      joined once by ``cat{k}``, then the same;
+    * a unary op on every block (``tanh``, ``sigmoid``, ``sigmoid``, ``sigmoid``)
+      → one ``blockmap[...]`` calling each op once per run of equal ops and
+      handing out the blocks.
+
+    The ops run their own registered kernels on bigger arrays; each block's
+    value is the same as before (elementwise ops do not mix positions), and a
+    layout mismatch found at run time falls back to one block at a time. Cut
+    outputs that are kept (named registers) or used twice are left alone.
+    """
+    steps = list(steps)
+    keep = set(keep)
+    while True:
+        rewritten = _fuse_blocks_round(steps, keep)
+        if rewritten is None:
+            return steps
+        steps = rewritten
+
+
+def _fuse_blocks_round(steps: list[Step], keep: set[str]) -> list[Step] | None:
+    """Apply every non-overlapping ``fuse_blocks`` rewrite found in ``steps`` once (None: none found)."""
+    import re
+
+    from .ops import block_op
+    from .registry import OPS
+
+    producer = {o: k for k, s in enumerate(steps) for o in s.outputs}
+    consumers: dict[str, list[int]] = {}
+    for k, s in enumerate(steps):
+        for i in dict.fromkeys(s.inputs):
+            consumers.setdefault(i, []).append(k)
+
+    def sole_user(name: str) -> int | None:
+        users = consumers.get(name, ())
+        return users[0] if len(users) == 1 and name not in keep else None
+
+    def is_cut(s: Step) -> bool:
+        return isinstance(s.output, tuple) and re.fullmatch(r"split\d+", s.op) is not None
+
+    taken: set[int] = set()
+    remove: set[int] = set()
+    insert: dict[int, list[Step]] = {}
+    made = {o for s in steps for o in s.outputs}
+    for k, cut in enumerate(steps):
+        if k in taken or not is_cut(cut):
+            continue
+        users = [sole_user(o) for o in cut.output]
+        if any(u is None or u in taken for u in users) or len(set(users)) != len(users):
+            continue
+        ops = [OPS.get(steps[u].op) for u in users]
+        if any(op is None or not op.elementwise for op in ops):
+            continue
+        outputs = tuple(steps[u].output for u in users)
+        at = min(users)
+        if all(op.arity == 1 for op in ops):
+            bm = block_op("blockmap", tuple(op.name for op in ops))
+            if len(bm.runs) == len(ops):
+                continue  # no two neighbouring blocks share an op: nothing to gain
+            wholes = tuple(f"stack({','.join(outputs[a:b])})" for _, a, b in bm.runs)
+            new = [Step((*outputs, *wholes), bm.name, cut.inputs)]
+            drop = {k}
+        elif all(op.arity == 2 for op in ops) and len({op.name for op in ops}) == 1:
+            # which side of each op the block is on, and what is on the other side
+            sides = []
+            for o, u in zip(cut.output, users):
+                a, b = steps[u].inputs
+                sides.append((0, b) if a == o else (1, a))
+            if len({side for side, _ in sides}) != 1:
+                continue
+            side = sides[0][0]
+            others = [other for _, other in sides]
+            pre: list[Step] = []
+            drop = {k}
+            if all(o not in made for o in others):  # leaves: join them once
+                cat = block_op("cat", len(others))
+                joined = f"cat({','.join(others)})"
+                pair = (joined, f"layout({joined})")
+                if joined not in made:
+                    pre.append(Step(pair, cat.name, tuple(others)))
+                    made.update(pair)
+            else:
+                j2 = producer.get(others[0])
+                if j2 is None or j2 in taken or steps[j2].op != cut.op or steps[j2].output != tuple(others):
+                    continue
+                if j2 != k and any(sole_user(o) != u for o, u in zip(others, users)):
+                    continue
+                pair = steps[j2].inputs
+                drop.add(j2)
+            mine = cut.inputs
+            a_pair, b_pair = (mine, pair) if side == 0 else (pair, mine)
+            bw = block_op("blockwise", ops[0].name)
+            r = f"stack({','.join(outputs)})"
+            new = [*pre, Step((r, f"layout({r})"), bw.name, (*a_pair, *b_pair)),
+                   Step(outputs, cut.op, (r, f"layout({r})"))]
+        else:
+            continue
+        taken.update(users)
+        taken.update(drop)
+        remove.update(users)
+        remove.update(drop)
+        insert.setdefault(at, []).extend(new)
+    if not insert:
+        return None
+    out: list[Step] = []
+    for k, s in enumerate(steps):
+        out.extend(insert.get(k, ()))
+        if k not in remove:
+            out.append(s)
+    return out
+
+
 def _fusable(op_name: str) -> bool:
     op = get_op(op_name)
     return op.elementwise and op.symbolic is not None
@@ -237,6 +359,7 @@ def _toposort(nodes: list[tuple[int, Step]]) -> list[Step]:
 PASSES: dict[str, Pass] = {
     "crossent_softmax": crossent_softmax,
     "merge_matmuls": merge_matmuls,
+    "fuse_blocks": fuse_blocks,
     "fuse_elementwise": fuse_elementwise,
 }
 

@@ -67,10 +67,15 @@ def _sigmoid(u: Any) -> Any:
     ``0.5 + 0.5*tanh(u/2)`` would cancel to 0 already below u = -37. Five cheap
     numpy calls in the common case: this is the LSTM's hottest kernel.
     """
-    with np.errstate(over="ignore"):
-        e = np.exp(np.negative(u))
-    if type(e) is not np.ndarray:  # a scalar
-        return 1 / (1 + e) if e != np.inf else np.exp(u)
+    e = np.negative(u)
+    if type(e) is not np.ndarray or e.dtype.kind != "f":  # a scalar, or integers
+        with np.errstate(over="ignore"):
+            e = np.exp(e)
+        if type(e) is not np.ndarray:
+            return 1 / (1 + e) if e != np.inf else np.exp(u)
+    else:
+        with np.errstate(over="ignore"):
+            np.exp(e, out=e)  # in place: one array fewer to allocate and write
     e += 1
     s = np.reciprocal(e, out=e)
     low = _EXP_OVERFLOWS_BELOW.get(s.dtype)

@@ -46,7 +46,7 @@ def test_models_agree_with_the_plain_step_list(kind, dense):
 def test_lstm_cell_derives_once_and_every_step_uses_it():
     model = build_model("lstm", {**DIMS, "max_len": 6}, seed=0)
     program = Autograd(model.xm).compile(model.xm.operationSequence(model.xm.register("loss")))
-    cells = [s.op for s in program.steps if s.op.startswith("fused") and "sigmoid" in s.op]
+    cells = [s.op for s in program.steps if s.op.startswith("fused") and "hadamard" in s.op]
     assert len(cells) == 6 and len(set(cells)) == 1
 
 
@@ -263,3 +263,116 @@ def test_products_with_vector_operands_merge_and_differentiate(case):
         np.testing.assert_allclose(fast[name], plain[name], rtol=1e-12, atol=1e-14)
     assert grad_check(xm, w, max_elements=None).ok
     assert grad_check(xm, w, passes=(), fuse=False, max_elements=None).ok
+
+
+# ---- fuse_blocks (horizontal fusion) ----------------------------------------------------------
+def _gates_graph(widths_w, widths_u, unary, *, bias=True, vector_w=False, dtype=np.float64, seed=0,
+                 name_first=False):
+    """k "gates" u_j(x·W_j + h·U_j [+ b_j]), their means added up: the LSTM's shape, any widths and ops.
+
+    Widths that differ between ``W_j`` and ``U_j`` broadcast per gate (width 1 against H), so the two
+    merged products are cut differently and ``blockwise`` must fall back to one block at a time.
+    """
+    rng = np.random.default_rng(seed)
+    xm = XMan()
+    x = f.input(name="x", default=rng.normal(size=(4, 3)).astype(dtype))
+    h = f.input(name="h", default=rng.normal(size=(4, 2)).astype(dtype))
+    gates = []
+    for j, (ww, wu, op) in enumerate(zip(widths_w, widths_u, unary)):
+        # vector_w: matrix-vector products, whose merged layout marks vector blocks
+        W = f.param(name=f"W{j}", default=rng.normal(size=(3,) if vector_w else (3, ww)).astype(dtype))
+        U = f.param(name=f"U{j}", default=rng.normal(size=(2,) if vector_w else (2, wu)).astype(dtype))
+        z = x * W + h * U
+        if bias:
+            z = z + f.param(name=f"b{j}", default=rng.normal(size=(max(ww, wu),)).astype(dtype))
+        if name_first and j == 0:
+            xm.pre0 = z  # the user looks at a pre-activation: it must stay visible
+        gates.append(getattr(f, op)(z))
+    out = f.mean(gates[0])
+    for g in gates[1:]:  # gates may differ in width: combine their means
+        out = out + f.mean(f.hadamard(g, g))
+    xm.loss = out
+    xm.setup()
+    return xm
+
+
+def _agree(xm, dtype=np.float64):
+    w = xm.operationSequence(xm.loss)
+    plain, fast = Autograd(xm, passes=(), fuse=False), Autograd(xm)
+    v0, v1 = plain.eval(w, xm.inputDict()), fast.eval(w, xm.inputDict())
+    assert v1["loss"].dtype == dtype
+    np.testing.assert_allclose(v1["loss"], v0["loss"], rtol=1e-10, atol=1e-12)
+    g0 = plain.bprop(w, v0, loss=np.ones((), dtype))
+    g1 = fast.bprop(w, v1, loss=np.ones((), dtype))
+    assert set(g1) >= set(xm.params())
+    for name in xm.params():
+        assert g1[name].dtype == dtype and g1[name].shape == g0[name].shape, name
+        np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10 if dtype == np.float64 else 1e-4,
+                                   atol=1e-12 if dtype == np.float64 else 1e-6, err_msg=name)
+    return [s.op for s in fast.compile(w).steps]
+
+
+def test_lstm_gates_become_two_adds_and_one_blockmap_per_step():
+    model = build_model("lstm", DIMS, seed=0)
+    ops = [s.op for s in Autograd(model.xm).compile(model.xm.operationSequence(model.xm.register("loss"))).steps]
+    M = DIMS["max_len"]
+    assert ops.count("blockwise[add]") == 2 * M
+    assert ops.count("blockmap[tanh,sigmoid*3]") == M
+    assert ops.count("cat4") == 1  # the four biases are joined once, not per step
+    assert not any(op.startswith("split") for op in ops)  # every gate block comes out of a blockmap
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_aligned_gates_run_on_whole_arrays_and_agree(dtype):
+    ops = _agree(_gates_graph([3, 3, 3], [3, 3, 3], ["tanh", "sigmoid", "sigmoid"], dtype=dtype), dtype)
+    assert ops.count("blockwise[add]") == 2 and "blockmap[tanh,sigmoid*2]" in ops
+
+
+def test_gates_cut_differently_fall_back_block_by_block():
+    # W1 is one column and U1 three (broadcast per gate), so the layouts differ at run time
+    ops = _agree(_gates_graph([3, 1], [3, 3], ["sigmoid", "sigmoid"]))
+    assert "blockwise[add]" in ops and "blockmap[sigmoid*2]" in ops
+
+
+def test_gates_with_biases_of_another_shape_fall_back():
+    xm = _gates_graph([2, 2], [2, 2], ["relu", "relu"], bias=False)
+    _agree(xm)
+    # a (1, H) bias next to an (H,) one cannot be joined into one vector: cat keeps them as blocks
+    rng = np.random.default_rng(4)
+    xm = XMan()
+    x = f.input(name="x", default=rng.normal(size=(4, 3)))
+    W1 = f.param(name="W1", default=rng.normal(size=(3, 2)))
+    W2 = f.param(name="W2", default=rng.normal(size=(3, 2)))
+    b1 = f.param(name="b1", default=rng.normal(size=(2,)))
+    b2 = f.param(name="b2", default=rng.normal(size=(1, 2)))
+    xm.loss = f.mean(f.hadamard(f.tanh(x * W1 + b1), f.tanh(x * W2 + b2)))
+    xm.setup()
+    ops = _agree(xm)
+    assert "cat2" in ops and "blockmap[tanh*2]" in ops
+
+
+def test_matrix_vector_products_fall_back_and_agree():
+    ops = _agree(_gates_graph([1, 1, 1], [1, 1, 1], ["tanh", "tanh", "sigmoid"], bias=False, vector_w=True))
+    assert "blockwise[add]" in ops and "blockmap[tanh*2,sigmoid]" in ops
+
+
+def test_a_named_gate_register_keeps_its_block():
+    xm = _gates_graph([2, 2], [2, 2], ["sigmoid", "sigmoid"], bias=False, name_first=True)
+    ops = _agree(xm)
+    assert not any(op.startswith("blockmap") for op in ops)  # pre0's block is not folded away
+    w = xm.operationSequence(xm.loss)
+    np.testing.assert_allclose(Autograd(xm).eval(w, xm.inputDict())["pre0"],
+                               Autograd(xm, passes=(), fuse=False).eval(w, xm.inputDict())["pre0"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 4).flatmap(lambda k: st.tuples(
+    st.lists(st.sampled_from([1, 2, 3]), min_size=k, max_size=k),
+    st.lists(st.sampled_from([1, 2, 3]), min_size=k, max_size=k),
+    st.lists(st.sampled_from(["tanh", "sigmoid", "relu", "square"]), min_size=k, max_size=k),
+    st.booleans())))
+def test_random_gate_graphs_agree_fused_and_unfused(case):
+    widths_w, widths_u, unary, bias = case
+    # per gate the two widths must broadcast (equal, or one of them 1)
+    widths_u = [wu if wu == ww or 1 in (wu, ww) else ww for ww, wu in zip(widths_w, widths_u)]
+    _agree(_gates_graph(widths_w, widths_u, unary, bias=bias))
