@@ -514,7 +514,9 @@ class FusedKernel:
                 continue
             g = sum((d * sp.diff(self.expressions[o], self.inputs[j])
                      for o, d in zip(self.spec.outputs, self.delta_symbols)), sp.S.Zero)
-            grads.append(stabilise(g).xreplace(to_result))
+            # factor_terms: c·δc + c·δh·o·(1-tanh²) → c·(δc + δh·o·(1-tanh²)), whose sum CSE then
+            # shares between all the gates' gradients (17 numpy calls per LSTM cell become 10)
+            grads.append(sp.factor_terms(stabilise(g).xreplace(to_result)))
         return tuple(grads)
 
     def backward(self, needed: tuple[bool, ...]) -> Callable[..., Any]:
