@@ -263,7 +263,7 @@ class Trainer:
                                       f"{batches}: training diverged. Try a smaller --init_lr "
                                       f"(now {optimizer.lr:g}) or --clip 5")
                     return result
-                g = program.backward(v, {"loss": one})
+                g = program.backward(v, {"loss": one}, params_only=True)
                 grads = {n: g[s] for n, s in param_slots}
                 if cfg.clip is not None:
                     clip_grad_norm(grads, cfg.clip)
