@@ -220,7 +220,8 @@ class Trainer:
         rowloss = np.empty(len(s), dtype=np.float64)
         params = self.model.params
         for b in D.minibatches(codes, labels, C, EVAL_BATCH, dtype=self.model.dtype):
-            v = self.program.forward({**params, **self.model.feed(b.x, self.cfg.dense), "y": b.y})
+            v = self.program.forward({**params, **self.model.feed(b.x, self.cfg.dense), "y": b.y},
+                                     keep=("outputs", "rowloss"), backward=False)
             probs[b.rows] = v[self.out_slot]
             rowloss[b.rows] = v[self.rowloss_slot]
         known = labels >= 0
@@ -255,7 +256,7 @@ class Trainer:
             total, seen = 0.0, 0
             for k, b in enumerate(D.minibatches(self.codes["train"], self.ds.train.label_ids, C,
                                                 cfg.batch_size, rng, dtype=model.dtype)):
-                v = program.forward({**params, **model.feed(b.x, cfg.dense), "y": b.y})
+                v = program.forward({**params, **model.feed(b.x, cfg.dense), "y": b.y}, keep=("loss",))
                 loss = float(v[loss_slot])
                 if not math.isfinite(loss):
                     result.stopped = "diverged"

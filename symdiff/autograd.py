@@ -109,13 +109,34 @@ class Program:
             if any(i in needs for i in s.inputs):
                 needs.update(s.outputs)
         self.needs_grad = needs
+        # slots whose values some backward kernel reads; the rest only lend shape and dtype
+        value_needed: set[int] = set()
+        for s, op, (_, o, ins) in zip(self.steps, self.ops, self.forward_plan):
+            outs = o if isinstance(o, tuple) else (o,)
+            reads = getattr(op, "backward_reads", None)
+            if reads is None:
+                value_needed.update(outs)
+                value_needed.update(ins)
+            else:
+                value_needed.update(x for x, r in zip(outs, reads[0]) if r)
+                value_needed.update(x for x, r in zip(ins, reads[1]) if r)
+        self.value_needed = value_needed
+        self._releases: dict[tuple[frozenset[str], bool], list[tuple[int, ...]]] = {}
         self._backward_plans: dict[tuple[str, ...], tuple[list[tuple[Any, int]], int]] = {}
         self._drops: dict[int, tuple[list[tuple[Any, int]], list[tuple[int, ...]]]] = {}
 
     # ---- forward ------------------------------------------------------------------------
-    def forward(self, inputs: Mapping[str, Any]) -> list[Any]:
-        """Values of every slot, given the inputs and params by name."""
+    def forward(self, inputs: Mapping[str, Any], keep: Iterable[str] | None = None,
+                backward: bool = True) -> list[Any]:
+        """Values of every slot, given the inputs and params by name.
+
+        With ``keep`` (the registers the caller will read), each intermediate is
+        released right after its last use, so memory is reused while in cache:
+        values a later ``backward`` reads stay; the others shrink to a zero-stride
+        stand-in of the same shape and dtype (``backward=False``: to ``None``).
+        """
         v: list[Any] = [None] * len(self.names)
+        releases = None if keep is None else self._release_plan(frozenset(keep), backward)
         for name, k in self.leaves:
             try:
                 val = inputs[name]
@@ -128,16 +149,49 @@ class Program:
             v[k] = val
         k = 0
         try:
-            for k, (fn, o, ins) in enumerate(self.forward_plan):
-                if o.__class__ is int:
-                    v[o] = fn(*[v[i] for i in ins])
-                else:  # a fused step: one call computes all of the group's results
-                    for s, value in zip(o, fn(*[v[i] for i in ins])):
-                        v[s] = value
+            if releases is None:
+                for k, (fn, o, ins) in enumerate(self.forward_plan):
+                    if o.__class__ is int:
+                        v[o] = fn(*[v[i] for i in ins])
+                    else:  # a fused step: one call computes all of the group's results
+                        for s, value in zip(o, fn(*[v[i] for i in ins])):
+                            v[s] = value
+            else:
+                stand_in = _ghost if backward else _gone
+                for k, ((fn, o, ins), done) in enumerate(zip(self.forward_plan, releases)):
+                    if o.__class__ is int:
+                        v[o] = fn(*[v[i] for i in ins])
+                    else:
+                        for s, value in zip(o, fn(*[v[i] for i in ins])):
+                            v[s] = value
+                    for s in done:
+                        v[s] = stand_in(v[s])
         except (ValueError, TypeError, IndexError) as exc:
             raise self._error(k, exc, v, "forward") from exc
         self.counters.forward_steps += len(self.forward_plan)
         return v
+
+    def _release_plan(self, keep: frozenset[str], backward: bool) -> list[tuple[int, ...]]:
+        """For each forward step: the slots whose last forward use it is and that may go."""
+        key = (keep, backward)
+        plan = self._releases.get(key)
+        if plan is not None:
+            return plan
+        last: dict[int, int] = {}
+        for k, (_, o, ins) in enumerate(self.forward_plan):
+            for x in o if isinstance(o, tuple) else (o,):
+                last[x] = k  # a result nobody uses goes right away
+            for i in ins:
+                last[i] = k
+        held = {k for _, k in self.leaves} | {self.slot[n] for n in keep if n in self.slot}
+        if backward:
+            held |= self.value_needed
+        plan_lists: list[list[int]] = [[] for _ in self.forward_plan]
+        for x, k in last.items():
+            if x not in held:
+                plan_lists[k].append(x)
+        plan = self._releases[key] = [tuple(p) for p in plan_lists]
+        return plan
 
     # ---- backward -----------------------------------------------------------------------
     def backward_plan(self, seeds: Sequence[str]) -> tuple[list[tuple[Any, int]], int]:
@@ -250,6 +304,27 @@ class Program:
         out = ", ".join(s.outputs)
         cls = ShapeError if "shape" in str(exc) or "broadcast" in str(exc) or "dimension" in str(exc) else SymdiffError
         return cls(f"{phase} of op {s.op!r} computing register {out!r} failed for inputs {shapes}: {exc}")
+
+
+_GHOSTS: dict[tuple[tuple[int, ...], np.dtype], np.ndarray] = {}
+
+
+def _ghost(a: Any) -> Any:
+    """A read-only zero-stride array with ``a``'s shape and dtype (what backward needs of a value it
+    does not read); anything but a plain array is kept as it is."""
+    if type(a) is not np.ndarray:
+        return a
+    key = (a.shape, a.dtype)
+    g = _GHOSTS.get(key)
+    if g is None:
+        if len(_GHOSTS) > 256:
+            _GHOSTS.clear()
+        g = _GHOSTS[key] = np.broadcast_to(np.zeros((), a.dtype), a.shape)
+    return g
+
+
+def _gone(a: Any) -> None:
+    return None
 
 
 def _owner(a: np.ndarray) -> Any:

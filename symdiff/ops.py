@@ -118,19 +118,19 @@ STRUCTURAL = (
     Op("mul", 2, _mul, (_mul_da, _mul_db), onehot_inputs=(0,),
        formula="a @ b (matrix product; one-hot a gathers rows of b)",
        derivative_formulas=("delta @ b.T", "a.T @ delta (scatter-add for one-hot a)"),
-       doc="matrix product, also written a * b and a @ b"),
+       backward_reads=((False,), (True, True)), doc="matrix product, also written a * b and a @ b"),
     Op("softMax", 1, _softmax, (_softmax_back,), formula="exp(o - max o) / sum exp(o - max o), row-wise",
-       derivative_formulas=("out * (delta - sum(delta * out, axis=1))",), doc="row-wise softmax"),
+       derivative_formulas=("out * (delta - sum(delta * out, axis=1))",), backward_reads=((True,), (False,)), doc="row-wise softmax"),
     Op("crossEnt", 2, _crossent, (_crossent_dp, _crossent_dt), formula="-sum(t * log p, axis=1)",
-       derivative_formulas=("-delta * t / p", "-delta * log p"), doc="per-row cross-entropy of probabilities p against targets t"),
+       derivative_formulas=("-delta * t / p", "-delta * log p"), backward_reads=((False,), (True, True)), doc="per-row cross-entropy of probabilities p against targets t"),
     Op("crossEnt-softMax", 2, _crossent_softmax, (_crossent_softmax_do, _crossent_softmax_dt),
        formula="-sum(t * log_softmax(o), axis=1)",
        derivative_formulas=("delta * (softmax(o) * sum(t) - t)", "-delta * log_softmax(o)"),
-       doc="crossEnt(softMax(o), t) fused by the crossent_softmax pass: stable, gradient p - t"),
+       backward_reads=((False,), (True, True)), doc="crossEnt(softMax(o), t) fused by the crossent_softmax pass: stable, gradient p - t"),
     Op("mean", 1, _mean, (_mean_back,), formula="mean of all elements", derivative_formulas=("delta / size",),
-       doc="mean of all elements (a scalar)"),
+       backward_reads=((False,), (False,)), doc="mean of all elements (a scalar)"),
     Op("transpose", 1, _transpose, (_transpose_back,), formula="a.T", derivative_formulas=("delta.T",),
-       doc="matrix transpose"),
+       backward_reads=((False,), (False,)), doc="matrix transpose"),
 )
 for _op in STRUCTURAL:
     register(_op)
@@ -152,6 +152,7 @@ class Stack:
     def __init__(self, k: int, axis: int) -> None:
         self.name = f"{'hconcat' if axis else 'vconcat'}{k}"
         self.n_inputs, self.n_deltas, self.axis = k, 1, axis
+        self.backward_reads = ((False, True), (False,) * k)  # only the layout
         self.onehot_inputs = tuple(range(k)) if axis == 0 else ()  # one-hot rows stack as one-hot
 
     def forward(self, *parts: Any) -> tuple[Any, np.ndarray]:
@@ -188,6 +189,7 @@ class Cut:
     def __init__(self, k: int, axis: int) -> None:
         self.name = f"{'split' if axis else 'rsplit'}{k}"
         self.n_inputs, self.n_deltas, self.axis = 2, k, axis
+        self.backward_reads = ((False,) * k, (False, True))  # only the layout (blocks lend their shapes)
 
     def forward(self, m: Any, layout: np.ndarray | None) -> tuple[np.ndarray, ...]:
         if layout is None:  # blocks that could not share one array (see Blocks)
@@ -256,6 +258,7 @@ class Concat:
         self.name = f"cat{k}"
         self.n_inputs, self.n_deltas = k, 1
         self.nondifferentiable: tuple[int, ...] = ()
+        self.backward_reads = ((False, True), (False,) * k)
 
     def forward(self, *parts: Any) -> tuple[Any, np.ndarray | None]:
         dense = [np.asarray(p) for p in parts]
@@ -290,6 +293,8 @@ class Blockwise:
         self.op = get_op(op_name)
         self.name = f"blockwise[{op_name}]"
         self.n_inputs, self.n_deltas = 4, 1
+        (out,), (a, b) = self.op.backward_reads or ((True,), (True, True))
+        self.backward_reads = ((out, True), (a, True, b, True))
         self._last: tuple[Any, Any, bool] = (None, None, False)
 
     def _aligned(self, la: Any, lb: Any) -> bool:
@@ -350,6 +355,9 @@ class BlockMap:
         label = ",".join(f"{op.name}*{b - a}" if b - a > 1 else op.name for op, a, b in runs)
         self.name = f"blockmap[{label}]"
         self.n_inputs, self.n_deltas = 2, len(op_names)
+        reads = [op.backward_reads or ((True,), (True,)) for op in self.ops]
+        self.backward_reads = ((False,) * len(op_names) + (any(r[0][0] for r in reads),) * len(runs),
+                               (any(r[1][0] for r in reads), True))
 
     def forward(self, s: Any, layout: Any) -> tuple[Any, ...]:
         if layout is None:

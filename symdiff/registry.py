@@ -37,6 +37,9 @@ class Op:
     derivative_formulas: tuple[str, ...] = field(default_factory=tuple)
     # inputs whose kernels take a symdiff.OneHot value as it is (a gather); elsewhere it is made dense
     onehot_inputs: tuple[int, ...] = ()
+    # whose *values* the backward kernels read: ((out,), (input 0, input 1, ...)); None = all of them.
+    # Anything else only lends its shape and dtype, so a training loop may release it early.
+    backward_reads: tuple[tuple[bool, ...], tuple[bool, ...]] | None = None
 
     def __call__(self, *inputs: Any) -> Any:
         """Build a register computed by this op: ``gate(a, b)`` is ``f.gate(a, b)``."""

@@ -397,8 +397,10 @@ def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, replace: bool 
             return np.broadcast_to(forward_fn(*xs), shape).astype(np.result_type(*xs, 1.0), copy=True)
 
     symbolic = Symbolic(expr, real, fwd, derivs, backward, output_form, forward_src, tuple(bp_srcs))
+    used = set().union(*(b.free_symbols for b in backward))
     op = Op(name=name, arity=len(real), forward=forward, backward=tuple(bp_fns), elementwise=True,
-            doc=doc or f"{name}({', '.join(a.name for a in args)}) = {expr}", symbolic=symbolic)
+            doc=doc or f"{name}({', '.join(a.name for a in args)}) = {expr}", symbolic=symbolic,
+            backward_reads=((OUT in used,), tuple(a in used for a in real)))
     return register(op, replace=replace)
 
 

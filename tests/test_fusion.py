@@ -376,3 +376,47 @@ def test_random_gate_graphs_agree_fused_and_unfused(case):
     # per gate the two widths must broadcast (equal, or one of them 1)
     widths_u = [wu if wu == ww or 1 in (wu, ww) else ww for ww, wu in zip(widths_w, widths_u)]
     _agree(_gates_graph(widths_w, widths_u, unary, bias=bias))
+
+
+# ---- training mode: release values and gradients early ----------------------------------------
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("dense", [False, True])
+def test_training_mode_gives_the_same_gradients_as_keeping_everything(kind, fuse, dense):
+    model = build_model(kind, DIMS, seed=5)
+    rng = np.random.default_rng(1)
+    codes = rng.integers(-1, DIMS["num_chars"], size=(6, DIMS["max_len"]))
+    inputs = {**model.params, **model.feed(codes, dense), "y": np.eye(3)[rng.integers(0, 3, 6)]}
+    program = Autograd(model.xm, fuse=fuse).compile(model.xm.operationSequence(model.xm.register("loss")))
+    full = program.forward(inputs)
+    g_full = program.backward(full, {"loss": np.float64(1.0)})
+    lean = program.forward(inputs, keep=("loss",))
+    assert lean[program.slot["loss"]] == full[program.slot["loss"]]
+    released = [k for k, (a, b) in enumerate(zip(lean, full)) if a is not b]
+    assert released  # something was let go early ...
+    g_lean = program.backward(lean, {"loss": np.float64(1.0)}, params_only=True)
+    for name in program.params:  # ... and the parameter gradients are bit-for-bit the same
+        np.testing.assert_array_equal(np.asarray(g_lean[program.slot[name]]),
+                                      np.asarray(g_full[program.slot[name]]), err_msg=name)
+    assert all(g is None for k, g in enumerate(g_lean) if program.names[k] not in program.params)
+    # forward only (evaluation): everything but what is kept goes
+    probs = program.forward(inputs, keep=("outputs",), backward=False)
+    np.testing.assert_array_equal(probs[program.slot["outputs"]], full[program.slot["outputs"]])
+    leaves = {k for _, k in program.leaves}
+    assert all(x is None for k, x in enumerate(probs) if k not in leaves and program.names[k] != "outputs")
+
+
+@pytest.mark.parametrize("case", [dict(widths_w=[3, 1], widths_u=[3, 3], unary=["sigmoid", "tanh"]),
+                                  dict(widths_w=[2, 2, 2], widths_u=[2, 2, 2], unary=["tanh", "relu", "relu"]),
+                                  dict(widths_w=[1, 1], widths_u=[1, 1], unary=["square", "square"],
+                                       bias=False, vector_w=True)])
+def test_training_mode_through_block_ops_and_their_fallback(case):
+    xm = _gates_graph(**case)
+    program = Autograd(xm).compile(xm.operationSequence(xm.loss))
+    inputs = xm.inputDict()
+    g_full = program.backward(program.forward(inputs), {"loss": np.float64(1.0)})
+    g_lean = program.backward(program.forward(inputs, keep=("loss",)), {"loss": np.float64(1.0)},
+                              params_only=True)
+    for name in program.params:
+        np.testing.assert_array_equal(np.asarray(g_lean[program.slot[name]]),
+                                      np.asarray(g_full[program.slot[name]]), err_msg=name)

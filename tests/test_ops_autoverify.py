@@ -103,6 +103,27 @@ def verify_op(name: str) -> None:
         err = check_op(op, rng=rng, inputs=xs)
         assert err < TOL, (f"{name}: backward disagrees with central differences at inputs of shapes "
                            f"{[x.shape for x in xs]}: max relative error {err:.3e}")
+        check_backward_reads(op, xs, rng)
+
+
+def _stand_in(a, read: bool):
+    """What a training loop leaves of a value backward does not read: its shape and dtype only."""
+    a = np.asarray(a)
+    return a if read else np.broadcast_to(np.zeros((), a.dtype), a.shape)
+
+
+def check_backward_reads(op: Op, xs, rng) -> None:
+    """``op.backward_reads`` must name every value the backward kernels read: training releases the rest."""
+    if op.backward_reads is None:  # reads everything: nothing is released
+        return
+    (reads_out,), reads_in = op.backward_reads
+    out = np.asarray(op.forward(*xs))
+    delta = rng.normal(size=out.shape)
+    for j, bp in enumerate(op.backward):
+        want = bp(delta, out, *xs)
+        got = bp(delta, _stand_in(out, reads_out), *[_stand_in(x, r) for x, r in zip(xs, reads_in)])
+        np.testing.assert_array_equal(got, want, err_msg=f"{op.name}: backward_reads {op.backward_reads} "
+                                                         f"leaves out a value derivative {j} reads")
 
 
 COLLECTED = sorted(symdiff.OPS)
@@ -150,6 +171,17 @@ def test_checker_fails_on_a_wrong_broadcast_reduction():
     register(wrong, replace=True)
     with pytest.raises(AssertionError, match="shape"):
         verify_op("autoverify_wrong_add")
+
+
+def test_checker_fails_on_backward_reads_that_leave_out_a_value():
+    from dataclasses import replace
+
+    square = symdiff.OPS["square"]  # 2*delta*x reads x
+    assert square.backward_reads == ((False,), (True,))
+    lying = replace(square, backward_reads=((False,), (False,)))
+    rng = np.random.default_rng(0)
+    with pytest.raises(AssertionError, match="leaves out a value"):
+        check_backward_reads(lying, (rng.uniform(1, 2, (3, 2)),), rng)
 
 
 def test_structural_op_without_an_input_generator_fails():
