@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -403,11 +404,16 @@ def load_model(path: str | Path) -> tuple[CharModel, D.Vocab]:
 
 
 def predict_titles(model: CharModel, vocab: D.Vocab, titles: list[str]) -> np.ndarray:
-    """Probabilities for raw title strings (unknown characters count as padding)."""
+    """Probabilities for title strings (unknown characters count as padding).
+
+    Titles are read as the data files write them: percent-escapes are decoded
+    (``Mikl%C3%B3s_Horthy`` is ``Miklós_Horthy``, as in training), text without
+    escapes is taken as it is, and a ``%`` that starts no valid escape stays a ``%``.
+    """
     ad = Autograd(model.xm)
     program = ad.compile(model.xm.operationSequence(model.xm.register("outputs")))
-    codes = vocab.encode_titles(titles, model.dims["max_len"])
-    v = program.forward({**model.params, **model.feed(codes)})
+    codes = vocab.encode_titles([unquote(t).strip() for t in titles], model.dims["max_len"])
+    v = program.forward({**model.params, **model.feed(codes)}, keep=("outputs",), backward=False)
     return v[program.slot["outputs"]]
 
 

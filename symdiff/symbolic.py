@@ -536,8 +536,10 @@ class FusedKernel:
         names.update({s: sp.Symbol(f"delta{o}") for o, s in zip(self.spec.outputs, self.delta_symbols)})
         fwd = [f"r{r} = {self.expressions[r].xreplace(names)}" for r in self.results]
         bwd = []
-        for mask, (_, _, grads) in self._backward.items():
+        for mask, (_, _, grads) in self._backward.items():  # one kernel per set of inputs needing gradients
             wrt = [j for j, need in enumerate(mask) if need]
+            if len(self._backward) > 1:
+                bwd.append(f"backward kernel for in{', in'.join(map(str, wrt))}:")
             bwd += [f"dL/d in{j} = {g.xreplace(names)}" for j, g in zip(wrt, grads)]
         return fwd, bwd
 

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,17 @@ def test_saved_model_predicts_like_the_run_and_from_the_command_line(tmp_path: P
         line = next(l for l in proc.stdout.splitlines() if title in l)
         shown = [float(x) for x in re.findall(r"\d\.\d{3}", line)]
         np.testing.assert_allclose(shown, row, atol=5e-4 + 1e-12)
+
+
+def test_predict_reads_titles_as_the_data_files_write_them(demo: D.Dataset) -> None:
+    model = T.build_model("lstm", dict(max_len=10, num_chars=demo.vocab.num_chars, num_hid=8,
+                                       num_labels=demo.vocab.num_labels), seed=0)
+    accented = next(t for t in demo.train.titles if any(ord(c) > 127 for c in t))
+    encoded = urllib.parse.quote(accented)
+    assert encoded != accented
+    probs = T.predict_titles(model, demo.vocab, [accented, encoded, "100%_Pure", "100%25_Pure"])
+    np.testing.assert_array_equal(probs[1], probs[0])  # Mikl%C3%B3s is Miklós, as in training
+    np.testing.assert_array_equal(probs[3], probs[2])  # a % that starts no escape stays a %
 
 
 # ---- dead ReLUs -----------------------------------------------------------------------------
