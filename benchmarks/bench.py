@@ -5,7 +5,9 @@
 For each model it draws one set of initial parameters, copies them into the
 reference, checks that one epoch of SGD in both ends with the same parameters,
 then times training epochs alternately (engine, reference, engine, ...) and
-reports medians and the engine/reference ratio of the same run: the machine is
+reports medians and the engine/reference ratio of the same run (for the LSTM
+also a hand-fused numpy version, ``benchmarks/handfused.py``, as a yardstick
+for what numpy allows): the machine is
 shared, so only ratios measured side by side mean anything. Start-up time,
 ``--help`` time and the LSTM run's peak RSS are measured in subprocesses.
 """
@@ -25,7 +27,7 @@ from typing import Any
 import models  # noqa: F401,I001  (first: one BLAS thread for engine and reference alike, see models/__init__)
 import numpy as np
 
-from benchmarks import reference as R
+from benchmarks import handfused, reference as R
 from models import data as D
 from models.training import DEFAULT_LR, StopFlag, Trainer, TrainConfig, build_model
 
@@ -87,10 +89,17 @@ def time_model(kind: str, ds: D.Dataset, repeats: int) -> list[dict[str, Any]]:
         y = y64.astype(dtype)
         times: dict[str, list[float]] = {name: [] for name in variants}
         times["reference"] = []
+        fused_params = {n: a.copy() for n, a in ref_params.items()}
+        if kind == "lstm":  # how far numpy itself gets (benchmarks/handfused.py), a yardstick
+            times["hand-fused numpy"] = []
         for _ in range(repeats):
             for name, trainer in variants.items():
                 times[name].append(_engine_epoch(trainer))
             times["reference"].append(_reference_epoch(kind, ref_params, codes, y, 64, DEFAULT_LR[kind], 0))
+            if kind == "lstm":
+                t0 = time.perf_counter()
+                handfused.train_epoch(fused_params, codes, y, 64, DEFAULT_LR[kind], np.random.default_rng(0))
+                times["hand-fused numpy"].append(time.perf_counter() - t0)
         ref = statistics.median(times["reference"])
         for name, ts in times.items():
             med = statistics.median(ts)

@@ -330,3 +330,52 @@ def test_train_epoch_decreases_loss(kind: str, lr: float) -> None:
     assert losses[-1] < 0.5 * losses[0], losses
     acc = (_predict_fn(kind)(p, x).argmax(axis=1) == y.argmax(axis=1)).mean()
     assert acc > 0.9, (acc, losses)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_hand_fused_lstm_matches_the_reference(dtype: type) -> None:
+    from benchmarks import handfused
+
+    rng = np.random.default_rng(3)
+    V, H, C = 9, 4, 3
+    params = ref.init_lstm(V, H, C, rng, dtype)
+    x = rng.integers(-1, V, size=(7, 5))
+    x[0] = -1  # an all-padding row
+    y = np.eye(C, dtype=dtype)[rng.integers(0, C, 7)]
+    want_loss, want = ref.lstm_loss_and_grads(params, x, y)
+    loss, got = handfused.lstm_loss_and_grads(params, x, y)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert loss == pytest.approx(want_loss, rel=tol)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == dtype, name
+        np.testing.assert_allclose(got[name], want[name], rtol=tol, atol=tol, err_msg=name)
+    p1 = {k: v.copy() for k, v in params.items()}
+    p2 = {k: v.copy() for k, v in params.items()}
+    codes = rng.integers(-1, V, size=(20, 5))
+    labels = np.eye(C)[rng.integers(0, C, 20)]
+    l1 = ref.train_epoch("lstm", p1, codes, labels, 6, 0.5, np.random.default_rng(0))
+    l2 = handfused.train_epoch(p2, codes, labels, 6, 0.5, np.random.default_rng(0))
+    assert l2 == pytest.approx(l1, rel=tol)
+    for name in p1:
+        np.testing.assert_allclose(p2[name], p1[name], rtol=tol, atol=tol, err_msg=name)
+
+
+def test_benchmark_runs_and_reports_ratios_as_json() -> None:
+    import json
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--dataset", "demo", "--repeats", "1",
+                          "--models", "lstm", "--skip_processes", "--json"],
+                         capture_output=True, text=True, cwd=repo, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    impls = {r["impl"] for r in report["rows"] if r["dtype"] == "float64"}
+    assert impls == {"engine", "engine --dense", "engine --no-fuse", "reference", "hand-fused numpy"}
+    for r in report["rows"]:
+        assert r["median_s"] > 0 and r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert math.isclose(r["ratio_to_reference"] * next(
+            q["median_s"] for q in report["rows"] if q["impl"] == "reference" and q["dtype"] == r["dtype"]),
+            r["median_s"], rel_tol=1e-9)
+    assert report["agreement"]["lstm"] < 1e-12  # engine and reference end one epoch with the same params
