@@ -136,6 +136,8 @@ class Program:
         stand-in of the same shape and dtype (``backward=False``: to ``None``).
         """
         v: list[Any] = [None] * len(self.names)
+        if isinstance(keep, str):
+            keep = (keep,)
         releases = None if keep is None else self._release_plan(frozenset(keep), backward)
         for name, k in self.leaves:
             try:
