@@ -301,11 +301,18 @@ class Program:
 
     def _error(self, k: int, exc: Exception, v: Sequence[Any], phase: str) -> SymdiffError:
         s = self.steps[k]
-        shapes = ", ".join(f"{i}{tuple(np.shape(v[self.slot[i]])) if v[self.slot[i]] is not None else '?'}"
-                           for i in s.inputs)
+        shapes = ", ".join(f"{i}{_shape_text(v[self.slot[i]])}" for i in s.inputs)
         out = ", ".join(s.outputs)
         cls = ShapeError if "shape" in str(exc) or "broadcast" in str(exc) or "dimension" in str(exc) else SymdiffError
         return cls(f"{phase} of op {s.op!r} computing register {out!r} failed for inputs {shapes}: {exc}")
+
+
+def _shape_text(value: Any) -> str:
+    if value is None:
+        return "?"
+    if isinstance(value, Blocks):
+        return f"[blocks {', '.join(str(tuple(np.shape(b))) for b in value)}]"
+    return str(tuple(np.shape(value)))
 
 
 _GHOSTS: dict[tuple[tuple[int, ...], np.dtype], np.ndarray] = {}

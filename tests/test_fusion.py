@@ -420,3 +420,15 @@ def test_training_mode_through_block_ops_and_their_fallback(case):
     for name in program.params:
         np.testing.assert_array_equal(np.asarray(g_lean[program.slot[name]]),
                                       np.asarray(g_full[program.slot[name]]), err_msg=name)
+
+
+def test_a_wrong_bias_inside_fused_gate_blocks_is_a_shape_error_naming_the_registers():
+    from symdiff.autograd import ShapeError
+
+    xm = _gates_graph([3, 1], [3, 3], ["sigmoid", "sigmoid"])
+    w = xm.operationSequence(xm.loss)
+    inputs = {**xm.inputDict(), "b1": np.ones(5)}  # gate 1 is 3 wide
+    with pytest.raises(ShapeError, match=r"blockwise\[add\].*b1.*\(5,\)"):
+        Autograd(xm).eval(w, inputs)
+    with pytest.raises(ShapeError, match=r"'add'.*b1\(5,\)"):
+        Autograd(xm, passes=(), fuse=False).eval(w, inputs)
