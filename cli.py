@@ -156,6 +156,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
 def _print_fused(kind: str) -> None:
     """The compiled step list of a small model after the graph rewrites, and each fused kernel."""
     from models.training import build_model
+    from rich.markup import escape
+
     from symdiff import Autograd, MULTI_OPS, WengertList
 
     model = build_model(kind, dict(max_len=3, num_chars=5, num_hid=4, num_labels=3), seed=0)
@@ -165,9 +167,11 @@ def _print_fused(kind: str) -> None:
     console = _console()
     console.print(f"[bold]{kind}[/] after the passes (max_len 3), one step a line:", highlight=False)
     console.print(str(WengertList(program.steps)), highlight=False, markup=False)
+    for name in dict.fromkeys(s.op for s in program.steps if hasattr(MULTI_OPS.get(s.op), "describe")):
+        console.print(f"\n[bold]{escape(name)}[/]  {escape(MULTI_OPS[name].describe())}", highlight=False)
     for name in dict.fromkeys(s.op for s in program.steps if s.op.startswith("fused")):
         fwd, bwd = MULTI_OPS[name].display()
-        console.print(f"\n[bold]{name}[/]  (in_j: inputs, rK: results, deltaK: gradient arriving at result K)",
+        console.print(f"\n[bold]{escape(name)}[/]  (in_j: inputs, rK: results, deltaK: gradient arriving at result K)",
                       highlight=False)
         console.print("\n".join(["  " + line for line in fwd + bwd]), highlight=False, markup=False)
 

@@ -297,6 +297,10 @@ class Blockwise:
         self.backward_reads = ((out, True), (a, True, b, True))
         self._last: tuple[Any, Any, bool] = (None, None, False)
 
+    def describe(self) -> str:
+        return (f"{self.op.name} of two arrays cut into the same blocks, in one call on the whole arrays "
+                f"(block by block if their layouts differ); gradients from {self.op.name}'s own kernels")
+
     def _aligned(self, la: Any, lb: Any) -> bool:
         last = self._last
         if la is last[0] and lb is last[1]:  # the same layouts at every time step: compare once
@@ -358,6 +362,11 @@ class BlockMap:
         reads = [op.backward_reads or ((True,), (True,)) for op in self.ops]
         self.backward_reads = ((False,) * len(op_names) + (any(r[0][0] for r in reads),) * len(runs),
                                (any(r[1][0] for r in reads), True))
+
+    def describe(self) -> str:
+        runs = "; ".join(f"{op.name} on block{'s' if b - a > 1 else ''} {a}" + (f"-{b - 1}" if b - a > 1 else "")
+                         for op, a, b in self.runs)
+        return f"{runs} of the stacked input, one call per run; gradients from each op's own kernel"
 
     def forward(self, s: Any, layout: Any) -> tuple[Any, ...]:
         if layout is None:

@@ -216,6 +216,15 @@ def test_predict_reads_titles_as_the_data_files_write_them(demo: D.Dataset) -> N
     np.testing.assert_array_equal(probs[3], probs[2])  # a % that starts no escape stays a %
 
 
+def test_ops_fused_shows_every_rewritten_op_by_its_full_name(tmp_path: Path) -> None:
+    out = ok(symdiff(tmp_path, "ops", "--fused", "lstm")).stdout
+    # op names carry brackets, which rich would otherwise swallow as markup
+    for name in ("blockwise[add]", "blockmap[tanh,sigmoid*3]", "fused1[hadamard+add+tanh]", "cat4"):
+        assert name in out, name
+    assert "tanh on block 0; sigmoid on blocks 1-3" in out
+    assert "dL/d in0 = in1*(delta2 + delta4*in4*(1 - r3**2))" in out  # factored, CSE-able gradient
+
+
 # ---- dead ReLUs -----------------------------------------------------------------------------
 def _kill_output_relus(model: T.CharModel) -> T.CharModel:
     params = model.params
