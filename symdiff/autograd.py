@@ -304,7 +304,11 @@ class Program:
         shapes = ", ".join(f"{i}{_shape_text(v[self.slot[i]])}" for i in s.inputs)
         out = ", ".join(s.outputs)
         cls = ShapeError if "shape" in str(exc) or "broadcast" in str(exc) or "dimension" in str(exc) else SymdiffError
-        return cls(f"{phase} of op {s.op!r} computing register {out!r} failed for inputs {shapes}: {exc}")
+        hint = ""
+        if s.op.startswith(("fused", "blockwise", "blockmap")):  # several of the user's steps run as one
+            hint = (f" ({s.op} runs several steps of the Wengert list at once; Autograd(xm, fuse=False), "
+                    f"or --no-fuse, runs them one by one and names the one that fails)")
+        return cls(f"{phase} of op {s.op!r} computing register {out!r} failed for inputs {shapes}: {exc}{hint}")
 
 
 def _shape_text(value: Any) -> str:
