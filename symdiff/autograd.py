@@ -361,12 +361,24 @@ def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, .
     bp = kernel.backward(needed)
     out_slots = results[:kernel.n_deltas]
     sizes = [i for i, need in zip(ins, needed) if need]
-    per_term = getattr(kernel, "backward_terms", None)
     n_out = kernel.n_deltas
+    # fused groups may broadcast (a gradient per output term, summed back one by one); structural
+    # multi-output ops (cut, stack, block ops) hand back gradients of exactly their inputs' shapes
+    per_term = getattr(kernel, "backward_terms", None) if n_out > 1 else None
+    exact = getattr(kernel, "exact_gradients", False)
+    reads = results + ins
+
+    if exact:
+        def run(g: list[Any], v: list[Any]) -> None:
+            grads = bp(*[0 if g[s] is None else g[s] for s in out_slots], *[v[s] for s in reads])
+            for t, acc, d in zip(targets, accumulate, grads):
+                g[t] = g[t] + d if acc else d
+
+        return run
 
     def run(g: list[Any], v: list[Any]) -> None:
         deltas = [0 if g[s] is None else g[s] for s in out_slots]
-        args = (*deltas, *[v[s] for s in results], *[v[i] for i in ins])
+        args = (*deltas, *[v[s] for s in reads])
         if per_term is not None and len({d.shape for d in deltas if hasattr(d, "shape")}) > 1:
             # outputs of different shapes (one broadcast, one not): the terms of each input's
             # gradient are summed back to its shape one by one, or a broadcast term is over-counted

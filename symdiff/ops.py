@@ -148,6 +148,7 @@ class Stack:
     """
 
     nondifferentiable: tuple[int, ...] = ()
+    exact_gradients = True  # backward hands back gradients of exactly the parts' shapes
 
     def __init__(self, k: int, axis: int) -> None:
         self.name = f"{'hconcat' if axis else 'vconcat'}{k}"
@@ -185,6 +186,7 @@ class Cut:
     """``split{k}`` (last axis) / ``rsplit{k}`` (first axis): a product cut back into k blocks (views)."""
 
     nondifferentiable: tuple[int, ...] = (1,)  # the layout
+    exact_gradients = True
 
     def __init__(self, k: int, axis: int) -> None:
         self.name = f"{'split' if axis else 'rsplit'}{k}"
@@ -254,6 +256,8 @@ class Concat:
     Operands whose leading shapes differ stay apart as :class:`Blocks`.
     """
 
+    exact_gradients = True
+
     def __init__(self, k: int) -> None:
         self.name = f"cat{k}"
         self.n_inputs, self.n_deltas = k, 1
@@ -286,6 +290,7 @@ class Blockwise:
     """
 
     nondifferentiable = (1, 3)  # the layouts
+    exact_gradients = True  # the op's own kernels sum each gradient back to its input's shape
 
     def __init__(self, op_name: str) -> None:
         from .registry import get_op
@@ -295,19 +300,23 @@ class Blockwise:
         self.n_inputs, self.n_deltas = 4, 1
         (out,), (a, b) = self.op.backward_reads or ((True,), (True, True))
         self.backward_reads = ((out, True), (a, True, b, True))
-        self._last: tuple[Any, Any, bool] = (None, None, False)
+        self._seen: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
 
     def describe(self) -> str:
         return (f"{self.op.name} of two arrays cut into the same blocks, in one call on the whole arrays "
                 f"(block by block if their layouts differ); gradients from {self.op.name}'s own kernels")
 
     def _aligned(self, la: Any, lb: Any) -> bool:
-        last = self._last
-        if la is last[0] and lb is last[1]:  # the same layouts at every time step: compare once
-            return last[2]
+        # the same few layout objects come back at every time step of a batch: compare each pair once
+        key = (id(la), id(lb))
+        seen = self._seen.get(key)
+        if seen is not None and seen[0] is la and seen[1] is lb:
+            return seen[2]
         same = (la is not None and lb is not None and la.shape == lb.shape
                 and bool((la == lb).all()) and not la[1].any())
-        self._last = (la, lb, same)
+        if len(self._seen) > 16:
+            self._seen.clear()
+        self._seen[key] = (la, lb, same)  # holding them keeps their ids from being reused
         return same
 
     def forward(self, a: Any, la: Any, b: Any, lb: Any) -> tuple[Any, np.ndarray | None]:
@@ -318,10 +327,11 @@ class Blockwise:
 
     def backward(self, needed: tuple[bool, ...]) -> Any:
         da, db = self.op.backward
+        wanted = [g for g, need in ((da, needed[0]), (db, needed[2])) if need]
 
-        def bp(delta: Any, r: Any, lr: Any, a: Any, la: Any, b: Any, lb: Any) -> tuple[Any, ...]:
+        def bp(delta: Any, r: Any, lr: Any, a: Any, la: Any, b: Any, lb: Any) -> Any:
             if lr is not None:  # aligned: whole arrays
-                return tuple(g(delta, r, a, b) for g, need in ((da, needed[0]), (db, needed[2])) if need)
+                return [g(delta, r, a, b) for g in wanted]
             per = list(zip(_blocks(delta, None), r, _blocks(a, la), _blocks(b, lb)))
             out = []
             if needed[0]:
@@ -344,6 +354,7 @@ class BlockMap:
     """
 
     nondifferentiable = (1,)
+    exact_gradients = True
 
     def __init__(self, op_names: tuple[str, ...]) -> None:
         from .registry import get_op
@@ -359,9 +370,19 @@ class BlockMap:
         label = ",".join(f"{op.name}*{b - a}" if b - a > 1 else op.name for op, a, b in runs)
         self.name = f"blockmap[{label}]"
         self.n_inputs, self.n_deltas = 2, len(op_names)
+        self._last_layout: tuple[Any, tuple[list[int], list[int]]] | None = None
         reads = [op.backward_reads or ((True,), (True,)) for op in self.ops]
         self.backward_reads = ((False,) * len(op_names) + (any(r[0][0] for r in reads),) * len(runs),
                                (any(r[1][0] for r in reads), True))
+
+    def _layout(self, layout: np.ndarray) -> tuple[list[int], list[int]]:
+        """``layout`` as plain int lists (cached: one layout object serves a whole batch)."""
+        last = self._last_layout
+        if last is not None and last[0] is layout:
+            return last[1]
+        lists = layout.tolist()
+        self._last_layout = (layout, lists)
+        return lists
 
     def describe(self) -> str:
         runs = "; ".join(f"{op.name} on block{'s' if b - a > 1 else ''} {a}" + (f"-{b - 1}" if b - a > 1 else "")
@@ -372,7 +393,7 @@ class BlockMap:
         if layout is None:
             blocks = [op.forward(x) for op, x in zip(self.ops, s)]
             return (*blocks, *(Blocks(blocks[a:b]) for _, a, b in self.runs))
-        offsets, vectors = layout.tolist()
+        offsets, vectors = self._layout(layout)
         blocks: list[Any] = []
         whole = []
         for op, a, b in self.runs:
@@ -387,17 +408,25 @@ class BlockMap:
     def backward(self, needed: tuple[bool, ...]) -> Any:
         k = self.n_deltas
 
+        runs = [(op.backward[0], a, b) for op, a, b in self.runs]
+
         def bp(*args: Any) -> tuple[Any, ...]:
             deltas, blocks, whole, s, layout = args[:k], args[k:2 * k], args[2 * k:-2], args[-2], args[-1]
-            deltas = [np.zeros_like(blk) if isinstance(d, (int, float)) else d for d, blk in zip(deltas, blocks)]
+            if any(isinstance(d, (int, float)) for d in deltas):  # a block no gradient reached
+                deltas = [np.zeros_like(blk) if isinstance(d, (int, float)) else d for d, blk in zip(deltas, blocks)]
             if layout is None:
                 return (Blocks([op.backward[0](d, o, x) for op, d, o, x in zip(self.ops, deltas, blocks, s)]),)
-            offsets, vectors = layout.tolist()
+            offsets, vectors = self._layout(layout)
             parts = []
-            for (op, a, b), t in zip(self.runs, whole):
-                ds = [np.expand_dims(d, -1) if vectors[j] else d for j, d in zip(range(a, b), deltas[a:b])]
-                d = ds[0] if len(ds) == 1 else np.concatenate(ds, axis=-1)
-                parts.append(op.backward[0](d, t, s[..., offsets[a]:offsets[b]]))
+            for (derivative, a, b), t in zip(runs, whole):
+                if b - a == 1:
+                    d = np.expand_dims(deltas[a], -1) if vectors[a] else deltas[a]
+                elif any(vectors[a:b]):
+                    d = np.concatenate([np.expand_dims(x, -1) if vectors[j] else x
+                                        for j, x in zip(range(a, b), deltas[a:b])], axis=-1)
+                else:
+                    d = np.concatenate(deltas[a:b], axis=-1)
+                parts.append(derivative(d, t, s[..., offsets[a]:offsets[b]]))
             return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1),)
 
         return bp
