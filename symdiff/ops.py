@@ -175,8 +175,8 @@ class Stack:
         axis = self.axis
 
         def bp(delta: Any, stacked: Any, layout: np.ndarray, *parts: Any) -> tuple[Any, ...]:
-            offsets, vectors = layout.tolist()
-            cuts = [a if v else slice(a, b) for a, b, v, need in zip(offsets, offsets[1:], vectors, needed) if need]
+            cuts = [c for c, need in zip(_cuts(layout), needed) if need]
+            # delta[:, c], not delta[..., c]: a row-sparse delta keeps only column slices sparse
             return tuple(delta[:, c] for c in cuts) if axis else tuple(delta[c] for c in cuts)
 
         return bp
@@ -194,13 +194,7 @@ class Cut:
         self.backward_reads = ((False,) * k, (False, True))  # only the layout (blocks lend their shapes)
 
     def forward(self, m: Any, layout: np.ndarray | None) -> tuple[np.ndarray, ...]:
-        if layout is None:  # blocks that could not share one array (see Blocks)
-            return tuple(m)
-        offsets, vectors = layout.tolist()  # plain ints: indexing with numpy scalars is slower
-        cuts = [a if v else slice(a, b) for a, b, v in zip(offsets, offsets[1:], vectors)]
-        if self.axis:
-            return tuple(m[..., c] for c in cuts)
-        return tuple(m[c] for c in cuts)
+        return tuple(_blocks(m, layout, -1 if self.axis else 0))
 
     def backward(self, needed: tuple[bool, ...]) -> Any:
         k = self.n_deltas
@@ -210,11 +204,7 @@ class Cut:
             deltas, blocks, layout = args[:k], args[k:2 * k], args[2 * k + 1]
             # a block that got no gradient arrives as the placeholder 0 (a RowSparse is a real gradient)
             parts = [np.zeros_like(blk) if isinstance(d, (int, float)) else d for d, blk in zip(deltas, blocks)]
-            if layout is None:
-                return (Blocks(parts),)
-            if layout[1].any():
-                parts = [np.expand_dims(d, axis) if v else d for d, v in zip(parts, layout[1].tolist())]
-            return (np.concatenate(parts, axis=axis),)
+            return (_join(parts, layout, axis),)
 
         return bp
 
@@ -231,21 +221,26 @@ class Blocks(list):
     dtype = None
 
 
-def _blocks(m: Any, layout: np.ndarray | None) -> list[Any]:
-    """The blocks of ``m`` along its last axis (``Blocks`` are already blocks)."""
+def _cuts(layout: np.ndarray) -> list[Any]:
+    """The index of each block a layout describes: a slice, or an int for a vector block."""
+    offsets, vectors = layout.tolist()  # plain ints: indexing with numpy scalars is slower
+    return [a if v else slice(a, b) for a, b, v in zip(offsets, offsets[1:], vectors)]
+
+
+def _blocks(m: Any, layout: np.ndarray | None, axis: int = -1) -> list[Any]:
+    """The blocks (views) of ``m`` along its last (``axis=-1``) or first (``0``) axis; ``Blocks`` already are."""
     if layout is None:
         return list(m)
-    offsets, vectors = layout.tolist()
-    return [m[..., a if v else slice(a, b)] for a, b, v in zip(offsets, offsets[1:], vectors)]
+    return [m[..., c] for c in _cuts(layout)] if axis else [m[c] for c in _cuts(layout)]
 
 
-def _join(parts: list[Any], layout: np.ndarray | None) -> Any:
+def _join(parts: list[Any], layout: np.ndarray | None, axis: int = -1) -> Any:
     """Inverse of :func:`_blocks`: gradients of the blocks as one gradient of ``m``."""
     if layout is None:
         return Blocks(parts)
     if layout[1].any():
-        parts = [np.expand_dims(d, -1) if v else d for d, v in zip(parts, layout[1].tolist())]
-    return np.concatenate(parts, axis=-1)
+        parts = [np.expand_dims(d, axis) if v else d for d, v in zip(parts, layout[1].tolist())]
+    return np.concatenate(parts, axis=axis)
 
 
 class Concat:
@@ -407,7 +402,6 @@ class BlockMap:
 
     def backward(self, needed: tuple[bool, ...]) -> Any:
         k = self.n_deltas
-
         runs = [(op.backward[0], a, b) for op, a, b in self.runs]
 
         def bp(*args: Any) -> tuple[Any, ...]:
@@ -419,13 +413,11 @@ class BlockMap:
             offsets, vectors = self._layout(layout)
             parts = []
             for (derivative, a, b), t in zip(runs, whole):
-                if b - a == 1:
-                    d = np.expand_dims(deltas[a], -1) if vectors[a] else deltas[a]
-                elif any(vectors[a:b]):
+                if b - a == 1 and not vectors[a]:
+                    d = deltas[a]
+                else:  # the run's block gradients side by side, as the run's result t lies
                     d = np.concatenate([np.expand_dims(x, -1) if vectors[j] else x
                                         for j, x in zip(range(a, b), deltas[a:b])], axis=-1)
-                else:
-                    d = np.concatenate(deltas[a:b], axis=-1)
                 parts.append(derivative(d, t, s[..., offsets[a]:offsets[b]]))
             return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1),)
 

@@ -146,7 +146,7 @@ def _fuse_blocks_round(steps: list[Step], keep: set[str]) -> list[Step] | None:
     taken: set[int] = set()
     remove: set[int] = set()
     insert: dict[int, list[Step]] = {}
-    made = {o for s in steps for o in s.outputs}
+    made = set(producer)  # registers some step computes (grows as cat steps are added)
     for k, cut in enumerate(steps):
         if k in taken or not is_cut(cut):
             continue
