@@ -111,8 +111,8 @@ class Program:
         self.needs_grad = needs
         # slots whose values some backward kernel reads; the rest only lend shape and dtype
         value_needed: set[int] = set()
-        for s, op, (_, o, ins) in zip(self.steps, self.ops, self.forward_plan):
-            outs = o if isinstance(o, tuple) else (o,)
+        for k, (op, (_, _, ins)) in enumerate(zip(self.ops, self.forward_plan)):
+            outs = self._outputs_of(k)
             reads = getattr(op, "backward_reads", None)
             if reads is None:
                 value_needed.update(outs)
@@ -123,7 +123,7 @@ class Program:
         self.value_needed = value_needed
         self._releases: dict[tuple[frozenset[str], bool], list[tuple[int, ...]]] = {}
         self._backward_plans: dict[tuple[str, ...], tuple[list[tuple[Any, int]], int]] = {}
-        self._drops: dict[int, tuple[list[tuple[Any, int]], list[tuple[int, ...]]]] = {}
+        self._drops: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, inputs: Mapping[str, Any], keep: Iterable[str] | None = None,
@@ -180,8 +180,8 @@ class Program:
         if plan is not None:
             return plan
         last: dict[int, int] = {}
-        for k, (_, o, ins) in enumerate(self.forward_plan):
-            for x in o if isinstance(o, tuple) else (o,):
+        for k, (_, _, ins) in enumerate(self.forward_plan):
+            for x in self._outputs_of(k):
                 last[x] = k  # a result nobody uses goes right away
             for i in ins:
                 last[i] = k
@@ -230,7 +230,15 @@ class Program:
                     plan.append((_single_backward(self.ops[k].backward[j], o, ins, t, acc), k))
             count += len(targets)
         self._backward_plans[key] = (plan, count)
+        # for params_only: after a step's last closure, its outputs' gradients and values are spent
+        # (their consumers ran before it; outputs are never params, which are leaves)
+        self._drops[key] = [self._outputs_of(k) if j + 1 == len(plan) or plan[j + 1][1] != k else ()
+                            for j, (_, k) in enumerate(plan)]
         return plan, count
+
+    def _outputs_of(self, k: int) -> tuple[int, ...]:
+        o = self.forward_plan[k][1]
+        return o if isinstance(o, tuple) else (o,)
 
     def backward(self, v: Sequence[Any], seeds: Mapping[str, Any], params_only: bool = False) -> list[Any]:
         """Gradient slots (``None`` where no gradient is needed).
@@ -251,8 +259,7 @@ class Program:
         step = 0
         try:
             if params_only:
-                drops = self._gradient_drops(plan)
-                for (run, step), drop in zip(plan, drops):
+                for (run, step), drop in zip(plan, self._drops[tuple(sorted(seeds))]):
                     run(g, v)
                     for d in drop:
                         g[d] = v[d] = None
@@ -282,22 +289,6 @@ class Program:
                 same = taken.setdefault(id(memory), [])
             same.append(memory)
         return g
-
-    def _gradient_drops(self, plan: list[tuple[Any, int]]) -> list[tuple[int, ...]]:
-        """For each closure of ``plan``: the gradient slots no later closure reads (cached per plan)."""
-        key = id(plan)
-        cached = self._drops.get(key)
-        if cached is not None and cached[0] is plan:
-            return cached[1]
-        keep = {self.slot[n] for n in self.params}
-        drops: list[tuple[int, ...]] = []
-        for j, (_, k) in enumerate(plan):
-            last_of_step = j + 1 == len(plan) or plan[j + 1][1] != k
-            outs = self.forward_plan[k][1]
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            drops.append(tuple(o for o in outs if o not in keep) if last_of_step else ())
-        self._drops[key] = (plan, drops)
-        return drops
 
     def _error(self, k: int, exc: Exception, v: Sequence[Any], phase: str) -> SymdiffError:
         s = self.steps[k]
