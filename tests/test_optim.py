@@ -601,20 +601,12 @@ def _minimise(opt: Optimizer, A: np.ndarray, b: np.ndarray, steps: int) -> None:
         opt.step({"w": 2.0 * A.T @ (A @ w - b)})  # grad of ||Aw - b||^2
 
 
-def test_momentum_converges_to_least_squares():
+@pytest.mark.parametrize("kind", ["momentum", "nesterov"])
+def test_momentum_methods_converge_to_least_squares(kind):
     A, b, w_star = _least_squares_problem()
     lam_max = np.linalg.eigvalsh(A.T @ A).max()
     params = {"w": np.zeros(2)}
-    opt = make_optimizer("momentum", params, 0.5 / (2.0 * lam_max), momentum=0.9)
-    _minimise(opt, A, b, 500)
-    np.testing.assert_allclose(params["w"], w_star, atol=1e-6)
-
-
-def test_nesterov_converges_to_least_squares():
-    A, b, w_star = _least_squares_problem()
-    lam_max = np.linalg.eigvalsh(A.T @ A).max()
-    params = {"w": np.zeros(2)}
-    opt = make_optimizer("nesterov", params, 0.5 / (2.0 * lam_max), momentum=0.9)
+    opt = make_optimizer(kind, params, 0.5 / (2.0 * lam_max), momentum=0.9)
     _minimise(opt, A, b, 500)
     np.testing.assert_allclose(params["w"], w_star, atol=1e-6)
 
