@@ -167,6 +167,11 @@ def _print_fused(kind: str) -> None:
     console = _console()
     console.print(f"[bold]{kind}[/] after the passes (max_len 3), one step a line:", highlight=False)
     console.print(str(WengertList(program.steps)), highlight=False, markup=False)
+    from symdiff import native
+
+    console.print(f"\nnative kernels: {escape(native.status())}"
+                  + ("; each fused kernel below runs as C compiled from its expressions" if program.native else ""),
+                  highlight=False)
     for name in dict.fromkeys(s.op for s in program.steps if hasattr(MULTI_OPS.get(s.op), "describe")):
         console.print(f"\n[bold]{escape(name)}[/]  {escape(MULTI_OPS[name].describe())}", highlight=False)
     for name in dict.fromkeys(s.op for s in program.steps if s.op.startswith("fused")):

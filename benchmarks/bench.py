@@ -28,6 +28,7 @@ import models  # noqa: F401,I001  (first: one BLAS thread for engine and referen
 import numpy as np
 
 from benchmarks import handfused, reference as R
+from symdiff import native
 from models import data as D
 from models.training import DEFAULT_LR, StopFlag, Trainer, TrainConfig, build_model
 
@@ -44,8 +45,8 @@ class _Quiet:
     def finish(self, *a: Any) -> None: ...
 
 
-def _engine(kind: str, ds: D.Dataset, dtype: str, dense: bool, fuse: bool = True) -> Trainer:
-    cfg = TrainConfig(epochs=1, init_lr=DEFAULT_LR[kind], dtype=dtype, dense=dense, fuse=fuse)
+def _engine(kind: str, ds: D.Dataset, dtype: str, dense: bool, fuse: bool = True, native: bool = True) -> Trainer:
+    cfg = TrainConfig(epochs=1, init_lr=DEFAULT_LR[kind], dtype=dtype, dense=dense, fuse=fuse, native=native)
     dims = dict(max_len=cfg.max_len, num_chars=ds.vocab.num_chars, num_hid=cfg.num_hid,
                 num_labels=ds.vocab.num_labels)
     model = build_model(kind, dims, seed=cfg.seed, dtype=dtype)
@@ -84,6 +85,8 @@ def time_model(kind: str, ds: D.Dataset, repeats: int) -> list[dict[str, Any]]:
         if dtype == "float64":
             variants["engine --dense"] = _engine(kind, ds, dtype, dense=True)
             variants["engine --no-fuse"] = _engine(kind, ds, dtype, dense=False, fuse=False)
+            if native.enabled():  # fused kernels in numpy: the engine on a machine without a C compiler
+                variants["engine --no-native"] = _engine(kind, ds, dtype, dense=False, native=False)
         ref_params = {n: a.copy() for n, a in variants["engine"].model.params.items()}
         codes = variants["engine"].codes["train"]
         y = y64.astype(dtype)

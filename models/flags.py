@@ -118,6 +118,9 @@ def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
                    help="feed dense one-hot matrices instead of the sparse gather path (same math, slower)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="do not fuse chains of elementwise ops into one derived kernel (same math, slower)")
+    p.add_argument("--no-native", dest="native", action="store_false",
+                   help="run fused kernels with numpy instead of compiled C (same math, slower; "
+                        "also SYMDIFF_NATIVE=0)")
     p.add_argument("--optimizer", action=_Given, choices=OPTIMIZERS, default="sgd",
                    help="update rule (default: the seed's sgd)")
     p.add_argument("--momentum", action=_Given, type=_unit_float, default=0.9,

@@ -81,6 +81,7 @@ class TrainConfig:
     dtype: str = "float64"
     dense: bool = False
     fuse: bool = True
+    native: bool = True  # compiled fused kernels where a C compiler works (symdiff.native)
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -204,7 +205,7 @@ class Trainer:
 
     def __init__(self, model: CharModel, dataset: D.Dataset, cfg: TrainConfig) -> None:
         self.model, self.ds, self.cfg = model, dataset, cfg
-        self.ad = Autograd(model.xm, fuse=cfg.fuse)
+        self.ad = Autograd(model.xm, fuse=cfg.fuse, native=None if cfg.native else False)
         self.program: Program = self.ad.compile(model.xm.operationSequence(model.xm.register("loss")))
         slot = self.program.slot
         self.loss_slot, self.rowloss_slot, self.out_slot = slot["loss"], slot["rowloss"], slot["outputs"]

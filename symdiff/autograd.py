@@ -55,9 +55,11 @@ class Program:
     slots)``; the backward plan holds one closure per derivative call.
     """
 
-    def __init__(self, steps: Sequence[Step], params: Iterable[str], counters: Counters) -> None:
+    def __init__(self, steps: Sequence[Step], params: Iterable[str], counters: Counters,
+                 native: bool = True) -> None:
         self.steps = list(steps)
         self.counters = counters
+        self.native = native  # fused kernels may run compiled C (symdiff.native) where arrays fit
         names: list[str] = []
         slot: dict[str, int] = {}
 
@@ -85,12 +87,13 @@ class Program:
             if len(s.inputs) != arity:
                 raise SymdiffError(f"step {s}: op {s.op!r} takes {arity} inputs, got {len(s.inputs)}")
             self.ops.append(op)
+            forward = op.forward if native else getattr(op, "numpy_forward", op.forward)
             ins = tuple(slot_of(i) for i in s.inputs)
             for o in s.outputs:
                 if o in slot:
                     raise SymdiffError(f"register {o!r} is computed twice or used before it is computed")
             out: Any = tuple(slot_of(o) for o in s.output) if isinstance(s.output, tuple) else slot_of(s.output)
-            self.forward_plan.append((op.forward, out, ins))
+            self.forward_plan.append((forward, out, ins))
         self.names = names
         self.slot = slot
         self.leaves = leaves
@@ -224,7 +227,7 @@ class Program:
                     accumulate.append(name in written)
                     written.add(name)
             if isinstance(s.output, tuple):
-                plan.append((_fused_backward(self.ops[k], needed, o, ins, targets, tuple(accumulate)), k))
+                plan.append((_fused_backward(self.ops[k], needed, o, ins, targets, tuple(accumulate), self.native), k))
             else:
                 for j, (t, acc) in zip((j for j, n in enumerate(needed) if n), zip(targets, accumulate)):
                     plan.append((_single_backward(self.ops[k].backward[j], o, ins, t, acc), k))
@@ -347,7 +350,7 @@ def _single_backward(bp: Any, o: int, ins: tuple[int, ...], target: int, accumul
 
 
 def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, ...], ins: tuple[int, ...],
-                    targets: tuple[int, ...], accumulate: tuple[bool, ...]) -> Any:
+                    targets: tuple[int, ...], accumulate: tuple[bool, ...], native: bool = True) -> Any:
     """All needed input gradients of a multi-output step in one call (a fused group's share subexpressions)."""
     bp = kernel.backward(needed)
     out_slots = results[:kernel.n_deltas]
@@ -358,6 +361,17 @@ def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, .
     per_term = getattr(kernel, "backward_terms", None) if n_out > 1 else None
     exact = getattr(kernel, "exact_gradients", False)
     reads = results + ins
+    native_backward = getattr(kernel, "native_backward", None) if native else None
+    if native_backward is not None:
+        nb = native_backward(needed)
+
+        def run_native_first(g: list[Any], v: list[Any]) -> None:
+            grads = nb([g[s] for s in out_slots], [v[s] for s in results], [v[s] for s in ins])
+            if grads is None:  # the arrays do not fit the compiled loop: numpy kernels
+                run(g, v)
+                return
+            for t, acc, d in zip(targets, accumulate, grads):
+                g[t] = g[t] + d if acc else d
 
     if exact:
         def run(g: list[Any], v: list[Any]) -> None:
@@ -384,7 +398,22 @@ def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, .
                 d = sum_to_shape(d, shape, dtype)
             g[t] = g[t] + d if acc else d
 
-    return run
+    return run if native_backward is None else run_native_first
+
+
+FUSION = ("fuse_blocks", "fuse_elementwise")
+
+
+def fusion_passes(native: bool) -> tuple[str, ...]:
+    """The passes ``fuse=True`` adds, which depend on whether fused kernels can be compiled.
+
+    Compiled (:mod:`symdiff.native`), one fused kernel per LSTM step does the gates'
+    sums, the sigmoids and tanh and the cell in one loop, reading the gate blocks in
+    place: ``fuse_elementwise`` alone. In numpy, stacking the gates first
+    (``fuse_blocks``: one call per op for all four) beats one call per gate, and
+    ``fuse_elementwise`` then fuses what is left (the cell).
+    """
+    return ("fuse_elementwise",) if native else FUSION
 
 
 class Autograd:
@@ -398,15 +427,23 @@ class Autograd:
     group) visible in ``eval``'s values; purely internal intermediates are not
     materialised. Counters then count a fused group as one forward step and one
     backward step per input differentiated (``fuse=False`` gives the seed's counts).
+
+    ``native`` (default: when a C compiler works here, see :mod:`symdiff.native`)
+    runs fused kernels as compiled C from the same SymPy expressions, and fuses
+    each LSTM step's gates and cell into one kernel; ``native=False`` keeps numpy.
     """
 
-    def __init__(self, xman: XMan, passes: Sequence[str] = DEFAULT_PASSES, fuse: bool = True) -> None:
+    def __init__(self, xman: XMan, passes: Sequence[str] = DEFAULT_PASSES, fuse: bool = True,
+                 native: bool | None = None) -> None:
+        from . import native as native_kernels
+
         self.xman = xman
         unknown = [p for p in passes if p not in PASSES]
         if unknown:
             raise ValueError(f"unknown pass(es) {unknown}; available: {sorted(PASSES)}")
-        fusion = ("fuse_blocks", "fuse_elementwise")
-        self.passes = tuple(p for p in passes if p not in fusion) + (fusion if fuse else ())
+        # None: compiled fused kernels when a C compiler works here (and SYMDIFF_NATIVE is not 0)
+        self.native = native_kernels.enabled() if native is None else bool(native) and native_kernels.enabled()
+        self.passes = tuple(p for p in passes if p not in FUSION) + (fusion_passes(self.native) if fuse else ())
         self.counters = Counters()
         self._programs: dict[tuple[Step, ...], Program] = {}
         self._last: tuple[Sequence[Step], Program] | None = None
@@ -440,7 +477,7 @@ class Autograd:
             keep = self.xman.named()
             for name in self.passes:
                 steps = PASSES[name](steps, keep=keep)
-            program = self._programs[key] = Program(steps, self.xman.params(), self.counters)
+            program = self._programs[key] = Program(steps, self.xman.params(), self.counters, self.native)
         self._last = (wengert, program)
         return program
 

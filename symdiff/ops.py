@@ -240,7 +240,24 @@ def _join(parts: list[Any], layout: np.ndarray | None, axis: int = -1) -> Any:
         return Blocks(parts)
     if layout[1].any():
         parts = [np.expand_dims(d, axis) if v else d for d, v in zip(parts, layout[1].tolist())]
+    elif axis == -1 and type(parts) is list:
+        joined = _side_by_side(parts)
+        if joined is not None:
+            return joined
     return np.concatenate(parts, axis=axis)
+
+
+def _side_by_side(parts: list[Any]) -> np.ndarray | None:
+    """The column range of one buffer that ``parts`` already are, in order (no copy), else None.
+
+    A compiled fused backward writes the gradients of a cut's blocks side by side
+    into one buffer (:mod:`symdiff.native`); joining them back is then a view. Only
+    such buffers are laid out that way, so without the compiled dispatcher: None.
+    """
+    from .native import dispatcher
+
+    d = dispatcher()
+    return None if d is None else d.join_columns(parts)
 
 
 class Concat:

@@ -275,18 +275,24 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
     fused_steps: dict[int, Step] = {}
     for gi, g in enumerate(groups):
         local = {steps[k].output: j for j, k in enumerate(g)}
-        inputs: list[str] = []
+        outside = list(dict.fromkeys(i for k in g for i in steps[k].inputs if i not in local))
+        first = {i: j for j, i in enumerate(outside)}
+
+        def anchor(i: str) -> tuple[int, int]:
+            # blocks of one cut side by side, in layout order, where the first of them is used:
+            # a compiled backward's gradient blocks then join back without a copy
+            p = producer.get(i)
+            if p is None or len(steps[p].outputs) == 1:
+                return first[i], 0
+            outs = steps[p].outputs
+            return min(first[o] for o in outs if o in first), outs.index(i)
+
+        inputs = sorted(outside, key=anchor)
+        position = {i: j for j, i in enumerate(inputs)}
         spec_steps = []
         for k in g:
-            args = []
-            for i in steps[k].inputs:
-                if i in local:
-                    args.append(("step", local[i]))
-                else:
-                    if i not in inputs:
-                        inputs.append(i)
-                    args.append(("in", inputs.index(i)))
-            spec_steps.append((steps[k].op, tuple(args)))
+            args = tuple(("step", local[i]) if i in local else ("in", position[i]) for i in steps[k].inputs)
+            spec_steps.append((steps[k].op, args))
         outputs = tuple(j for j, k in enumerate(g)
                         if steps[k].output in keep or not consumers.get(steps[k].output)
                         or any(group_of.get(c) != gi for c in consumers[steps[k].output]))

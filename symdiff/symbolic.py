@@ -25,7 +25,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import sympy as sp
+from sympy.codegen.ast import float32, float64, real
 from sympy.core.function import AppliedUndef
+from sympy.printing.c import C99CodePrinter
 from sympy.printing.numpy import NumPyPrinter
 
 from .registry import MULTI_OPS, Op, register, sum_to_shape
@@ -405,6 +407,150 @@ def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, replace: bool 
 
 
 # --------------------------------------------------------------------------------------
+# C: the same expressions as one loop (compiled by symdiff.native)
+# --------------------------------------------------------------------------------------
+#: vector variants glibc's libmvec provides (declared ``simd`` so gcc calls them 4-8 lanes at a time)
+_VECTOR_MATH = ("exp", "log", "tanh", "log1p", "expm1", "sin", "cos", "tan", "sinh", "cosh", "asin", "acos",
+                "atan", "asinh", "acosh", "atanh", "exp2", "log2", "log10", "cbrt", "erf", "erfc")
+
+C_PRELUDE = "\n".join([
+    "#include <math.h>",
+    "#ifdef SYMDIFF_VECTOR_MATH",
+    "#define SD_SIMD __attribute__((simd(\"notinbranch\"), nothrow, const))",
+    *(f"double {f}(double) SD_SIMD; float {f}f(float) SD_SIMD;" for f in _VECTOR_MATH),
+    "double pow(double, double) SD_SIMD; float powf(float, float) SD_SIMD;",
+    "#endif",
+    # the stable functions, as their numpy templates define them (NaN passes through)
+    *(f"static inline {t} sd_sigmoid{x}({t} u) {{ {t} e = exp{x}(-fabs{x}(u)); {t} r = 1 / (1 + e); "
+      f"return u >= 0 ? r : e * r; }}\n"
+      f"static inline {t} sd_softplus{x}({t} u) {{ return (u > 0 ? u : 0) + log1p{x}(exp{x}(-fabs{x}(u))); }}\n"
+      f"static inline {t} sd_relu{x}({t} u) {{ return u < 0 ? 0 : u; }}\n"
+      # tanh from expm1 (accurate near 0, no overflow): libmvec's expm1 is ~1.7x its tanh
+      f"static inline {t} sd_tanh{x}({t} u) {{ {t} e = expm1{x}(-2 * fabs{x}(u)); "
+      f"return copysign{x}(-e / (e + 2), u); }}\n"
+      f"static inline {t} sd_step{x}({t} u) {{ return u > 0 ? 1 : (u <= 0 ? 0 : u); }}"
+      for t, x in (("double", ""), ("float", "f"))),
+])
+
+
+class _CPrinter(C99CodePrinter):
+    """SymPy's C99 printer, plus the stable functions (as the prelude's inline helpers)."""
+
+    def __init__(self, single: bool) -> None:
+        super().__init__({"type_aliases": {real: float32 if single else float64}})
+        self._suffix = "f" if single else ""
+
+    def _helper(self, name: str, e: sp.Expr) -> str:
+        return f"sd_{name}{self._suffix}({self._print(e.args[0])})"
+
+    def _print_Sigmoid(self, e: sp.Expr) -> str:
+        return self._helper("sigmoid", e)
+
+    def _print_Softplus(self, e: sp.Expr) -> str:
+        return self._helper("softplus", e)
+
+    def _print_Relu(self, e: sp.Expr) -> str:
+        return self._helper("relu", e)
+
+    def _print_Step(self, e: sp.Expr) -> str:
+        return self._helper("step", e)
+
+    def _print_tanh(self, e: sp.Expr) -> str:
+        return self._helper("tanh", e)
+
+
+def c_source(name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr]) -> str:
+    """C for ``outputs[i] = f(operands)`` over an (R, K) loop, as ``{name}_f64`` and ``{name}_f32``.
+
+    Signature ``void f(long R, long K, char **p, const long *rs)``: ``p`` holds the
+    operands then the outputs, ``rs`` their row strides in elements (0: one row
+    broadcast over all). The inner loop is contiguous, so it vectorises; common
+    subexpressions are computed once per element.
+    """
+    n = len(operands)
+    plain = [sp.Symbol(f"v{j}", real=True) for j in range(n)]
+    exprs = [sp.sympify(e).xreplace(dict(zip(operands, plain))) for e in outputs]
+    temps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("t"), optimizations="basic")
+    used = set().union(*(e.free_symbols for _, e in temps), *(e.free_symbols for e in reduced))
+    parts = []
+    for t, single in (("double", False), ("float", True)):
+        printer = _CPrinter(single)
+        body = [f"void {name}_{'f32' if single else 'f64'}(long R, long K, char **p, const long *rs) {{",
+                "    for (long r = 0; r < R; r++) {"]
+        body += [f"        const {t} *restrict a{j} = (const {t} *)p[{j}] + r * rs[{j}];"
+                 for j in range(n) if plain[j] in used]
+        body += [f"        {t} *restrict o{i} = ({t} *)p[{n + i}] + r * rs[{n + i}];" for i in range(len(exprs))]
+        element = [f"const {t} v{j} = a{j}[k];" for j in range(n) if plain[j] in used]
+        element += [f"const {t} {s} = {printer.doprint(e)};" for s, e in temps]
+        element += [f"o{i}[k] = {printer.doprint(e)};" for i, e in enumerate(reduced)]
+        inner = ["{", *("    " + line for line in element), "}"]
+        lanes = 16 if single else 8
+        # Whole vectors only: a row's last, partial vector is done as the last full one, overlapping
+        # the one before (same values written twice). A scalar tail would call scalar libm per
+        # element: with K = 50 that tail cost as much as the 48 vectorised elements.
+        body += [f"        if (K >= {lanes}) {{",
+                 "            for (long k0 = 0;; k0 += %d) {" % lanes,
+                 f"                if (k0 + {lanes} > K) k0 = K - {lanes};",
+                 "                #pragma omp simd",
+                 f"                for (long k = k0; k < k0 + {lanes}; k++)",
+                 *("                " + line for line in inner),
+                 f"                if (k0 + {lanes} >= K) break;",
+                 "            }",
+                 "        } else {",
+                 "            #pragma omp simd",
+                 "            for (long k = 0; k < K; k++)",
+                 *("            " + line for line in inner),
+                 "        }", "    }", "}"]
+        parts.append("\n".join(body))
+    return C_PRELUDE + "\n\n" + "\n\n".join(parts) + "\n"
+
+
+class _Native:
+    """A kernel that runs compiled C when the arrays fit, numpy otherwise (see :mod:`symdiff.native`).
+
+    Built lazily, on the first call big enough to be worth it, and only once: a kernel
+    that fails to build stays numpy for good (``error`` says why).
+    """
+
+    def __init__(self, name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr]) -> None:
+        self.name, self.operands, self.outputs = name, tuple(operands), tuple(outputs)
+        self.fns: tuple[int, int] | None = None
+        self.error: str | None = None
+        self.source = ""
+
+    def build(self) -> tuple[int, int] | None:
+        """The compiled kernels' addresses (float64, float32), building them now if needed."""
+        if self.fns is None and self.error is None:
+            from . import native
+
+            if not native.enabled():
+                self.error = f"native kernels {native.status()}"
+                return None
+            try:
+                self.source = c_source("k", self.operands, self.outputs)
+                self.fns = native.load_kernels(self.source, ("k_f64", "k_f32"), stem=_c_stem(self.name))
+            except Exception as exc:  # noqa: BLE001 - unprintable or uncompilable: numpy it is
+                self.error = f"{type(exc).__name__}: {exc}"[:300]
+        return self.fns
+
+
+def _c_stem(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
+
+
+def _dispatch() -> Any:
+    from . import native
+
+    return native.dispatcher()
+
+
+def _worth_native(arrays: Sequence[Any]) -> bool:
+    from . import native
+
+    return any(getattr(a, "size", 0) >= native.MIN_ELEMENTS for a in arrays)
+
+
+# --------------------------------------------------------------------------------------
 # Fusion: a connected group of elementwise steps becomes one composite expression
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -456,11 +602,78 @@ class FusedKernel:
         self.delta_symbols = tuple(sp.Dummy(f"d{o}", real=True) for o in spec.outputs)
         self.n_inputs, self.n_deltas = spec.n_inputs, len(spec.outputs)
         self.forward, self.forward_source = _lambdify(self.inputs, [exprs[r] for r in self.results])
-        self._conform_forward(spec)
+        deps: list[set[int]] = []  # group inputs each local step depends on, structurally
+        for _, args in spec.steps:
+            deps.append(set().union(*({k} if kind == "in" else deps[k] for kind, k in args)))
+        uses = [sorted(deps[r]) for r in self.results]
+        self._conform_forward(spec, uses)
+        self.numpy_forward = self.forward
+        self.native_forward = _Native(f"{name}_forward", self.inputs, [exprs[r] for r in self.results])
+        self.forward = self._forward_native_first(tuple(sum(1 << k for k in use) for use in uses))
         self._backward: dict[tuple[bool, ...], tuple[Callable[..., Any], str, tuple[sp.Expr, ...]]] = {}
         self._backward_terms: dict[Any, Callable[..., Any]] = {}
+        self._native_backward: dict[tuple[bool, ...], tuple[_Native, Callable[..., Any]]] = {}
 
-    def _conform_forward(self, spec: GroupSpec) -> None:
+    def _forward_native_first(self, deps: tuple[int, ...]) -> Callable[..., Any]:
+        """The forward kernel: compiled C where the arrays fit it, else the numpy one.
+
+        ``deps[i]`` (a bitmask of inputs) lets the dispatcher check that result i
+        really has the full broadcast shape the C loop writes.
+        """
+        nat, numpy_forward = self.native_forward, self.numpy_forward
+        if len(self.inputs) > 64:
+            return numpy_forward
+
+        def forward(*xs: Any) -> Any:
+            fns = nat.fns
+            if fns is None and nat.error is None and _worth_native(xs):
+                fns = nat.build()
+            if fns is not None:
+                out = _dispatch().forward(fns, xs, deps)
+                if out is not None:
+                    return out
+            return numpy_forward(*xs)
+
+        return forward
+
+    def native_backward(self, needed: tuple[bool, ...]) -> Callable[..., Any]:
+        """``bw(deltas, results, inputs) -> list | None``: the needed gradients from compiled C.
+
+        ``deltas`` may hold ``None`` (no gradient reached that output). ``None`` back
+        means the arrays do not fit the C loop (or nothing was compiled): use
+        :meth:`backward`. Gradients equal for several inputs (d/dx and d/dy of x + y)
+        are computed once; full-shape ones come back as side-by-side column blocks of
+        one buffer (so a cut's backward joins them without copying).
+        """
+        cached = self._native_backward.get(needed)
+        if cached is not None:
+            return cached[1]
+        grads = self.gradient_expressions(needed)
+        wrt = [j for j, need in enumerate(needed) if need]
+        # in input order: the fusion pass puts a cut's blocks side by side in layout order, so
+        # their gradients are then side by side in the buffer too
+        distinct = list(dict.fromkeys(grads))
+        gmap = tuple((j, distinct.index(g)) for j, g in zip(wrt, grads))
+        operands = (*self.delta_symbols, *self.result_symbols, *self.inputs)
+        free = set().union(*(g.free_symbols for g in distinct))
+        used = bytes(int(s in free) for s in operands)
+        nat = _Native(f"{self.name}_backward", operands, distinct)
+        n_distinct = len(distinct)
+
+        def bw(deltas: list[Any], results: list[Any], inputs: list[Any]) -> list[Any] | None:
+            fns = nat.fns
+            if fns is None:
+                if nat.error is not None or not _worth_native(results):
+                    return None
+                fns = nat.build()
+                if fns is None:
+                    return None
+            return _dispatch().backward(fns, deltas, results, inputs, used, gmap, n_distinct)
+
+        self._native_backward[needed] = (nat, bw)
+        return bw
+
+    def _conform_forward(self, spec: GroupSpec, uses: list[list[int]]) -> None:
         """Give each result the shape and dtype the unfused steps would have given it.
 
         Unfused, every op broadcasts all its inputs and keeps their float dtype; a
@@ -468,10 +681,6 @@ class FusedKernel:
         ``f(x, y) = x``) and may widen float32 (``select`` of Python constants). Such
         groups, found once here, get a wrapper; the others keep the bare kernel.
         """
-        deps: list[set[int]] = []  # group inputs each local step depends on, structurally
-        for _, args in spec.steps:
-            deps.append(set().union(*({k} if kind == "in" else deps[k] for kind, k in args)))
-        uses = [sorted(deps[r]) for r in self.results]
         exact = all({self.inputs[k] for k in use} <= self.expressions[r].free_symbols
                     for r, use in zip(self.results, uses))
         if exact and _keeps_float32(self.forward, spec.n_inputs):

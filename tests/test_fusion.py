@@ -12,7 +12,7 @@ import sympy as sp
 from hypothesis import given, settings, strategies as st
 
 from models.training import build_model
-from symdiff import Autograd, MULTI_OPS, XMan, f, grad_check
+from symdiff import Autograd, MULTI_OPS, XMan, f, grad_check, native
 from symdiff.symbolic import FusedKernel
 
 DIMS = dict(max_len=4, num_chars=7, num_hid=5, num_labels=3)
@@ -43,9 +43,14 @@ def test_models_agree_with_the_plain_step_list(kind, dense):
         np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12, err_msg=name)
 
 
-def test_lstm_cell_derives_once_and_every_step_uses_it():
+NATIVE = [False, pytest.param(True, marks=pytest.mark.skipif(not native.enabled(),
+                                                             reason=f"native kernels: {native.status()}"))]
+
+
+@pytest.mark.parametrize("compiled", NATIVE)
+def test_lstm_cell_derives_once_and_every_step_uses_it(compiled):
     model = build_model("lstm", {**DIMS, "max_len": 6}, seed=0)
-    program = Autograd(model.xm).compile(model.xm.operationSequence(model.xm.register("loss")))
+    program = Autograd(model.xm, native=compiled).compile(model.xm.operationSequence(model.xm.register("loss")))
     cells = [s.op for s in program.steps if s.op.startswith("fused") and "hadamard" in s.op]
     assert len(cells) == 6 and len(set(cells)) == 1
 
@@ -297,24 +302,29 @@ def _gates_graph(widths_w, widths_u, unary, *, bias=True, vector_w=False, dtype=
 
 
 def _agree(xm, dtype=np.float64):
+    """Plain list vs the numpy fusion (block ops: its ops are returned) and the compiled one."""
     w = xm.operationSequence(xm.loss)
-    plain, fast = Autograd(xm, passes=(), fuse=False), Autograd(xm)
-    v0, v1 = plain.eval(w, xm.inputDict()), fast.eval(w, xm.inputDict())
-    assert v1["loss"].dtype == dtype
-    np.testing.assert_allclose(v1["loss"], v0["loss"], rtol=1e-10, atol=1e-12)
+    plain = Autograd(xm, passes=(), fuse=False)
+    v0 = plain.eval(w, xm.inputDict())
     g0 = plain.bprop(w, v0, loss=np.ones((), dtype))
-    g1 = fast.bprop(w, v1, loss=np.ones((), dtype))
-    assert set(g1) >= set(xm.params())
-    for name in xm.params():
-        assert g1[name].dtype == dtype and g1[name].shape == g0[name].shape, name
-        np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10 if dtype == np.float64 else 1e-4,
-                                   atol=1e-12 if dtype == np.float64 else 1e-6, err_msg=name)
-    return [s.op for s in fast.compile(w).steps]
+    engines = [Autograd(xm, native=False)] + ([Autograd(xm, native=True)] if native.enabled() else [])
+    for fast in engines:
+        v1 = fast.eval(w, xm.inputDict())
+        assert v1["loss"].dtype == dtype
+        np.testing.assert_allclose(v1["loss"], v0["loss"], rtol=1e-10, atol=1e-12)
+        g1 = fast.bprop(w, v1, loss=np.ones((), dtype))
+        assert set(g1) >= set(xm.params())
+        for name in xm.params():
+            assert g1[name].dtype == dtype and g1[name].shape == g0[name].shape, name
+            np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10 if dtype == np.float64 else 1e-4,
+                                       atol=1e-12 if dtype == np.float64 else 1e-6, err_msg=name)
+    return [s.op for s in engines[0].compile(w).steps]
 
 
 def test_lstm_gates_become_two_adds_and_one_blockmap_per_step():
     model = build_model("lstm", DIMS, seed=0)
-    ops = [s.op for s in Autograd(model.xm).compile(model.xm.operationSequence(model.xm.register("loss"))).steps]
+    program = Autograd(model.xm, native=False).compile(model.xm.operationSequence(model.xm.register("loss")))
+    ops = [s.op for s in program.steps]
     M = DIMS["max_len"]
     assert ops.count("blockwise[add]") == 2 * M
     assert ops.count("blockmap[tanh,sigmoid*3]") == M
@@ -412,7 +422,7 @@ def test_training_mode_gives_the_same_gradients_as_keeping_everything(kind, fuse
                                        bias=False, vector_w=True)])
 def test_training_mode_through_block_ops_and_their_fallback(case):
     xm = _gates_graph(**case)
-    program = Autograd(xm).compile(xm.operationSequence(xm.loss))
+    program = Autograd(xm, native=False).compile(xm.operationSequence(xm.loss))
     inputs = xm.inputDict()
     g_full = program.backward(program.forward(inputs), {"loss": np.float64(1.0)})
     g_lean = program.backward(program.forward(inputs, keep=("loss",)), {"loss": np.float64(1.0)},
@@ -429,6 +439,9 @@ def test_a_wrong_bias_inside_fused_gate_blocks_is_a_shape_error_naming_the_regis
     w = xm.operationSequence(xm.loss)
     inputs = {**xm.inputDict(), "b1": np.ones(5)}  # gate 1 is 3 wide
     with pytest.raises(ShapeError, match=r"blockwise\[add\].*b1.*\(5,\).*fuse=False"):
-        Autograd(xm).eval(w, inputs)
+        Autograd(xm, native=False).eval(w, inputs)
+    if native.enabled():  # compiled: one fused kernel; the arrays do not fit it, so numpy says why
+        with pytest.raises(ShapeError, match=r"fused\d+\[.*b1\(5,\).*fuse=False"):
+            Autograd(xm, native=True).eval(w, inputs)
     with pytest.raises(ShapeError, match=r"'add'.*b1\(5,\)"):
         Autograd(xm, passes=(), fuse=False).eval(w, inputs)

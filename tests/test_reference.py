@@ -372,7 +372,10 @@ def test_benchmark_runs_and_reports_ratios_as_json() -> None:
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     impls = {r["impl"] for r in report["rows"] if r["dtype"] == "float64"}
-    assert impls == {"engine", "engine --dense", "engine --no-fuse", "reference", "hand-fused numpy"}
+    from symdiff import native
+
+    assert impls == {"engine", "engine --dense", "engine --no-fuse", "reference", "hand-fused numpy",
+                     *(["engine --no-native"] if native.enabled() else [])}
     for r in report["rows"]:
         assert r["median_s"] > 0 and r["min_s"] <= r["median_s"] <= r["max_s"]
         assert math.isclose(r["ratio_to_reference"] * next(

@@ -34,9 +34,10 @@ EPOCH_KEYS = {"epoch", "train_loss", "valid_loss", "valid_accuracy", "train_seco
 SMALL = ["--num_hid", "8"]
 
 
-def symdiff(cwd: Path, *args: str, module: str = "cli", timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def symdiff(cwd: Path, *args: str, module: str = "cli", timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m cli ARGS`` (or another module) in ``cwd`` with the checkout on the path."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -217,12 +218,25 @@ def test_predict_reads_titles_as_the_data_files_write_them(demo: D.Dataset) -> N
 
 
 def test_ops_fused_shows_every_rewritten_op_by_its_full_name(tmp_path: Path) -> None:
-    out = ok(symdiff(tmp_path, "ops", "--fused", "lstm")).stdout
+    # numpy kernels: the gates are stacked by fuse_blocks, the cell fused
+    out = ok(symdiff(tmp_path, "ops", "--fused", "lstm", env={"SYMDIFF_NATIVE": "0"})).stdout
     # op names carry brackets, which rich would otherwise swallow as markup
     for name in ("blockwise[add]", "blockmap[tanh,sigmoid*3]", "fused1[hadamard+add+tanh]", "cat4"):
         assert name in out, name
     assert "tanh on block 0; sigmoid on blocks 1-3" in out
-    assert "dL/d in0 = in1*(delta2 + delta4*in4*(1 - r3**2))" in out  # factored, CSE-able gradient
+    assert "dL/d in0 = in2*(delta2 + delta4*in3*(1 - r3**2))" in out  # factored, CSE-able gradient
+    assert "native kernels: off (SYMDIFF_NATIVE=0)" in out
+
+
+def test_ops_fused_with_native_kernels_shows_one_kernel_per_lstm_step(tmp_path: Path) -> None:
+    from symdiff import native
+
+    if not native.enabled():
+        pytest.skip(f"native kernels unavailable here: {native.status()}")
+    out = ok(symdiff(tmp_path, "ops", "--fused", "lstm")).stdout
+    assert "native kernels: on" in out
+    assert out.count("= fused1[add+sigmoid+hadamard+tanh](") == 3  # max_len 3: one per step
+    assert "blockwise" not in out
 
 
 # ---- dead ReLUs -----------------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""Native kernels: C source generated from the SymPy expressions, compiled once, cached on disk.
+
+Why: a fused LSTM cell is ~20 numpy calls, each writing a temporary array, and numpy
+has no fused loop. The same composite expression printed as C and compiled with the
+system's compiler runs in one pass over memory, with glibc's vector math library
+(``libmvec``) for ``exp``/``tanh``. Nothing here is required: with no compiler, with
+``SYMDIFF_NATIVE=0``, or when a kernel fails to build, every kernel stays numpy, and
+so does any call whose arrays do not fit the compiled loop (dtype other than float32
+or float64, more than two dimensions, broadcasting other than along rows, tiny arrays).
+
+What this module knows is compilers and files, not SymPy: :mod:`symdiff.symbolic`
+writes the C source; this module builds it into a shared library, loads it, and hands
+back the kernel's address for the dispatcher (``native_dispatch.c``, a small CPython
+extension built the same way, which reads array pointers for ~20 ns an array).
+
+Builds go to ``$SYMDIFF_CACHE`` (default ``~/.cache/symdiff``), named by a hash of the
+source, compiler, flags and CPU, written atomically: a second run loads in milliseconds.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+#: ``SYMDIFF_NATIVE=0`` turns native kernels off (numpy everywhere)
+ENV_SWITCH = "SYMDIFF_NATIVE"
+#: calls on fewer elements than this stay numpy (Python call overhead dominates there),
+#: so tests on tiny random graphs do not compile a kernel each; ``SYMDIFF_NATIVE_MIN`` overrides
+MIN_ELEMENTS = int(os.environ.get("SYMDIFF_NATIVE_MIN", "1024"))
+
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared")
+DISPATCH_SOURCE = Path(__file__).with_name("native_dispatch.c")
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"dispatch": None, "error": None, "compiler": None, "checked": False}
+_libraries: list[Any] = []  # loaded kernels stay loaded for the life of the process
+
+
+def enabled() -> bool:
+    """Whether native kernels may be used at all (the switch, then a working compiler)."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return dispatcher() is not None
+
+
+def status() -> str:
+    """One line for users: on, off (and why)."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"off ({ENV_SWITCH}=0)"
+    if dispatcher() is None:
+        return f"off ({_state['error']})"
+    return f"on ({_state['compiler']}, {' '.join(FLAGS[:3])})"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SYMDIFF_CACHE")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "symdiff" if xdg else Path.home() / ".cache" / "symdiff"
+
+
+def _cpu() -> str:
+    """What -march=native depends on: a build from another CPU must not be loaded here."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _build(source: str, stem: str, extra: tuple[str, ...] = (), libs: tuple[str, ...] = ()) -> Path:
+    """Compile ``source`` to a shared library in the cache (or find it there); its path."""
+    cc = _state["compiler"] or _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    _state["compiler"] = cc
+    key = hashlib.sha256("\0".join((source, cc, *FLAGS, *extra, *libs, _cpu(), sys.version)).encode()).hexdigest()[:20]
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.gettempdir()) / f"symdiff-{os.getuid()}"
+        directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{stem}-{key}.so"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        src = Path(tmp) / f"{stem}.c"
+        src.write_text(source)
+        out = Path(tmp) / "out.so"
+        cmd = [cc, *FLAGS, *extra, str(src), "-o", str(out), *libs]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:1])} failed: {done.stderr.strip()[:500]}")
+        os.replace(out, target)  # atomic: another process sees the whole library or none
+    return target
+
+
+def dispatcher() -> Any | None:
+    """The compiled dispatcher module, built on first use; ``None`` if it cannot be built."""
+    if _state["checked"]:
+        return _state["dispatch"]
+    with _lock:
+        if _state["checked"]:
+            return _state["dispatch"]
+        try:
+            import numpy as np
+
+            includes = (f"-I{sysconfig.get_paths()['include']}", f"-I{np.get_include()}")
+            path = _build(DISPATCH_SOURCE.read_text(), "dispatch", includes)
+            spec = importlib.util.spec_from_file_location("_symdiff_native", path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _state["dispatch"] = module
+        except Exception as exc:  # noqa: BLE001 - any failure means: stay numpy
+            _state["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        _state["checked"] = True
+    return _state["dispatch"]
+
+
+def load_kernels(source: str, names: tuple[str, ...], stem: str = "kernel") -> tuple[int, ...]:
+    """Build ``source`` (tried with libmvec's vector math first) and return the functions' addresses."""
+    errors = []
+    for vector_math in (True, False):
+        text = ("#define SYMDIFF_VECTOR_MATH 1\n" if vector_math else "") + source
+        try:
+            path = _build(text, stem, libs=("-lmvec", "-lm") if vector_math else ("-lm",))
+            lib = ctypes.CDLL(str(path))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(str(exc))
+            continue
+        _libraries.append(lib)
+        return tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value or 0 for n in names)
+    raise RuntimeError("; ".join(errors))

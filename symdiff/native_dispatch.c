@@ -1,0 +1,299 @@
+/* symdiff's native dispatcher: calls a generated elementwise kernel on numpy arrays.
+ *
+ * Compiled at run time by symdiff/native.py (never at install time). It exists because
+ * reading twenty array pointers through ctypes costs ~20 us a call, more than the kernel
+ * saves; here it is ~20 ns an array. Anything it cannot handle (dtype, layout, broadcast
+ * other than along rows) makes it return None, and the caller runs the numpy kernel.
+ *
+ * A kernel is  void k(long R, long K, char **p, const long *rs):  for r < R, k < K it reads
+ * operand j at p[j] + (r*rs[j] + k) elements and writes each output the same way. Operands
+ * are 1-D (K,) or 2-D (rows, K) with a contiguous last axis; rows is R or 1 (rs = 0 then).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+typedef void (*kernel_t)(long R, long K, char **p, const long *rs);
+#define MAXOPS 192
+
+typedef struct {
+    char *data;
+    long rs;
+    int nd;
+    npy_intp rows, cols;
+} operand;
+
+/* Describe one array; 0 if usable. With shape_only, only its shape matters (a value the
+ * kernel does not read, e.g. a zero-stride stand-in left by release mode). */
+static int inspect(PyObject *o, int typenum, int shape_only, operand *op) {
+    if (!PyArray_Check(o)) return -1;
+    PyArrayObject *a = (PyArrayObject *)o;
+    int nd = PyArray_NDIM(a);
+    if (nd < 1 || nd > 2) return -1;
+    npy_intp *sh = PyArray_DIMS(a), *st = PyArray_STRIDES(a);
+    op->nd = nd;
+    op->cols = sh[nd - 1];
+    op->rows = nd == 2 ? sh[0] : 1;
+    op->rs = 0;
+    op->data = NULL;
+    if (shape_only) return 0;
+    if (PyArray_TYPE(a) != typenum) return -1;
+    npy_intp isz = PyArray_ITEMSIZE(a);
+    if (op->cols > 1 && st[nd - 1] != isz) return -1;
+    if (nd == 2 && op->rows > 1) {
+        if (st[0] % isz) return -1;
+        op->rs = (long)(st[0] / isz);
+    }
+    op->data = PyArray_BYTES(a);
+    return 0;
+}
+
+typedef struct {
+    int nd;
+    npy_intp R, K;
+} fullshape;
+
+/* The broadcast shape of the operands, if only rows broadcast. */
+static int full_shape(operand *ops, int n, fullshape *fs) {
+    fs->nd = 0; fs->R = 1; fs->K = -1;
+    for (int j = 0; j < n; j++) {
+        if (!ops[j].nd) continue; /* absent (a missing delta) */
+        if (fs->K < 0) fs->K = ops[j].cols;
+        if (ops[j].cols != fs->K) return -1;
+        if (ops[j].nd > fs->nd) fs->nd = ops[j].nd;
+        if (ops[j].nd == 2 && ops[j].rows != 1) {
+            if (fs->R != 1 && fs->R != ops[j].rows) return -1;
+            fs->R = ops[j].rows;
+        }
+    }
+    return fs->K < 0 ? -1 : 0;
+}
+
+static int is_full(const operand *op, const fullshape *fs) {
+    return op->nd == fs->nd && op->rows == (fs->nd == 2 ? fs->R : 1);
+}
+
+static int typenum_of(PyObject *seq) {
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(seq, j);
+        if (PyArray_Check(o)) return PyArray_TYPE((PyArrayObject *)o);
+    }
+    return -1;
+}
+
+static kernel_t pick(PyObject *fns, int typenum) {
+    /* fns = (float64 kernel address, float32 kernel address), 0 where absent */
+    Py_ssize_t which = typenum == NPY_DOUBLE ? 0 : typenum == NPY_FLOAT ? 1 : -1;
+    if (which < 0) return NULL;
+    PyObject *f = PyTuple_GET_ITEM(fns, which);
+    unsigned long long addr = PyLong_AsUnsignedLongLong(f);
+    if (PyErr_Occurred()) { PyErr_Clear(); return NULL; }
+    return (kernel_t)(uintptr_t)addr;
+}
+
+static PyObject *new_full(const fullshape *fs, int typenum) {
+    npy_intp dims[2] = {fs->R, fs->K};
+    if (fs->nd == 1) dims[0] = fs->K;
+    return PyArray_EMPTY(fs->nd, dims, typenum, 0);
+}
+
+/* forward(fns, inputs, deps) -> list of results, or None.
+ * deps[i]: bitmask of the inputs result i depends on (each result must reach the full shape). */
+static PyObject *forward(PyObject *self, PyObject *args) {
+    PyObject *fns, *inputs, *deps;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyTuple_Type, &fns, &PyTuple_Type, &inputs, &PyTuple_Type, &deps))
+        return NULL;
+    Py_ssize_t n_in = PyTuple_GET_SIZE(inputs), n_out = PyTuple_GET_SIZE(deps);
+    if (n_in + n_out > MAXOPS || n_in > 64) Py_RETURN_NONE;
+    int typenum = typenum_of(inputs);
+    kernel_t fn = pick(fns, typenum);
+    if (!fn) Py_RETURN_NONE;
+    operand ops[MAXOPS];
+    for (Py_ssize_t j = 0; j < n_in; j++)
+        if (inspect(PyTuple_GET_ITEM(inputs, j), typenum, 0, &ops[j])) Py_RETURN_NONE;
+    fullshape fs;
+    if (full_shape(ops, (int)n_in, &fs)) Py_RETURN_NONE;
+    unsigned long long fullmask = 0;
+    for (Py_ssize_t j = 0; j < n_in; j++)
+        if (is_full(&ops[j], &fs)) fullmask |= 1ULL << j;
+    for (Py_ssize_t i = 0; i < n_out; i++) {
+        unsigned long long d = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(deps, i));
+        if (PyErr_Occurred() || !(d & fullmask)) { PyErr_Clear(); Py_RETURN_NONE; }
+    }
+    char *p[MAXOPS];
+    long rs[MAXOPS];
+    for (Py_ssize_t j = 0; j < n_in; j++) { p[j] = ops[j].data; rs[j] = ops[j].rs; }
+    PyObject *out = PyList_New(n_out);
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < n_out; i++) {
+        PyObject *a = new_full(&fs, typenum);
+        if (!a) { Py_DECREF(out); return NULL; }
+        PyList_SET_ITEM(out, i, a);
+        p[n_in + i] = PyArray_BYTES((PyArrayObject *)a);
+        rs[n_in + i] = fs.nd == 2 ? (long)fs.K : 0;
+    }
+    fn((long)(fs.nd == 2 ? fs.R : 1), (long)fs.K, p, rs);
+    return out;
+}
+
+/* backward(fns, deltas, results, inputs, used, grads, n_distinct) -> list of gradients, or None.
+ * Operands of the kernel: deltas (None: no gradient arrived, read as zeros), results, inputs,
+ * then n_distinct outputs. used: bytes, 1 where the kernel reads that operand. grads: for
+ * each needed input, (input index, distinct output index); inputs sharing an expression
+ * (d/dx of x+y equals d/dy) share one computed block. The distinct outputs are blocks of
+ * one (R, n_distinct*K) buffer, side by side, so a cut's backward can join them for free;
+ * an input that broadcast along rows gets its block summed over rows. */
+static PyObject *backward(PyObject *self, PyObject *args) {
+    PyObject *fns, *deltas, *results, *inputs, *grads;
+    const char *used;
+    Py_ssize_t n_used, n_distinct;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!y#O!n", &PyTuple_Type, &fns, &PyList_Type, &deltas, &PyList_Type,
+                          &results, &PyList_Type, &inputs, &used, &n_used, &PyTuple_Type, &grads, &n_distinct))
+        return NULL;
+    Py_ssize_t nd_ = PyList_GET_SIZE(deltas), nr = PyList_GET_SIZE(results), ni = PyList_GET_SIZE(inputs);
+    Py_ssize_t n_ops = nd_ + nr + ni;
+    if (n_ops + n_distinct > MAXOPS || n_used != n_ops || n_distinct < 1) Py_RETURN_NONE;
+    int typenum = typenum_of(results);
+    kernel_t fn = pick(fns, typenum);
+    if (!fn) Py_RETURN_NONE;
+    operand ops[MAXOPS];
+    PyObject *all[MAXOPS];
+    for (Py_ssize_t j = 0; j < nd_; j++) all[j] = PyList_GET_ITEM(deltas, j);
+    for (Py_ssize_t j = 0; j < nr; j++) all[nd_ + j] = PyList_GET_ITEM(results, j);
+    for (Py_ssize_t j = 0; j < ni; j++) all[nd_ + nr + j] = PyList_GET_ITEM(inputs, j);
+    for (Py_ssize_t j = 0; j < n_ops; j++) {
+        if (j < nd_ && all[j] == Py_None) { ops[j].nd = 0; continue; }
+        if (inspect(all[j], typenum, !used[j], &ops[j])) Py_RETURN_NONE;
+    }
+    fullshape fs;
+    if (full_shape(ops, (int)n_ops, &fs)) Py_RETURN_NONE;
+    for (Py_ssize_t j = 0; j < nd_ + nr; j++)  /* deltas and results: the full shape, or absent */
+        if (ops[j].nd && !is_full(&ops[j], &fs)) Py_RETURN_NONE;
+    long R = (long)(fs.nd == 2 ? fs.R : 1), K = (long)fs.K;
+    PyObject *zeros = NULL;
+    char *p[MAXOPS];
+    long rs[MAXOPS];
+    for (Py_ssize_t j = 0; j < n_ops; j++) {
+        if (!ops[j].nd) {
+            if (!zeros) {
+                npy_intp dims[1] = {K};
+                zeros = PyArray_ZEROS(1, dims, typenum, 0);
+                if (!zeros) return NULL;
+            }
+            p[j] = PyArray_BYTES((PyArrayObject *)zeros); rs[j] = 0;
+        } else { p[j] = ops[j].data; rs[j] = ops[j].rs; }
+    }
+    npy_intp bdims[2] = {R, (npy_intp)n_distinct * K};
+    PyArrayObject *buf = (PyArrayObject *)PyArray_EMPTY(2, bdims, typenum, 0);
+    if (!buf) { Py_XDECREF(zeros); return NULL; }
+    npy_intp isz = PyArray_ITEMSIZE(buf);
+    for (Py_ssize_t m = 0; m < n_distinct; m++) {
+        p[n_ops + m] = PyArray_BYTES(buf) + m * K * isz;
+        rs[n_ops + m] = (long)(n_distinct * K);
+    }
+    fn(R, K, p, rs);
+    Py_XDECREF(zeros);
+    Py_ssize_t ng = PyTuple_GET_SIZE(grads);
+    PyObject *out = PyList_New(ng);
+    if (!out) { Py_DECREF(buf); return NULL; }
+    for (Py_ssize_t g = 0; g < ng; g++) {
+        PyObject *pair = PyTuple_GET_ITEM(grads, g);
+        Py_ssize_t j = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0));
+        Py_ssize_t m = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 1));
+        if (j < 0 || j >= ni || m < 0 || m >= n_distinct) {
+            Py_DECREF(out); Py_DECREF(buf);
+            PyErr_SetString(PyExc_ValueError, "native backward: bad gradient map");
+            return NULL;
+        }
+        operand *in = &ops[nd_ + nr + j];
+        char *block = PyArray_BYTES(buf) + m * K * isz;
+        PyObject *a;
+        if (is_full(in, &fs)) {  /* a view of block m */
+            npy_intp dims[2] = {R, K}, strides[2] = {(npy_intp)n_distinct * K * isz, isz};
+            PyArray_Descr *descr = PyArray_DescrFromType(typenum);
+            if (fs.nd == 1) { dims[0] = K; strides[0] = isz; }
+            a = PyArray_NewFromDescr(&PyArray_Type, descr, fs.nd, dims, strides, block, NPY_ARRAY_WRITEABLE, NULL);
+            if (a) {
+                Py_INCREF(buf);
+                if (PyArray_SetBaseObject((PyArrayObject *)a, (PyObject *)buf) < 0) { Py_DECREF(a); a = NULL; }
+            }
+        } else {  /* broadcast along rows: sum the block's rows into the input's shape */
+            npy_intp dims[2] = {1, K};
+            if (in->nd == 1) dims[0] = K;
+            a = PyArray_ZEROS(in->nd, dims, typenum, 0);
+            if (a) {
+                char *dst = PyArray_BYTES((PyArrayObject *)a);
+                if (typenum == NPY_DOUBLE) {
+                    double *d = (double *)dst;
+                    for (long r = 0; r < R; r++) {
+                        const double *s = (const double *)block + r * (long)n_distinct * K;
+                        for (long k = 0; k < K; k++) d[k] += s[k];
+                    }
+                } else {
+                    float *d = (float *)dst;
+                    for (long r = 0; r < R; r++) {
+                        const float *s = (const float *)block + r * (long)n_distinct * K;
+                        for (long k = 0; k < K; k++) d[k] += s[k];
+                    }
+                }
+            }
+        }
+        if (!a) { Py_DECREF(out); Py_DECREF(buf); return NULL; }
+        PyList_SET_ITEM(out, g, a);
+    }
+    Py_DECREF(buf);
+    return out;
+}
+
+/* join_columns(parts) -> the array parts are side by side columns of, or None.
+ * A compiled backward writes the gradients of a cut's blocks into one buffer; joining
+ * them back (the cut's own backward) is then a view instead of a copy. */
+static PyObject *join_columns(PyObject *self, PyObject *args) {
+    PyObject *parts;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &parts)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(parts);
+    if (n < 1 || !PyArray_CheckExact(PyList_GET_ITEM(parts, 0))) Py_RETURN_NONE;
+    PyArrayObject *first = (PyArrayObject *)PyList_GET_ITEM(parts, 0);
+    PyObject *base = PyArray_BASE(first);
+    if (PyArray_NDIM(first) != 2 || !base || !PyArray_CheckExact(base)) Py_RETURN_NONE;
+    npy_intp *st = PyArray_STRIDES(first), R = PyArray_DIM(first, 0), isz = PyArray_ITEMSIZE(first);
+    if (st[1] != isz) Py_RETURN_NONE;
+    char *expect = PyArray_BYTES(first);
+    npy_intp width = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *o = PyList_GET_ITEM(parts, j);
+        if (!PyArray_CheckExact(o)) Py_RETURN_NONE;
+        PyArrayObject *a = (PyArrayObject *)o;
+        if (PyArray_NDIM(a) != 2 || PyArray_BASE(a) != base || PyArray_DIM(a, 0) != R || PyArray_BYTES(a) != expect
+            || PyArray_STRIDE(a, 0) != st[0] || PyArray_STRIDE(a, 1) != st[1]
+            || !PyArray_EquivTypes(PyArray_DESCR(a), PyArray_DESCR(first)))
+            Py_RETURN_NONE;
+        expect += PyArray_DIM(a, 1) * isz;
+        width += PyArray_DIM(a, 1);
+    }
+    npy_intp dims[2] = {R, width}, strides[2] = {st[0], st[1]};
+    PyArray_Descr *descr = PyArray_DESCR(first);
+    Py_INCREF(descr);
+    PyObject *view = PyArray_NewFromDescr(&PyArray_Type, descr, 2, dims, strides, PyArray_BYTES(first),
+                                          PyArray_FLAGS(first) & NPY_ARRAY_WRITEABLE, NULL);
+    if (!view) return NULL;
+    Py_INCREF(base);
+    if (PyArray_SetBaseObject((PyArrayObject *)view, base) < 0) { Py_DECREF(view); return NULL; }
+    return view;
+}
+
+static PyMethodDef methods[] = {
+    {"join_columns", join_columns, METH_VARARGS, "The array some column blocks are side by side in, or None."},
+    {"forward", forward, METH_VARARGS, "Run a generated forward kernel; None if the arrays do not fit it."},
+    {"backward", backward, METH_VARARGS, "Run a generated backward kernel; None if the arrays do not fit it."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_symdiff_native", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__symdiff_native(void) {
+    import_array();
+    return PyModule_Create(&module);
+}
