@@ -85,7 +85,7 @@ def time_model(kind: str, ds: D.Dataset, repeats: int) -> list[dict[str, Any]]:
         if dtype == "float64":
             variants["engine --dense"] = _engine(kind, ds, dtype, dense=True)
             variants["engine --no-fuse"] = _engine(kind, ds, dtype, dense=False, fuse=False)
-            if native.enabled():  # fused kernels in numpy: the engine on a machine without a C compiler
+            if native.enabled():  # the engine on a machine without a C compiler (numpy kernels only)
                 variants["engine --no-native"] = _engine(kind, ds, dtype, dense=False, native=False)
         ref_params = {n: a.copy() for n, a in variants["engine"].model.params.items()}
         codes = variants["engine"].codes["train"]
@@ -97,7 +97,11 @@ def time_model(kind: str, ds: D.Dataset, repeats: int) -> list[dict[str, Any]]:
             times["hand-fused numpy"] = []
         for _ in range(repeats):
             for name, trainer in variants.items():
-                times[name].append(_engine_epoch(trainer))
+                native.set_enabled(False if name == "engine --no-native" else None)  # no compiled helpers either
+                try:
+                    times[name].append(_engine_epoch(trainer))
+                finally:
+                    native.set_enabled(None)
             times["reference"].append(_reference_epoch(kind, ref_params, codes, y, 64, DEFAULT_LR[kind], 0))
             if kind == "lstm":
                 t0 = time.perf_counter()

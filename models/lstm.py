@@ -31,8 +31,8 @@ def build(max_len: int, num_chars: int, num_hid: int, num_labels: int, *, rng: n
     xm.y = f.input(name="y", default=np.eye(C, dtype=dtype)[rng.integers(0, C, default_rows)])
     xm.h0 = f.input(name="h0", default=np.zeros((default_rows, H), dtype))
     xm.c0 = f.input(name="c0", default=np.zeros((default_rows, H), dtype))
-    W = {g: f.param(name=f"W{g}", default=glorot(rng, V, H, dtype)) for g in GATES}
-    U = {g: f.param(name=f"U{g}", default=glorot(rng, H, H, dtype)) for g in GATES}
+    W = {g: f.param(name=f"W{g}", default=w) for g, w in _side_by_side({g: glorot(rng, V, H, dtype) for g in GATES})}
+    U = {g: f.param(name=f"U{g}", default=u) for g, u in _side_by_side({g: glorot(rng, H, H, dtype) for g in GATES})}
     b = {g: f.param(name=f"b{g}", default=bias(rng, H, dtype)) for g in GATES}
     xm.W2 = f.param(name="W2", default=glorot(rng, H, C, dtype))
     xm.b2 = f.param(name="b2", default=bias(rng, C, dtype))
@@ -67,6 +67,20 @@ def build(max_len: int, num_chars: int, num_hid: int, num_labels: int, *, rng: n
         return inputs
 
     return CharModel("lstm", xm, feed, dict(max_len=M, num_chars=V, num_hid=H, num_labels=C), dtype)
+
+
+def _side_by_side(arrays: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """The four gates' matrices as column blocks of one array (same values, drawn as before).
+
+    The engine's ``merge_matmuls`` multiplies by all four at once, joined in name order;
+    stored side by side in that order, the join is a view instead of a copy per batch
+    (with native code; otherwise it copies as before). Updates in place keep it so.
+    """
+    names = sorted(arrays)
+    joined = np.concatenate([arrays[g] for g in names], axis=1)
+    width = arrays[names[0]].shape[1]
+    views = {g: joined[:, j * width:(j + 1) * width] for j, g in enumerate(names)}
+    return [(g, views[g]) for g in arrays]
 
 
 def main(params: dict[str, Any]) -> int:

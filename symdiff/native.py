@@ -41,21 +41,36 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-
 DISPATCH_SOURCE = Path(__file__).with_name("native_dispatch.c")
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"dispatch": None, "error": None, "compiler": None, "checked": False}
+_state: dict[str, Any] = {"dispatch": None, "error": None, "compiler": None, "checked": False, "on": None}
 _libraries: list[Any] = []  # loaded kernels stay loaded for the life of the process
 
 
+def _switched_on() -> bool:
+    on = _state["on"]
+    if on is None:  # read once: this is asked on every call of a compiled helper
+        on = _state["on"] = os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return on
+
+
 def enabled() -> bool:
-    """Whether native kernels may be used at all (the switch, then a working compiler)."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return dispatcher() is not None
+    """Whether native code may be used at all (the switch, then a working compiler)."""
+    return _switched_on() and dispatcher() is not None
+
+
+def set_enabled(on: bool | None) -> None:
+    """Switch native code off (``False``) or back on for this process; ``None``: as ``SYMDIFF_NATIVE`` says.
+
+    Kernels already built stay built; what is switched off is their use where the
+    switch is consulted: new :class:`~symdiff.Autograd` engines and the compiled
+    helpers (scatter-add, joins). ``Autograd(native=False)`` affects one engine.
+    """
+    _state["on"] = on
 
 
 def status() -> str:
     """One line for users: on, off (and why)."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"off ({ENV_SWITCH}=0)"
+    if not _switched_on():
+        return f"off ({ENV_SWITCH}=0 or switched off)"
     if dispatcher() is None:
         return f"off ({_state['error']})"
     return f"on ({_state['compiler']}, {' '.join(FLAGS[:3])})"

@@ -284,7 +284,52 @@ static PyObject *join_columns(PyObject *self, PyObject *args) {
     return view;
 }
 
+/* segment_sum(delta, rows, starts) -> (len(starts), K) array, or None.
+ * out[s] = sum of delta[rows[j]] for starts[s] <= j < starts[s+1]: a one-hot product's weight
+ * gradient (rows grouped by character), read straight from delta with no gathered copy. */
+static PyObject *segment_sum(PyObject *self, PyObject *args) {
+    PyArrayObject *delta, *rows, *starts;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyArray_Type, &delta, &PyArray_Type, &rows, &PyArray_Type, &starts))
+        return NULL;
+    int typenum = PyArray_TYPE(delta);
+    if (PyArray_NDIM(delta) != 2 || (typenum != NPY_DOUBLE && typenum != NPY_FLOAT)) Py_RETURN_NONE;
+    npy_intp N = PyArray_DIM(delta, 0), K = PyArray_DIM(delta, 1), isz = PyArray_ITEMSIZE(delta);
+    if (K > 1 && PyArray_STRIDE(delta, 1) != isz) Py_RETURN_NONE;
+    if (PyArray_STRIDE(delta, 0) % isz) Py_RETURN_NONE;
+    npy_intp rs = PyArray_STRIDE(delta, 0) / isz;
+    if (PyArray_NDIM(rows) != 1 || PyArray_TYPE(rows) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(rows)
+        || PyArray_NDIM(starts) != 1 || PyArray_TYPE(starts) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(starts))
+        Py_RETURN_NONE;
+    npy_intp n = PyArray_DIM(rows, 0), S = PyArray_DIM(starts, 0);
+    const npy_intp *r = (const npy_intp *)PyArray_DATA(rows), *st = (const npy_intp *)PyArray_DATA(starts);
+    for (npy_intp j = 0; j < n; j++)
+        if (r[j] < 0 || r[j] >= N) Py_RETURN_NONE;
+    for (npy_intp s = 0; s < S; s++)
+        if (st[s] < 0 || st[s] > n || (s && st[s] < st[s - 1])) Py_RETURN_NONE;
+    npy_intp dims[2] = {S, K};
+    PyObject *out = PyArray_ZEROS(2, dims, typenum, 0);
+    if (!out) return NULL;
+    for (npy_intp s = 0; s < S; s++) {
+        npy_intp lo = st[s], hi = s + 1 < S ? st[s + 1] : n;
+        if (typenum == NPY_DOUBLE) {
+            double *o = (double *)PyArray_DATA((PyArrayObject *)out) + s * K;
+            for (npy_intp j = lo; j < hi; j++) {
+                const double *d = (const double *)PyArray_DATA(delta) + r[j] * rs;
+                for (npy_intp k = 0; k < K; k++) o[k] += d[k];
+            }
+        } else {
+            float *o = (float *)PyArray_DATA((PyArrayObject *)out) + s * K;
+            for (npy_intp j = lo; j < hi; j++) {
+                const float *d = (const float *)PyArray_DATA(delta) + r[j] * rs;
+                for (npy_intp k = 0; k < K; k++) o[k] += d[k];
+            }
+        }
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"segment_sum", segment_sum, METH_VARARGS, "Sums of groups of rows of a matrix, or None."},
     {"join_columns", join_columns, METH_VARARGS, "The array some column blocks are side by side in, or None."},
     {"forward", forward, METH_VARARGS, "Run a generated forward kernel; None if the arrays do not fit it."},
     {"backward", backward, METH_VARARGS, "Run a generated backward kernel; None if the arrays do not fit it."},

@@ -155,6 +155,7 @@ class Stack:
         self.n_inputs, self.n_deltas, self.axis = k, 1, axis
         self.backward_reads = ((False, True), (False,) * k)  # only the layout
         self.onehot_inputs = tuple(range(k)) if axis == 0 else ()  # one-hot rows stack as one-hot
+        self._layouts: dict[tuple[tuple[int, ...], tuple[bool, ...]], np.ndarray] = {}
 
     def forward(self, *parts: Any) -> tuple[Any, np.ndarray]:
         k, axis = self.n_inputs, self.axis
@@ -168,8 +169,24 @@ class Stack:
         if len({d.shape[1 - axis] for d in dense}) != 1:
             raise ValueError(f"{self.name} needs operands that agree along axis {1 - axis}, got shapes "
                              f"{[np.shape(p) for p in parts]}")
-        offsets = np.cumsum([0, *(d.shape[axis] for d in dense)])
-        return np.concatenate(dense, axis=axis), np.array([offsets, [*flags, 0]])
+        layout = self._layout(tuple(d.shape[axis] for d in dense), tuple(flags))
+        if axis == 1 and not any(flags):
+            joined = _side_by_side(dense)  # parts stored side by side already (the LSTM's gate weights)
+            if joined is not None:
+                return joined, layout
+        return np.concatenate(dense, axis=axis), layout
+
+    def _layout(self, widths: tuple[int, ...], flags: tuple[bool, ...]) -> np.ndarray:
+        """One layout array per set of widths (read-only, shared): every batch reuses it."""
+        key = (widths, flags)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = np.array([np.cumsum([0, *widths]), [*flags, 0]])
+            layout.flags.writeable = False
+            if len(self._layouts) > 64:
+                self._layouts.clear()
+            self._layouts[key] = layout
+        return layout
 
     def backward(self, needed: tuple[bool, ...]) -> Any:
         axis = self.axis
@@ -221,10 +238,23 @@ class Blocks(list):
     dtype = None
 
 
+_last_cuts: tuple[Any, list[Any]] = (None, [])
+
+
 def _cuts(layout: np.ndarray) -> list[Any]:
-    """The index of each block a layout describes: a slice, or an int for a vector block."""
+    """The index of each block a layout describes: a slice, or an int for a vector block.
+
+    Remembers the last layout (by identity; layouts are internal and never written):
+    one layout serves every step of a batch, forward and backward.
+    """
+    global _last_cuts
+    last = _last_cuts
+    if last[0] is layout:
+        return last[1]
     offsets, vectors = layout.tolist()  # plain ints: indexing with numpy scalars is slower
-    return [a if v else slice(a, b) for a, b, v in zip(offsets, offsets[1:], vectors)]
+    cuts = [a if v else slice(a, b) for a, b, v in zip(offsets, offsets[1:], vectors)]
+    _last_cuts = (layout, cuts)
+    return cuts
 
 
 def _blocks(m: Any, layout: np.ndarray | None, axis: int = -1) -> list[Any]:
@@ -238,12 +268,12 @@ def _join(parts: list[Any], layout: np.ndarray | None, axis: int = -1) -> Any:
     """Inverse of :func:`_blocks`: gradients of the blocks as one gradient of ``m``."""
     if layout is None:
         return Blocks(parts)
-    if layout[1].any():
-        parts = [np.expand_dims(d, axis) if v else d for d, v in zip(parts, layout[1].tolist())]
-    elif axis == -1 and type(parts) is list:
+    if axis == -1 and type(parts) is list:  # (vector blocks are 1-D: never side by side)
         joined = _side_by_side(parts)
         if joined is not None:
             return joined
+    if layout[1].any():
+        parts = [np.expand_dims(d, axis) if v else d for d, v in zip(parts, layout[1].tolist())]
     return np.concatenate(parts, axis=axis)
 
 
@@ -254,10 +284,14 @@ def _side_by_side(parts: list[Any]) -> np.ndarray | None:
     into one buffer (:mod:`symdiff.native`); joining them back is then a view. Only
     such buffers are laid out that way, so without the compiled dispatcher: None.
     """
-    from .native import dispatcher
-
-    d = dispatcher()
+    d = _native()
     return None if d is None else d.join_columns(parts)
+
+
+def _native() -> Any:
+    from .native import dispatcher, enabled
+
+    return dispatcher() if enabled() else None
 
 
 class Concat:
