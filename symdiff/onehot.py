@@ -50,7 +50,7 @@ class OneHot:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         dense = np.zeros(self.shape, dtype=dtype or self.dtype)
         rows, cols = self._nonzeros()
-        dense[rows, cols] = 1
+        np.add.at(dense, (rows, cols), 1)  # a column listed twice in a row counts twice, as in matmul
         return dense
 
     def _nonzeros(self) -> tuple[np.ndarray, np.ndarray]:

@@ -424,7 +424,7 @@ C_PRELUDE = "\n".join([
     *(f"static inline {t} sd_sigmoid{x}({t} u) {{ {t} e = exp{x}(-fabs{x}(u)); {t} r = 1 / (1 + e); "
       f"return u >= 0 ? r : e * r; }}\n"
       f"static inline {t} sd_softplus{x}({t} u) {{ return (u > 0 ? u : 0) + log1p{x}(exp{x}(-fabs{x}(u))); }}\n"
-      f"static inline {t} sd_relu{x}({t} u) {{ return u < 0 ? 0 : u; }}\n"
+      f"static inline {t} sd_relu{x}({t} u) {{ return u > 0 ? u : (u == u ? 0 : u); }}\n"  # +0 for -0, as numpy
       # tanh from expm1 (accurate near 0, no overflow): libmvec's expm1 is ~1.7x its tanh
       f"static inline {t} sd_tanh{x}({t} u) {{ {t} e = expm1{x}(-2 * fabs{x}(u)); "
       f"return copysign{x}(-e / (e + 2), u); }}\n"

@@ -1,0 +1,368 @@
+"""Compiled fused kernels (symdiff.native): the same numbers as the numpy kernels, or numpy itself.
+
+Every check compares the C kernel with the numpy kernel lambdified from the same
+expressions (and, for the LSTM cell, with central differences); the fallbacks are
+checked to hand back the numpy answer when the arrays do not fit the compiled loop.
+Tests that need a working compiler skip, saying why, where there is none.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from models.training import build_model
+from symdiff import Autograd, OneHot, XMan, f, native
+from symdiff.registry import OPS, sum_to_shape
+from symdiff.symbolic import GroupSpec, fused_kernel
+
+REPO = Path(__file__).resolve().parents[1]
+needs_compiler = pytest.mark.skipif(not native.enabled(), reason=f"native kernels: {native.status()}")
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """Compile on first call whatever the array size (the default waits for 1024 elements)."""
+    if not native.enabled():
+        pytest.skip(f"native kernels: {native.status()}")
+    monkeypatch.setattr(native, "MIN_ELEMENTS", 0)
+
+
+def _chain(op_name: str, then: str = "tanh"):
+    """A fused kernel for ``then(op(in0, ..., in_k))``: the op inside a composite expression."""
+    arity = OPS[op_name].arity
+    steps = ((op_name, tuple(("in", k) for k in range(arity))), (then, (("step", 0),)))
+    return fused_kernel(GroupSpec(steps, arity, (1,), (0,)))
+
+
+def _numpy_grads(kernel, needed, deltas, results, inputs):
+    grads = kernel.backward(needed)(*[0 if d is None else d for d in deltas], *results, *inputs)
+    wanted = [x for x, need in zip(inputs, needed) if need]
+    return [sum_to_shape(np.broadcast_to(g, np.broadcast_shapes(np.shape(g), x.shape)), x.shape, x.dtype)
+            for g, x in zip(grads, wanted)]
+
+
+def _check_kernel(kernel, inputs, deltas, rtol):
+    atol = 1e-14 if rtol < 1e-9 else 1e-5  # float32: 1 - tanh² near saturation keeps few digits in both
+    native_out = kernel.forward(*inputs)
+    numpy_out = kernel.numpy_forward(*inputs)
+    assert kernel.native_forward.fns is not None, kernel.native_forward.error
+    assert kernel.native_forward.error is None
+    for a, b in zip(native_out, numpy_out):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+    needed = (True,) * kernel.n_inputs
+    got = kernel.native_backward(needed)(deltas, list(native_out), list(inputs))
+    assert got is not None
+    want = _numpy_grads(kernel, needed, deltas, numpy_out, inputs)
+    for j, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == inputs[j].shape and a.dtype == inputs[j].dtype, j
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f"input {j}")
+
+
+def _elementwise_ops() -> list[str]:
+    return sorted(n for n, op in OPS.items() if op.elementwise and op.symbolic is not None)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("name", _elementwise_ops())
+def test_every_primitive_compiles_and_matches_numpy_inside_a_chain(compiled, name, dtype, rtol):
+    kernel = _chain(name)
+    rng = np.random.default_rng(0)
+    arity = OPS[name].arity
+    # positive inputs keep log/sqrt-like user ops defined; a bias-shaped last input broadcasts by rows
+    inputs = [rng.uniform(0.2, 1.5, size=(5, 9) if k < arity - 1 or arity == 1 else (9,)).astype(dtype)
+              for k in range(arity)]
+    deltas = [rng.standard_normal((5, 9)).astype(dtype)]
+    _check_kernel(kernel, inputs, deltas, rtol)
+
+
+def _lstm_cell_kernel():
+    model = build_model("lstm", dict(max_len=2, num_chars=5, num_hid=4, num_labels=3), seed=0)
+    program = Autograd(model.xm, native=True).compile(model.xm.operationSequence(model.xm.register("loss")))
+    (name,) = {s.op for s in program.steps if s.op.startswith("fused") and "hadamard" in s.op}
+    return program.ops[[s.op for s in program.steps].index(name)]
+
+
+def _cell_inputs(kernel, rng, dtype=np.float64, rows=6, width=7):
+    """The cell's inputs as the engine hands them over: gate blocks are column views of one product."""
+    stacked = {}
+    inputs = []
+    for k in range(kernel.n_inputs):
+        if rng.random() < 0.3:
+            inputs.append(rng.uniform(-2, 2, width).astype(dtype))  # a bias
+        else:
+            key = k // 4
+            if key not in stacked:
+                stacked[key] = rng.uniform(-2, 2, (rows, 4 * width)).astype(dtype)
+            j = k % 4
+            inputs.append(stacked[key][:, j * width:(j + 1) * width])
+    return inputs
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+def test_lstm_cell_compiled_matches_numpy_on_views_and_broadcast_biases(compiled, dtype, rtol):
+    kernel = _lstm_cell_kernel()
+    rng = np.random.default_rng(1)
+    inputs = _cell_inputs(kernel, rng, dtype)
+    deltas = [rng.standard_normal((6, 7)).astype(dtype) for _ in range(kernel.n_deltas)]
+    _check_kernel(kernel, inputs, deltas, rtol)
+    deltas[0] = None  # the last step's cell state: no gradient arrives
+    out = kernel.forward(*inputs)
+    got = kernel.native_backward((True,) * kernel.n_inputs)(deltas, list(out), inputs)
+    want = _numpy_grads(kernel, (True,) * kernel.n_inputs, deltas, out, inputs)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-14 if dtype == np.float64 else 1e-5)
+
+
+def test_lstm_cell_compiled_gradient_passes_central_differences(compiled):
+    kernel = _lstm_cell_kernel()
+    rng = np.random.default_rng(2)
+    xs = [rng.uniform(-2, 2, size=(3, 4)) for _ in range(kernel.n_inputs)]
+    deltas = [rng.standard_normal((3, 4)) for _ in range(kernel.n_deltas)]
+    results = kernel.forward(*xs)
+    grads = kernel.native_backward((True,) * kernel.n_inputs)(deltas, list(results), xs)
+
+    def scalar() -> float:
+        return sum(float(np.sum(d * o)) for d, o in zip(deltas, kernel.forward(*xs)[:kernel.n_deltas]))
+
+    eps = 1e-6
+    for j in range(kernel.n_inputs):
+        num = np.zeros_like(xs[j])
+        for i in range(xs[j].size):
+            orig = xs[j].flat[i]
+            xs[j].flat[i] = orig + eps
+            up = scalar()
+            xs[j].flat[i] = orig - eps
+            down = scalar()
+            xs[j].flat[i] = orig
+            num.flat[i] = (up - down) / (2 * eps)
+        assert np.max(np.abs(grads[j] - num) / np.maximum(np.abs(num), 1e-3)) < 1e-6, f"input {j}"
+
+
+def test_identical_gradients_share_one_block_and_cut_blocks_join_without_a_copy(compiled):
+    from symdiff.ops import _join
+
+    kernel = _lstm_cell_kernel()
+    rng = np.random.default_rng(3)
+    rows, width = 5, 8
+    xw, hu = rng.standard_normal((rows, 4 * width)), rng.standard_normal((rows, 4 * width))
+    blocks = [a[:, j * width:(j + 1) * width] for a in (xw, hu) for j in range(4)]
+    extra = [rng.standard_normal(width) for _ in range(4)] + [rng.standard_normal((rows, width))]
+    inputs = blocks + extra  # the fusion pass orders the cell's inputs: x blocks, h blocks, biases, c
+    deltas = [rng.standard_normal((rows, width)) for _ in range(kernel.n_deltas)]
+    out = kernel.forward(*inputs)
+    grads = kernel.native_backward((True,) * kernel.n_inputs)(deltas, list(out), inputs)
+    for j in range(4):  # d/d(x·W block j) == d/d(h·U block j): the same memory
+        assert np.shares_memory(grads[j], grads[4 + j])
+    layout = np.array([[0, width, 2 * width, 3 * width, 4 * width], [0, 0, 0, 0, 0]])
+    joined = _join(list(grads[:4]), layout)
+    assert joined.shape == (rows, 4 * width) and np.shares_memory(joined, grads[0])
+    np.testing.assert_array_equal(joined, np.concatenate(grads[:4], axis=1))
+    # out of order, or from two buffers: a real concatenation
+    swapped = _join([grads[1], grads[0], grads[2], grads[3]], layout)
+    assert not np.shares_memory(swapped, grads[0])
+    np.testing.assert_array_equal(swapped, np.concatenate([grads[1], grads[0], grads[2], grads[3]], axis=1))
+
+
+@pytest.mark.parametrize("case", ["float16", "mixed dtypes", "3-D", "column broadcast", "strided columns",
+                                  "a scalar", "a list"])
+def test_arrays_that_do_not_fit_the_loop_get_the_numpy_answer(compiled, case):
+    kernel = _chain("hadamard")
+    rng = np.random.default_rng(4)
+    a, b = rng.uniform(-1, 1, (4, 6)), rng.uniform(-1, 1, (4, 6))
+    if case == "float16":
+        a, b = a.astype(np.float16), b.astype(np.float16)
+    elif case == "mixed dtypes":
+        b = b.astype(np.float32)
+    elif case == "3-D":
+        a, b = rng.uniform(-1, 1, (2, 3, 6)), rng.uniform(-1, 1, (2, 3, 6))
+    elif case == "column broadcast":
+        b = rng.uniform(-1, 1, (4, 1))
+    elif case == "strided columns":
+        a = rng.uniform(-1, 1, (4, 12))[:, ::2]
+    elif case == "a scalar":
+        b = np.float64(0.5)
+    else:
+        b = b.tolist()
+    out = kernel.forward(a, b)
+    want = kernel.numpy_forward(a, b)
+    for x, y in zip(out, want):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x, y)  # it *is* the numpy kernel's answer
+    if isinstance(b, np.ndarray) and b.ndim:
+        assert kernel.native_backward((True, True))([np.ones_like(out[0])], list(out), [a, b]) is None
+
+
+def test_extreme_values_match_numpy_without_warnings(compiled):
+    values = np.array([[-1e308, -1000.0, -40.0, -1e-300, -0.0, 0.0, 1e-300, 40.0, 1000.0, 1e308,
+                        np.inf, -np.inf, np.nan]])
+    for name in ("sigmoid", "tanh", "relu", "exp", "square"):
+        kernel = _chain(name, then="negate")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = kernel.forward(values)
+            grads = kernel.native_backward((True,))([np.ones_like(values)], list(out), [values])
+        with np.errstate(all="ignore"):
+            want = kernel.numpy_forward(values)
+            want_g = _numpy_grads(kernel, (True,), [np.ones_like(values)], want, [values])
+        np.testing.assert_allclose(out[0], want[0], rtol=1e-12, equal_nan=True, err_msg=name)
+        np.testing.assert_allclose(grads[0], want_g[0], rtol=1e-12, equal_nan=True, err_msg=name)
+        assert np.signbit(out[0][0, 4]) == np.signbit(want[0][0, 4]), name  # -0.0 stays -0.0
+
+
+def test_a_user_op_is_compiled_from_its_declaration(compiled):
+    import sympy as sp
+
+    from symdiff import defop
+
+    x, y = sp.symbols("x y")
+    defop("native_test_softclip", sp.log(1 + sp.exp(x)) - sp.log(1 + sp.exp(x - y)), args=[x, y])
+    kernel = _chain("native_test_softclip")
+    rng = np.random.default_rng(5)
+    inputs = [rng.uniform(-30, 30, (4, 10)), rng.uniform(0, 5, (10,))]
+    _check_kernel(kernel, inputs, [rng.standard_normal((4, 10))], 1e-12)
+
+
+def test_segment_sum_is_the_one_hot_weight_gradient():
+    rng = np.random.default_rng(6)
+    codes = rng.integers(-1, 9, size=(40, 3))
+    x = OneHot(codes, 9)
+    delta = rng.standard_normal((40, 5))
+    want = np.asarray(x).T @ delta
+    np.testing.assert_allclose(np.asarray(x.rmatmul_grad(delta)), want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(x.rmatmul_grad(delta[:, ::1].astype(np.float32))), want, rtol=1e-5,
+                               atol=1e-5)
+    if native.enabled():
+        d = native.dispatcher()
+        rows = np.array([0, 3, 39], dtype=np.intp)
+        starts = np.array([0, 2], dtype=np.intp)
+        np.testing.assert_allclose(d.segment_sum(delta, rows, starts),
+                                   np.stack([delta[0] + delta[3], delta[39]]), rtol=1e-15)
+        assert d.segment_sum(delta, np.array([0, 40], dtype=np.intp), starts) is None  # out of range
+        assert d.segment_sum(delta, rows, np.array([2, 0], dtype=np.intp)) is None     # unsorted
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_training_steps_compiled_and_numpy_agree(compiled, kind, dtype):
+    from symdiff.optim import SGD
+
+    dims = dict(max_len=5, num_chars=11, num_hid=12, num_labels=4)
+    results = []
+    for use_native in (True, False):
+        model = build_model(kind, dims, seed=1, dtype=dtype)
+        program = Autograd(model.xm, native=use_native).compile(
+            model.xm.operationSequence(model.xm.register("loss")))
+        assert any(s.op.startswith("fused") for s in program.steps)
+        opt = SGD(model.params, lr=0.5)
+        rng = np.random.default_rng(0)
+        losses = []
+        for _ in range(4):
+            codes = rng.integers(-1, dims["num_chars"], size=(16, dims["max_len"]))
+            y = np.eye(4, dtype=dtype)[rng.integers(0, 4, 16)]
+            v = program.forward({**model.params, **model.feed(codes, False), "y": y}, keep=("loss",))
+            losses.append(float(v[program.slot["loss"]]))
+            g = program.backward(v, {"loss": np.ones((), dtype)}, params_only=True)
+            opt.step({n: g[program.slot[n]] for n in program.params})
+        results.append((losses, {n: a.copy() for n, a in model.params.items()}))
+    (l1, p1), (l0, p0) = results
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(l1, l0, rtol=tol)
+    for n in p0:
+        np.testing.assert_allclose(p1[n], p0[n], rtol=tol, atol=tol, err_msg=n)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "subtract", "hadamard", "relu", "sigmoid", "tanh", "square",
+                                           "negate", "exp"]),
+                          st.integers(0, 50), st.integers(0, 50)), min_size=2, max_size=6))
+def test_random_fused_graphs_compiled_agree_with_the_plain_list(choices):
+    if not native.enabled():
+        pytest.skip(f"native kernels: {native.status()}")
+    old = native.MIN_ELEMENTS
+    native.MIN_ELEMENTS = 0
+    try:
+        rng = np.random.default_rng(len(choices))
+        xm = XMan()
+        regs = [f.input(name="x", default=rng.uniform(-1, 1, (6, 5))),
+                f.param(name="p", default=rng.uniform(-1, 1, (6, 5))),
+                f.param(name="b", default=rng.uniform(-1, 1, (5,)))]
+        for op, i, j in choices:
+            a, b = regs[i % len(regs)], regs[j % len(regs)]
+            regs.append(getattr(f, op)(a, b) if OPS[op].arity == 2 else getattr(f, op)(a))
+        xm.W = f.param(name="W", default=rng.uniform(-1, 1, (5, 5)))
+        xm.loss = f.mean(f.tanh(regs[-1] * xm.W) + regs[-2])
+        xm.setup()
+        w = xm.operationSequence(xm.loss)
+        plain, fast = Autograd(xm, passes=(), fuse=False), Autograd(xm, native=True)
+        v0, v1 = plain.eval(w, xm.inputDict()), fast.eval(w, xm.inputDict())
+        np.testing.assert_allclose(v1["loss"], v0["loss"], rtol=1e-10, atol=1e-12)
+        g0 = plain.bprop(w, v0, loss=np.float64(1.0))
+        g1 = fast.bprop(w, v1, loss=np.float64(1.0))
+        for name in ("p", "b", "W"):
+            if name in g0:
+                np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    finally:
+        native.MIN_ELEMENTS = old
+
+
+# ---- no compiler, broken compiler, cache ------------------------------------------------------
+def _python(code: str, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env})
+
+
+TRAIN_A_LITTLE = """
+import numpy as np
+from symdiff import native, Autograd
+from models.training import build_model
+model = build_model("lstm", dict(max_len=4, num_chars=30, num_hid=40, num_labels=5), seed=0)
+ad = Autograd(model.xm)
+w = model.xm.operationSequence(model.xm.register("loss"))
+codes = np.random.default_rng(0).integers(-1, 30, size=(64, 4))
+inputs = {**model.params, **model.feed(codes), "y": np.eye(5)[np.arange(64) % 5]}
+g = ad.bprop(w, ad.eval(w, inputs), loss=np.float64(1.0))
+print(native.status())
+print("native" if ad.native else "numpy", float(np.abs(g["Wc"]).sum()))
+"""
+
+
+@pytest.mark.parametrize("case", ["no compiler", "broken compiler", "switched off"])
+def test_without_a_working_compiler_everything_runs_in_numpy(tmp_path, case):
+    env = {"SYMDIFF_CACHE": str(tmp_path / "cache")}
+    if case == "no compiler":
+        env.update(PATH=str(tmp_path), CC="")  # no cc, gcc or clang to be found
+    elif case == "broken compiler":
+        env.update(CC="false")
+    else:
+        env.update(SYMDIFF_NATIVE="0")
+    done = _python(TRAIN_A_LITTLE, env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    status, result = done.stdout.strip().splitlines()
+    assert status.startswith("off (")
+    assert {"no compiler": "no C compiler", "broken compiler": "failed",
+            "switched off": "SYMDIFF_NATIVE=0"}[case] in status
+    assert result.startswith("numpy ") and float(result.split()[1]) > 0
+
+
+@needs_compiler
+def test_builds_are_cached_on_disk_and_reused(tmp_path):
+    env = {"SYMDIFF_CACHE": str(tmp_path / "cache")}
+    first = _python(TRAIN_A_LITTLE, env, tmp_path)
+    assert first.returncode == 0, first.stderr
+    built = sorted(p.name for p in (tmp_path / "cache").glob("*.so"))
+    assert any(n.startswith("dispatch-") for n in built) and any(n.startswith("fused") for n in built)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.so")}
+    second = _python(TRAIN_A_LITTLE, env, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout  # same gradients, from the same libraries
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.so")} == stamps
+    assert not list((tmp_path / "cache").glob("tmp*"))  # nothing half-written left behind
