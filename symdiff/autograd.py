@@ -124,6 +124,11 @@ class Program:
                 value_needed.update(x for x, r in zip(outs, reads[0]) if r)
                 value_needed.update(x for x, r in zip(ins, reads[1]) if r)
         self.value_needed = value_needed
+        # a fused group's output that the group also uses inside (an LSTM's C_t, also under
+        # tanh for H_t) only receives the gradient from outside the group: not its full
+        # gradient, so bprop leaves it out (fuse=False shows it)
+        self.partial_gradients = {name for s, op in zip(self.steps, self.ops)
+                                  for name in getattr(op, "internally_used", lambda _: ())(s.outputs)}
         self._releases: dict[tuple[frozenset[str], bool], list[tuple[int, ...]]] = {}
         self._backward_plans: dict[tuple[str, ...], tuple[list[tuple[Any, int]], int]] = {}
         self._drops: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
@@ -427,6 +432,8 @@ class Autograd:
     group) visible in ``eval``'s values; purely internal intermediates are not
     materialised. Counters then count a fused group as one forward step and one
     backward step per input differentiated (``fuse=False`` gives the seed's counts).
+    ``bprop`` omits the gradient of a fused output that its group also uses (an
+    LSTM's ``C_t``): the engine only holds the part arriving from outside the group.
 
     ``native`` (default: when a C compiler works here, see :mod:`symdiff.native`)
     runs fused kernels as compiled C from the same SymPy expressions, and fuses
@@ -505,5 +512,7 @@ class Autograd:
         grads = program.backward(slots, seeds)
         # one-hot weight gradients are row-sparse inside the engine; the public result is dense
         # (and blocks that fuse_blocks could not lay side by side are internal: left out)
+        partial = program.partial_gradients
         return {n: g if isinstance(g, np.ndarray) else np.asarray(g)
-                for n, g in zip(program.names, grads) if g is not None and not isinstance(g, Blocks)}
+                for n, g in zip(program.names, grads)
+                if g is not None and not isinstance(g, Blocks) and n not in partial}

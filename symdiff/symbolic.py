@@ -614,6 +614,11 @@ class FusedKernel:
         self._backward_terms: dict[Any, Callable[..., Any]] = {}
         self._native_backward: dict[tuple[bool, ...], tuple[_Native, Callable[..., Any]]] = {}
 
+    def internally_used(self, names: Sequence[str]) -> tuple[str, ...]:
+        """Which of the step's output ``names`` the group itself also consumes (see Autograd.bprop)."""
+        used = {k for _, args in self.spec.steps for kind, k in args if kind == "step"}
+        return tuple(n for n, r in zip(names, self.results) if r in self.spec.outputs and r in used)
+
     def _forward_native_first(self, deps: tuple[int, ...]) -> Callable[..., Any]:
         """The forward kernel: compiled C where the arrays fit it, else the numpy one.
 

@@ -55,6 +55,22 @@ def test_lstm_cell_derives_once_and_every_step_uses_it(compiled):
     assert len(cells) == 6 and len(set(cells)) == 1
 
 
+@pytest.mark.parametrize("compiled", NATIVE)
+def test_every_gradient_bprop_returns_under_fusion_is_the_whole_gradient(compiled):
+    """C_t is fused with tanh(C_t): the engine holds only its gradient from outside the group."""
+    model = build_model("lstm", DIMS, seed=3)
+    xm = model.xm
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, DIMS["num_chars"], size=(6, DIMS["max_len"]))
+    inputs = {**model.params, **model.feed(codes, False), "y": np.eye(3)[rng.integers(0, 3, 6)]}
+    _, g0, _ = _run(Autograd(xm, passes=(), fuse=False), xm, inputs)
+    _, g1, _ = _run(Autograd(xm, native=compiled), xm, inputs)
+    assert "c2" in g0 and "c2" not in g1 and "h2" in g1
+    for name in g1:
+        if name in g0:
+            np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 def test_lstm_products_are_merged_into_one_gather_and_one_product_per_step():
     M = 5
     model = build_model("lstm", {**DIMS, "max_len": M}, seed=0)
