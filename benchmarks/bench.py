@@ -148,6 +148,34 @@ def peak_rss_mb(dataset: str, kind: str = "lstm") -> float:
     return int(out.stdout.strip()) / 1024
 
 
+FIRST_BATCH = """
+import time, numpy as np
+t0 = time.perf_counter()
+from models.training import build_model
+from symdiff import Autograd
+model = build_model("lstm", dict(max_len=10, num_chars=60, num_hid=50, num_labels=5), seed=0)
+ad = Autograd(model.xm)
+w = model.xm.operationSequence(model.xm.register("loss"))
+codes = np.random.default_rng(0).integers(-1, 60, size=(64, 10))
+inputs = {**model.params, **model.feed(codes), "y": np.eye(5)[np.arange(64) % 5]}
+ad.bprop(w, ad.eval(w, inputs), loss=np.float64(1.0))
+print(time.perf_counter() - t0)
+"""
+
+
+def native_build_seconds() -> dict[str, float]:
+    """Import, build and one LSTM batch (forward and backward) in a fresh process: with an empty
+    kernel cache (the first run on a machine compiles the dispatcher and the fused kernels) and
+    again with the cache that run filled."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "SYMDIFF_CACHE": cache, "PYTHONPATH": str(REPO)}
+        times = [float(subprocess.run([sys.executable, "-c", FIRST_BATCH], env=env, capture_output=True, text=True,
+                                      check=True, cwd=REPO).stdout) for _ in range(2)]
+    return {"cold_cache_s": times[0], "warm_cache_s": times[1]}
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -179,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_processes:
         report["startup"] = startup_seconds(args.repeats)
         report["peak_rss_mb_lstm"] = peak_rss_mb(str(prefix))
+        report["first_lstm_batch"] = native_build_seconds()
+        report["native"] = native.status()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -201,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         s = report["startup"]
         console.print(f"start-up to first batch: {s['to_first_batch_s']:.2f} s;  symdiff --help: {s['help_s']:.2f} s;  "
                       f"LSTM peak RSS: {report['peak_rss_mb_lstm']:.0f} MB")
+        b = report["first_lstm_batch"]
+        console.print(f"import + first LSTM batch in a new process: {b['cold_cache_s']:.2f} s with an empty kernel "
+                      f"cache, {b['warm_cache_s']:.2f} s with it filled;  native kernels: {report['native']}")
     return 0
 
 
