@@ -16,7 +16,7 @@ from .graph import Step, XMan
 from .onehot import OneHot, RowSparse
 from .ops import Blocks
 from .passes import DEFAULT_PASSES, PASSES
-from .registry import MULTI_OPS, get_op, sum_to_shape
+from .registry import MULTI_OPS, get_op
 
 
 
@@ -356,54 +356,45 @@ def _single_backward(bp: Any, o: int, ins: tuple[int, ...], target: int, accumul
 
 def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, ...], ins: tuple[int, ...],
                     targets: tuple[int, ...], accumulate: tuple[bool, ...], native: bool = True) -> Any:
-    """All needed input gradients of a multi-output step in one call (a fused group's share subexpressions)."""
-    bp = kernel.backward(needed)
+    """All needed input gradients of a multi-output step in one call (a fused group's share subexpressions).
+
+    Structural multi-output ops (cut, stack, block ops) declare ``exact_gradients``: their
+    kernel hands back gradients of exactly their inputs' shapes. A fused group's numpy
+    kernels may broadcast: ``kernel.gradients`` sums them back. Compiled kernels are tried
+    first where the op has them (``native_backward``); ``None`` from them means numpy.
+    """
     out_slots = results[:kernel.n_deltas]
-    sizes = [i for i, need in zip(ins, needed) if need]
-    n_out = kernel.n_deltas
-    # fused groups may broadcast (a gradient per output term, summed back one by one); structural
-    # multi-output ops (cut, stack, block ops) hand back gradients of exactly their inputs' shapes
-    per_term = getattr(kernel, "backward_terms", None) if n_out > 1 else None
-    exact = getattr(kernel, "exact_gradients", False)
-    reads = results + ins
-    native_backward = getattr(kernel, "native_backward", None) if native else None
-    if native_backward is not None:
-        nb = native_backward(needed)
+    if getattr(kernel, "exact_gradients", False):
+        bp = kernel.backward(needed)
+        reads = results + ins
 
-        def run_native_first(g: list[Any], v: list[Any]) -> None:
-            grads = nb([g[s] for s in out_slots], [v[s] for s in results], [v[s] for s in ins])
-            if grads is None:  # the arrays do not fit the compiled loop: numpy kernels
-                run(g, v)
-                return
-            for t, acc, d in zip(targets, accumulate, grads):
-                g[t] = g[t] + d if acc else d
-
-    if exact:
         def run(g: list[Any], v: list[Any]) -> None:
             grads = bp(*[0 if g[s] is None else g[s] for s in out_slots], *[v[s] for s in reads])
             for t, acc, d in zip(targets, accumulate, grads):
                 g[t] = g[t] + d if acc else d
+    else:
+        kernel.backward(needed)  # derive the gradients now, with the plan, not in the first batch
 
+        def run(g: list[Any], v: list[Any]) -> None:
+            deltas = [0 if g[s] is None else g[s] for s in out_slots]
+            grads = kernel.gradients(needed, deltas, [v[s] for s in results], [v[s] for s in ins])
+            for t, acc, d in zip(targets, accumulate, grads):
+                g[t] = g[t] + d if acc else d
+
+    native_backward = getattr(kernel, "native_backward", None) if native else None
+    if native_backward is None:
         return run
+    nb = native_backward(needed)
 
-    def run(g: list[Any], v: list[Any]) -> None:
-        deltas = [0 if g[s] is None else g[s] for s in out_slots]
-        args = (*deltas, *[v[s] for s in reads])
-        if per_term is not None and len({d.shape for d in deltas if hasattr(d, "shape")}) > 1:
-            # outputs of different shapes (one broadcast, one not): the terms of each input's
-            # gradient are summed back to its shape one by one, or a broadcast term is over-counted
-            terms = per_term(needed)(*args)
-            grads = [sum(sum_to_shape(terms[a * n_out + k], v[x].shape, v[x].dtype) for k in range(n_out))
-                     for a, x in enumerate(sizes)]
-        else:
-            grads = bp(*args)
-        for t, acc, x, d in zip(targets, accumulate, sizes, grads):
-            shape, dtype = v[x].shape, v[x].dtype
-            if getattr(d, "shape", None) != shape or d.dtype != dtype:
-                d = sum_to_shape(d, shape, dtype)
+    def run_native_first(g: list[Any], v: list[Any]) -> None:
+        grads = nb([g[s] for s in out_slots], [v[s] for s in results], [v[s] for s in ins])
+        if grads is None:  # the arrays do not fit the compiled loop: numpy kernels
+            run(g, v)
+            return
+        for t, acc, d in zip(targets, accumulate, grads):
             g[t] = g[t] + d if acc else d
 
-    return run if native_backward is None else run_native_first
+    return run_native_first
 
 
 FUSION = ("fuse_blocks", "fuse_elementwise")

@@ -534,6 +534,16 @@ class _Native:
         return self.fns
 
 
+@dataclass(frozen=True)
+class NativeBackward:
+    """A compiled backward kernel: operands read (``used``), needed input -> output block (``grads``)."""
+
+    native: _Native
+    used: bytes
+    grads: tuple[tuple[int, int], ...]
+    n_distinct: int
+
+
 def _c_stem(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
 
@@ -609,10 +619,11 @@ class FusedKernel:
         self._conform_forward(spec, uses)
         self.numpy_forward = self.forward
         self.native_forward = _Native(f"{name}_forward", self.inputs, [exprs[r] for r in self.results])
-        self.forward = self._forward_native_first(tuple(sum(1 << k for k in use) for use in uses))
+        self.forward_deps = tuple(sum(1 << k for k in use) for use in uses)  # result i's inputs, as bits
+        self.forward = self._forward_native_first(self.forward_deps)
         self._backward: dict[tuple[bool, ...], tuple[Callable[..., Any], str, tuple[sp.Expr, ...]]] = {}
         self._backward_terms: dict[Any, Callable[..., Any]] = {}
-        self._native_backward: dict[tuple[bool, ...], tuple[_Native, Callable[..., Any]]] = {}
+        self._native_backward: dict[tuple[bool, ...], NativeBackward] = {}
 
     def internally_used(self, names: Sequence[str]) -> tuple[str, ...]:
         """Which of the step's output ``names`` the group itself also consumes (see Autograd.bprop)."""
@@ -650,20 +661,8 @@ class FusedKernel:
         are computed once; full-shape ones come back as side-by-side column blocks of
         one buffer (so a cut's backward joins them without copying).
         """
-        cached = self._native_backward.get(needed)
-        if cached is not None:
-            return cached[1]
-        grads = self.gradient_expressions(needed)
-        wrt = [j for j, need in enumerate(needed) if need]
-        # in input order: the fusion pass puts a cut's blocks side by side in layout order, so
-        # their gradients are then side by side in the buffer too
-        distinct = list(dict.fromkeys(grads))
-        gmap = tuple((j, distinct.index(g)) for j, g in zip(wrt, grads))
-        operands = (*self.delta_symbols, *self.result_symbols, *self.inputs)
-        free = set().union(*(g.free_symbols for g in distinct))
-        used = bytes(int(s in free) for s in operands)
-        nat = _Native(f"{self.name}_backward", operands, distinct)
-        n_distinct = len(distinct)
+        plan = self.native_backward_plan(needed)
+        nat, used, gmap, n_distinct = plan.native, plan.used, plan.grads, plan.n_distinct
 
         def bw(deltas: list[Any], results: list[Any], inputs: list[Any]) -> list[Any] | None:
             fns = nat.fns
@@ -675,8 +674,42 @@ class FusedKernel:
                     return None
             return _dispatch().backward(fns, deltas, results, inputs, used, gmap, n_distinct)
 
-        self._native_backward[needed] = (nat, bw)
         return bw
+
+    def native_backward_plan(self, needed: tuple[bool, ...]) -> "NativeBackward":
+        """The compiled backward kernel for ``needed`` and how its outputs map to the inputs."""
+        plan = self._native_backward.get(needed)
+        if plan is None:
+            grads = self.gradient_expressions(needed)
+            wrt = [j for j, need in enumerate(needed) if need]
+            # in input order: the fusion pass puts a cut's blocks side by side in layout order, so
+            # their gradients are then side by side in the buffer too
+            distinct = list(dict.fromkeys(grads))
+            operands = (*self.delta_symbols, *self.result_symbols, *self.inputs)
+            free = set().union(*(g.free_symbols for g in distinct))
+            plan = self._native_backward[needed] = NativeBackward(
+                _Native(f"{self.name}_backward", operands, distinct), bytes(int(s in free) for s in operands),
+                tuple((j, distinct.index(g)) for j, g in zip(wrt, grads)), len(distinct))
+        return plan
+
+    def gradients(self, needed: tuple[bool, ...], deltas: Sequence[Any], results: Sequence[Any],
+                  inputs: Sequence[Any]) -> list[Any]:
+        """The needed inputs' gradients from the numpy kernels, each of its input's shape and dtype.
+
+        ``deltas`` hold 0 where no gradient arrived. When the outputs differ in shape
+        (one broadcast, one not) each term is summed back to its input's shape on its
+        own, or a broadcast term would be over-counted.
+        """
+        args = (*deltas, *results, *inputs)
+        wanted = [x for x, need in zip(inputs, needed) if need]
+        n_out = self.n_deltas
+        if n_out > 1 and len({d.shape for d in deltas if hasattr(d, "shape")}) > 1:
+            terms = self.backward_terms(needed)(*args)
+            return [sum(sum_to_shape(terms[a * n_out + k], x.shape, x.dtype) for k in range(n_out))
+                    for a, x in enumerate(wanted)]
+        grads = self.backward(needed)(*args)
+        return [d if getattr(d, "shape", None) == x.shape and d.dtype == x.dtype else sum_to_shape(d, x.shape, x.dtype)
+                for x, d in zip(wanted, grads)]
 
     def _conform_forward(self, spec: GroupSpec, uses: list[list[int]]) -> None:
         """Give each result the shape and dtype the unfused steps would have given it.
