@@ -122,7 +122,9 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         load = None
     threads = {k: os.environ[k] for k in BLAS_THREAD_VARS if k in os.environ}
-    return {"cpu_model": cpu_model or platform.processor() or "unknown",
+    from symdiff import native
+
+    return {"native": native.status(), "cpu_model": cpu_model or platform.processor() or "unknown",
             "logical_cpus": os.cpu_count(), "usable_cpus": usable,
             "physical_cores": len(physical) or None,
             "numpy": np.__version__, "blas": blas, "blas_thread_env": threads,
@@ -1215,6 +1217,8 @@ def write_report(out: str | os.PathLike[str] = DEFAULT_OUT, report: str | os.Pat
             ["logical CPUs (usable by this process)", f"{m['logical_cpus']} ({m['usable_cpus']})"],
             ["numpy / BLAS", f"{m['numpy']} / {m['blas'] or 'unknown'}"],
             ["Python / platform", f"{m['python']} / {m['platform']}"]]
+    if "native" in m:
+        rows.append(["compiled fused kernels (`symdiff.native`)", m["native"]])
     for name in EXPERIMENTS:
         code = data[name]["meta"].get("code") if data[name] is not None else None
         if code:
