@@ -111,12 +111,7 @@ def _build(source: str, stem: str, extra: tuple[str, ...] = (), libs: tuple[str,
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     _state["compiler"] = cc
     key = hashlib.sha256("\0".join((source, cc, *FLAGS, *extra, *libs, _cpu(), sys.version)).encode()).hexdigest()[:20]
-    directory = cache_dir()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        directory = Path(tempfile.gettempdir()) / f"symdiff-{os.getuid()}"
-        directory.mkdir(parents=True, exist_ok=True)
+    directory = _private_dir(cache_dir())
     target = directory / f"{stem}-{key}.so"
     if target.exists():
         return target
@@ -132,6 +127,24 @@ def _build(source: str, stem: str, extra: tuple[str, ...] = (), libs: tuple[str,
     return target
 
 
+def _private_dir(directory: Path) -> Path:
+    """``directory`` (created 0700 if missing), or a private one in the temp folder if it cannot be.
+
+    Libraries found here are loaded into the process, so a folder that someone else owns
+    or may write to is refused: on a shared machine it could hold their code.
+    """
+    for candidate in (directory, Path(tempfile.gettempdir()) / f"symdiff-{os.getuid()}"):
+        try:
+            candidate.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = candidate.stat()
+        except OSError:
+            continue
+        if st.st_uid == os.getuid() and not st.st_mode & 0o022:
+            return candidate
+    raise RuntimeError(f"no private cache folder for compiled kernels ({directory} is not ours or is writable "
+                       f"by others); set SYMDIFF_CACHE to a folder only you can write")
+
+
 def dispatcher() -> Any | None:
     """The compiled dispatcher module, built on first use; ``None`` if it cannot be built."""
     if _state["checked"]:
@@ -142,7 +155,9 @@ def dispatcher() -> Any | None:
         try:
             import numpy as np
 
-            includes = (f"-I{sysconfig.get_paths()['include']}", f"-I{np.get_include()}")
+            # numpy's version in the flags, so the build's name changes with numpy's ABI
+            includes = (f"-I{sysconfig.get_paths()['include']}", f"-I{np.get_include()}",
+                        f"-DSYMDIFF_NUMPY={np.__version__}")
             path = _build(DISPATCH_SOURCE.read_text(), "dispatch", includes)
             spec = importlib.util.spec_from_file_location("_symdiff_native", path)
             assert spec is not None and spec.loader is not None

@@ -366,3 +366,14 @@ def test_builds_are_cached_on_disk_and_reused(tmp_path):
     assert second.stdout == first.stdout  # same gradients, from the same libraries
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.so")} == stamps
     assert not list((tmp_path / "cache").glob("tmp*"))  # nothing half-written left behind
+
+
+def test_a_cache_folder_others_may_write_is_not_used(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could drop a library here: never load from it
+    chosen = native._private_dir(shared)
+    assert chosen != shared
+    assert chosen.stat().st_uid == os.getuid() and not chosen.stat().st_mode & 0o022
+    mine = tmp_path / "mine"
+    assert native._private_dir(mine) == mine and (mine.stat().st_mode & 0o777) == 0o700
