@@ -141,9 +141,19 @@ def elementwise_graphs(draw):
     return choices, keep_mid
 
 
+@pytest.mark.parametrize("compiled", NATIVE)
 @settings(max_examples=40, deadline=None)
 @given(elementwise_graphs())
-def test_random_elementwise_graphs_agree_fused_and_unfused(graph):
+def test_random_elementwise_graphs_agree_fused_and_unfused(compiled, graph):
+    old = native.MIN_ELEMENTS
+    native.MIN_ELEMENTS = 0 if compiled else old  # compiled: every group runs as C, however small
+    try:
+        _random_graph_agrees(graph, compiled)
+    finally:
+        native.MIN_ELEMENTS = old
+
+
+def _random_graph_agrees(graph, compiled):
     choices, keep_mid = graph
     rng = np.random.default_rng(len(choices))
     xm = XMan()
@@ -160,7 +170,7 @@ def test_random_elementwise_graphs_agree_fused_and_unfused(graph):
     xm.loss = f.mean(f.tanh(regs[-1] * xm.W) + regs[-2])
     xm.setup()
     w = xm.operationSequence(xm.loss)
-    plain, fast = Autograd(xm, passes=(), fuse=False), Autograd(xm)
+    plain, fast = Autograd(xm, passes=(), fuse=False), Autograd(xm, native=compiled)
     v0, v1 = plain.eval(w, xm.inputDict()), fast.eval(w, xm.inputDict())
     np.testing.assert_allclose(v1["loss"], v0["loss"], rtol=1e-10, atol=1e-12)
     if keep_mid and "mid" in v0:  # (it may not lead to the loss)

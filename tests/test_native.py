@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 
 from models.training import build_model
 from symdiff import Autograd, OneHot, XMan, f, native
@@ -278,40 +277,6 @@ def test_training_steps_compiled_and_numpy_agree(compiled, kind, dtype):
     np.testing.assert_allclose(l1, l0, rtol=tol)
     for n in p0:
         np.testing.assert_allclose(p1[n], p0[n], rtol=tol, atol=tol, err_msg=n)
-
-
-@settings(max_examples=8, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "subtract", "hadamard", "relu", "sigmoid", "tanh", "square",
-                                           "negate", "exp"]),
-                          st.integers(0, 50), st.integers(0, 50)), min_size=2, max_size=6))
-def test_random_fused_graphs_compiled_agree_with_the_plain_list(choices):
-    if not native.enabled():
-        pytest.skip(f"native kernels: {native.status()}")
-    old = native.MIN_ELEMENTS
-    native.MIN_ELEMENTS = 0
-    try:
-        rng = np.random.default_rng(len(choices))
-        xm = XMan()
-        regs = [f.input(name="x", default=rng.uniform(-1, 1, (6, 5))),
-                f.param(name="p", default=rng.uniform(-1, 1, (6, 5))),
-                f.param(name="b", default=rng.uniform(-1, 1, (5,)))]
-        for op, i, j in choices:
-            a, b = regs[i % len(regs)], regs[j % len(regs)]
-            regs.append(getattr(f, op)(a, b) if OPS[op].arity == 2 else getattr(f, op)(a))
-        xm.W = f.param(name="W", default=rng.uniform(-1, 1, (5, 5)))
-        xm.loss = f.mean(f.tanh(regs[-1] * xm.W) + regs[-2])
-        xm.setup()
-        w = xm.operationSequence(xm.loss)
-        plain, fast = Autograd(xm, passes=(), fuse=False), Autograd(xm, native=True)
-        v0, v1 = plain.eval(w, xm.inputDict()), fast.eval(w, xm.inputDict())
-        np.testing.assert_allclose(v1["loss"], v0["loss"], rtol=1e-10, atol=1e-12)
-        g0 = plain.bprop(w, v0, loss=np.float64(1.0))
-        g1 = fast.bprop(w, v1, loss=np.float64(1.0))
-        for name in ("p", "b", "W"):
-            if name in g0:
-                np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12, err_msg=name)
-    finally:
-        native.MIN_ELEMENTS = old
 
 
 # ---- no compiler, broken compiler, cache ------------------------------------------------------
