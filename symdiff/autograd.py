@@ -16,6 +16,7 @@ from .graph import Step, XMan
 from .onehot import OneHot, RowSparse
 from .ops import Blocks
 from .passes import DEFAULT_PASSES, PASSES
+from . import native as native_kernels
 from .registry import MULTI_OPS, get_op
 
 
@@ -433,8 +434,6 @@ class Autograd:
 
     def __init__(self, xman: XMan, passes: Sequence[str] = DEFAULT_PASSES, fuse: bool = True,
                  native: bool | None = None) -> None:
-        from . import native as native_kernels
-
         self.xman = xman
         unknown = [p for p in passes if p not in PASSES]
         if unknown:

@@ -57,6 +57,11 @@ def enabled() -> bool:
     return _switched_on() and dispatcher() is not None
 
 
+def active() -> Any | None:
+    """The compiled dispatcher (kernels and helpers) when native code is on, else None."""
+    return dispatcher() if _switched_on() else None
+
+
 def set_enabled(on: bool | None) -> None:
     """Switch native code off (``False``) or back on for this process; ``None``: as ``SYMDIFF_NATIVE`` says.
 

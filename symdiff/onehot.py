@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from . import native as _native
+
 
 class OneHot:
     """An ``(n, depth)`` 0/1 matrix with at most ``k`` ones per row.
@@ -98,7 +100,7 @@ class OneHot:
         shape = (self.depth, delta.shape[1])
         if not rows.size:
             return RowSparse(columns, np.zeros((0, shape[1]), delta.dtype), shape)
-        native = _dispatcher()
+        native = _native.active()
         if native is not None and type(delta) is np.ndarray:
             # compiled: sums delta's rows in place, without the gathered copy (~4x faster here)
             values = native.segment_sum(delta, rows, starts)
@@ -166,9 +168,3 @@ class RowSparse:
 
     def __repr__(self) -> str:
         return f"RowSparse(shape={self.shape}, rows={len(self.rows)})"
-
-
-def _dispatcher() -> Any:
-    from .native import dispatcher, enabled
-
-    return dispatcher() if enabled() else None

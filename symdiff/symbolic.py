@@ -30,6 +30,7 @@ from sympy.core.function import AppliedUndef
 from sympy.printing.c import C99CodePrinter
 from sympy.printing.numpy import NumPyPrinter
 
+from . import native
 from .registry import MULTI_OPS, Op, register, sum_to_shape
 
 
@@ -521,8 +522,6 @@ class _Native:
     def build(self) -> tuple[int, int] | None:
         """The compiled kernels' addresses (float64, float32), building them now if needed."""
         if self.fns is None and self.error is None:
-            from . import native
-
             if not native.enabled():
                 self.error = f"native kernels {native.status()}"
                 return None
@@ -548,15 +547,7 @@ def _c_stem(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
 
 
-def _dispatch() -> Any:
-    from . import native
-
-    return native.dispatcher()
-
-
 def _worth_native(arrays: Sequence[Any]) -> bool:
-    from . import native
-
     return any(getattr(a, "size", 0) >= native.MIN_ELEMENTS for a in arrays)
 
 
@@ -645,7 +636,7 @@ class FusedKernel:
             if fns is None and nat.error is None and _worth_native(xs):
                 fns = nat.build()
             if fns is not None:
-                out = _dispatch().forward(fns, xs, deps)
+                out = native.dispatcher().forward(fns, xs, deps)
                 if out is not None:
                     return out
             return numpy_forward(*xs)
@@ -672,7 +663,7 @@ class FusedKernel:
                 fns = nat.build()
                 if fns is None:
                     return None
-            return _dispatch().backward(fns, deltas, results, inputs, used, gmap, n_distinct)
+            return native.dispatcher().backward(fns, deltas, results, inputs, used, gmap, n_distinct)
 
         return bw
 
