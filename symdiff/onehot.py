@@ -19,8 +19,9 @@ class OneHot:
     """An ``(n, depth)`` 0/1 matrix with at most ``k`` ones per row.
 
     ``indices`` is an ``(n, k)`` integer array of the columns holding a one;
-    ``-1`` marks an unused slot (a padded character). Rows may not repeat a
-    column (each slot is a distinct one-hot position).
+    ``-1`` marks an unused slot (a padded character). A column listed twice in
+    a row counts twice, in the gather, its gradient and the dense form alike (the
+    models never do it: each slot is a distinct one-hot position).
     """
 
     __slots__ = ("indices", "depth", "dtype", "_valid", "_flat", "_segments")
