@@ -213,6 +213,18 @@ class Trainer:
         self.codes = {name: dataset.vocab.encode_titles(getattr(dataset, name).titles, cfg.max_len)
                       for name in D.SPLITS}
 
+    def engine(self) -> str:
+        """How the program runs, for the user: passes, and numpy or compiled fused kernels."""
+        from symdiff import native
+
+        passes = ", ".join(self.ad.passes) or "none"
+        if not self.cfg.fuse:
+            return f"unfused, numpy kernels (passes: {passes})"
+        if self.ad.native:
+            return f"fused, compiled C kernels (passes: {passes})"
+        why = "--no-native" if native.enabled() else f"native code {native.status()}"
+        return f"fused, numpy kernels, {why} (passes: {passes})"
+
     def evaluate(self, split: str) -> Evaluation:
         """Probabilities for every row (file order), loss and accuracy over rows with a known label."""
         s = getattr(self.ds, split)
@@ -462,6 +474,7 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
     trainer = Trainer(model, ds, cfg)
     reporter.info(f"data {prefix}: {len(ds.train)} train / {len(ds.valid)} valid / {len(ds.test)} test rows, "
                   f"{ds.vocab.num_chars} characters, labels {', '.join(ds.vocab.labels)}")
+    reporter.info(f"engine: {trainer.engine()}")
     flag = StopFlag()
     # Overflow on the way to a non-finite loss is detected and reported by the loop itself;
     # numpy's RuntimeWarnings about it would only bury that one clear message.

@@ -228,6 +228,22 @@ def test_ops_fused_shows_every_rewritten_op_by_its_full_name(tmp_path: Path) -> 
     assert "native kernels: off (SYMDIFF_NATIVE=0" in out
 
 
+@pytest.mark.parametrize("flags,env,expected", [
+    ((), {}, "engine: fused, compiled C kernels (passes: crossent_softmax, merge_matmuls, fuse_elementwise)"),
+    (("--no-native",), {}, "engine: fused, numpy kernels, --no-native (passes: crossent_softmax, merge_matmuls, "
+                           "fuse_blocks, fuse_elementwise)"),
+    ((), {"SYMDIFF_NATIVE": "0"}, "engine: fused, numpy kernels, native code off (SYMDIFF_NATIVE=0"),
+    (("--no-fuse",), {}, "engine: unfused, numpy kernels (passes: crossent_softmax, merge_matmuls)"),
+])
+def test_a_run_says_how_its_engine_runs(tmp_path: Path, flags, env, expected) -> None:
+    from symdiff import native
+
+    if not env and "--no-fuse" not in flags and not native.enabled():
+        expected = "engine: fused, numpy kernels, native code off"  # no compiler here: said so instead
+    out = ok(symdiff(tmp_path, "lstm", "--epochs", "1", "--output_file", "o.npy", *flags, env=env)).stdout
+    assert expected in out
+
+
 def test_ops_fused_with_native_kernels_shows_one_kernel_per_lstm_step(tmp_path: Path) -> None:
     from symdiff import native
 
