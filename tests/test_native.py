@@ -31,6 +31,8 @@ def compiled(monkeypatch):
     if not native.enabled():
         pytest.skip(f"native kernels: {native.status()}")
     monkeypatch.setattr(native, "MIN_ELEMENTS", 0)
+    yield
+    native.set_enabled(None)  # as SYMDIFF_NATIVE says again, whatever the test switched
 
 
 def _chain(op_name: str, then: str = "tanh"):
@@ -251,9 +253,17 @@ def test_segment_sum_is_the_one_hot_weight_gradient():
 
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_training_steps_compiled_and_numpy_agree(compiled, kind, dtype):
+def test_training_steps_compiled_and_numpy_agree(compiled, monkeypatch, kind, dtype):
     from symdiff.optim import SGD
 
+    calls = {"forward": 0, "backward": 0, "segment_sum": 0}
+    dispatch = native.dispatcher()
+    for name in calls:  # count what really ran compiled (a silent fallback would pass unnoticed)
+        def counted(*args, _f=getattr(dispatch, name), _n=name):
+            out = _f(*args)
+            calls[_n] += out is not None
+            return out
+        monkeypatch.setattr(dispatch, name, counted)
     dims = dict(max_len=5, num_chars=11, num_hid=12, num_labels=4)
     results = []
     for use_native in (True, False):
@@ -272,6 +282,9 @@ def test_training_steps_compiled_and_numpy_agree(compiled, kind, dtype):
             g = program.backward(v, {"loss": np.ones((), dtype)}, params_only=True)
             opt.step({n: g[program.slot[n]] for n in program.params})
         results.append((losses, {n: a.copy() for n, a in model.params.items()}))
+        if use_native:
+            assert all(calls.values()), calls  # every batch: fused forward, fused backward, scatter-add
+            native.set_enabled(False)  # the numpy run: no compiled helpers either (restored by the fixture)
     (l1, p1), (l0, p0) = results
     tol = 1e-10 if dtype == np.float64 else 1e-4
     np.testing.assert_allclose(l1, l0, rtol=tol)
