@@ -429,7 +429,10 @@ C_PRELUDE = "\n".join([
       # tanh from expm1 (accurate near 0, no overflow): libmvec's expm1 is ~1.7x its tanh
       f"static inline {t} sd_tanh{x}({t} u) {{ {t} e = expm1{x}(-2 * fabs{x}(u)); "
       f"return copysign{x}(-e / (e + 2), u); }}\n"
-      f"static inline {t} sd_step{x}({t} u) {{ return u > 0 ? 1 : (u <= 0 ? 0 : u); }}"
+      f"static inline {t} sd_step{x}({t} u) {{ return u > 0 ? 1 : (u <= 0 ? 0 : u); }}\n"
+      # numpy.maximum/minimum keep a NaN; C's fmax/fmin drop it
+      f"static inline {t} sd_max{x}({t} a, {t} b) {{ return a != a || b != b ? a + b : (a > b ? a : b); }}\n"
+      f"static inline {t} sd_min{x}({t} a, {t} b) {{ return a != a || b != b ? a + b : (a < b ? a : b); }}"
       for t, x in (("double", ""), ("float", "f"))),
 ])
 
@@ -458,6 +461,18 @@ class _CPrinter(C99CodePrinter):
 
     def _print_tanh(self, e: sp.Expr) -> str:
         return self._helper("tanh", e)
+
+    def _print_Max(self, e: sp.Expr) -> str:
+        return self._fold("max", e)
+
+    def _print_Min(self, e: sp.Expr) -> str:
+        return self._fold("min", e)
+
+    def _fold(self, name: str, e: sp.Expr) -> str:
+        out = self._print(e.args[-1])
+        for a in reversed(e.args[:-1]):
+            out = f"sd_{name}{self._suffix}({self._print(a)}, {out})"
+        return out
 
 
 def c_source(name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr]) -> str:

@@ -232,6 +232,21 @@ def test_a_user_op_is_compiled_from_its_declaration(compiled):
     _check_kernel(kernel, inputs, [rng.standard_normal((4, 10))], 1e-12)
 
 
+def test_max_and_min_keep_nan_like_numpy(compiled):
+    import sympy as sp
+
+    from symdiff import defop
+
+    x, y, z = sp.symbols("x y z")
+    defop("native_test_clamp", sp.Min(sp.Max(x, y), z + 1), args=[x, y, z])
+    kernel = _chain("native_test_clamp", then="negate")
+    a = np.array([[np.nan, 1.0, 2.0, -3.0, 0.5, 4.0]])
+    b = np.array([[0.0, np.nan, 1.0, -1.0, 0.5, -4.0]])
+    c = np.array([[1.0, 1.0, np.nan, 0.0, -0.5, 2.0]])
+    np.testing.assert_array_equal(kernel.forward(a, b, c)[0], kernel.numpy_forward(a, b, c)[0])
+    assert kernel.native_forward.fns is not None
+
+
 def test_segment_sum_is_the_one_hot_weight_gradient():
     rng = np.random.default_rng(6)
     codes = rng.integers(-1, 9, size=(40, 3))
