@@ -289,17 +289,18 @@ class _NumPyPrinter(NumPyPrinter):
     """
 
     def _print_And(self, expr: Any) -> str:
-        return self._fold(expr, "logical_and")
+        return _nest(self._module_format(f"{self._module}.logical_and"), [self._print(a) for a in expr.args])
 
     def _print_Or(self, expr: Any) -> str:
-        return self._fold(expr, "logical_or")
+        return _nest(self._module_format(f"{self._module}.logical_or"), [self._print(a) for a in expr.args])
 
-    def _fold(self, expr: Any, ufunc: str) -> str:
-        name = self._module_format(f"{self._module}.{ufunc}")
-        out = self._print(expr.args[-1])
-        for a in reversed(expr.args[:-1]):
-            out = f"{name}({self._print(a)}, {out})"
-        return out
+
+def _nest(fn: str, args: Sequence[str]) -> str:
+    """``fn(a, fn(b, c))``: a function of any number of arguments as nested calls of a binary one."""
+    out = args[-1]
+    for a in reversed(args[:-1]):
+        out = f"{fn}({a}, {out})"
+    return out
 
 
 def _lambdify(params: Sequence[sp.Symbol], expr: Any) -> tuple[Callable[..., Any], str]:
@@ -438,41 +439,18 @@ C_PRELUDE = "\n".join([
 
 
 class _CPrinter(C99CodePrinter):
-    """SymPy's C99 printer, plus the stable functions (as the prelude's inline helpers)."""
+    """SymPy's C99 printer; the stable functions, tanh, Max and Min call the prelude's helpers."""
 
     def __init__(self, single: bool) -> None:
-        super().__init__({"type_aliases": {real: float32 if single else float64}})
         self._suffix = "f" if single else ""
-
-    def _helper(self, name: str, e: sp.Expr) -> str:
-        return f"sd_{name}{self._suffix}({self._print(e.args[0])})"
-
-    def _print_Sigmoid(self, e: sp.Expr) -> str:
-        return self._helper("sigmoid", e)
-
-    def _print_Softplus(self, e: sp.Expr) -> str:
-        return self._helper("softplus", e)
-
-    def _print_Relu(self, e: sp.Expr) -> str:
-        return self._helper("relu", e)
-
-    def _print_Step(self, e: sp.Expr) -> str:
-        return self._helper("step", e)
-
-    def _print_tanh(self, e: sp.Expr) -> str:
-        return self._helper("tanh", e)
+        helpers = {f.__name__: f"sd_{f.__name__.lower()}{self._suffix}" for f in (*STABLE_FUNCTIONS, sp.tanh)}
+        super().__init__({"type_aliases": {real: float32 if single else float64}, "user_functions": helpers})
 
     def _print_Max(self, e: sp.Expr) -> str:
-        return self._fold("max", e)
+        return _nest(f"sd_max{self._suffix}", [self._print(a) for a in e.args])
 
     def _print_Min(self, e: sp.Expr) -> str:
-        return self._fold("min", e)
-
-    def _fold(self, name: str, e: sp.Expr) -> str:
-        out = self._print(e.args[-1])
-        for a in reversed(e.args[:-1]):
-            out = f"sd_{name}{self._suffix}({self._print(a)}, {out})"
-        return out
+        return _nest(f"sd_min{self._suffix}", [self._print(a) for a in e.args])
 
 
 def c_source(name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr]) -> str:
