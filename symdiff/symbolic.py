@@ -512,9 +512,11 @@ class _Native:
         self.error: str | None = None
         self.source = ""
 
-    def build(self) -> tuple[int, int] | None:
-        """The compiled kernels' addresses (float64, float32), building them now if needed."""
-        if self.fns is None and self.error is None:
+    def ready(self, arrays: Sequence[Any]) -> tuple[int, int] | None:
+        """The compiled kernels' addresses (float64, float32), built now if these arrays are
+        the first big enough to be worth it; None while not built, or if it cannot be."""
+        if self.fns is None and self.error is None and any(getattr(a, "size", 0) >= native.MIN_ELEMENTS
+                                                           for a in arrays):
             if not native.enabled():
                 self.error = f"native kernels {native.status()}"
                 return None
@@ -538,10 +540,6 @@ class NativeBackward:
 
 def _c_stem(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
-
-
-def _worth_native(arrays: Sequence[Any]) -> bool:
-    return any(getattr(a, "size", 0) >= native.MIN_ELEMENTS for a in arrays)
 
 
 # --------------------------------------------------------------------------------------
@@ -626,8 +624,8 @@ class FusedKernel:
 
         def forward(*xs: Any) -> Any:
             fns = nat.fns
-            if fns is None and nat.error is None and _worth_native(xs):
-                fns = nat.build()
+            if fns is None:
+                fns = nat.ready(xs)
             if fns is not None:
                 out = native.dispatcher().forward(fns, xs, deps)
                 if out is not None:
@@ -651,9 +649,7 @@ class FusedKernel:
         def bw(deltas: list[Any], results: list[Any], inputs: list[Any]) -> list[Any] | None:
             fns = nat.fns
             if fns is None:
-                if nat.error is not None or not _worth_native(results):
-                    return None
-                fns = nat.build()
+                fns = nat.ready(results)
                 if fns is None:
                     return None
             return native.dispatcher().backward(fns, deltas, results, inputs, used, gmap, n_distinct)
