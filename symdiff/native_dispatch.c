@@ -49,6 +49,18 @@ static int inspect(PyObject *o, int typenum, int shape_only, operand *op) {
     return 0;
 }
 
+/* A view of base's memory at data (new reference, or NULL with an exception set). */
+static PyObject *view_of(PyObject *base, PyArray_Descr *descr, int nd, npy_intp *dims, npy_intp *strides,
+                         char *data, int writeable) {
+    Py_INCREF(descr);  /* stolen by NewFromDescr */
+    PyObject *a = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, strides, data,
+                                       writeable ? NPY_ARRAY_WRITEABLE : 0, NULL);
+    if (!a) return NULL;
+    Py_INCREF(base);  /* stolen by SetBaseObject */
+    if (PyArray_SetBaseObject((PyArrayObject *)a, base) < 0) { Py_DECREF(a); return NULL; }
+    return a;
+}
+
 typedef struct {
     int nd;
     npy_intp R, K;
@@ -212,13 +224,8 @@ static PyObject *backward(PyObject *self, PyObject *args) {
         PyObject *a;
         if (is_full(in, &fs)) {  /* a view of block m */
             npy_intp dims[2] = {R, K}, strides[2] = {(npy_intp)n_distinct * K * isz, isz};
-            PyArray_Descr *descr = PyArray_DescrFromType(typenum);
             if (fs.nd == 1) { dims[0] = K; strides[0] = isz; }
-            a = PyArray_NewFromDescr(&PyArray_Type, descr, fs.nd, dims, strides, block, NPY_ARRAY_WRITEABLE, NULL);
-            if (a) {
-                Py_INCREF(buf);
-                if (PyArray_SetBaseObject((PyArrayObject *)a, (PyObject *)buf) < 0) { Py_DECREF(a); a = NULL; }
-            }
+            a = view_of((PyObject *)buf, PyArray_DESCR(buf), fs.nd, dims, strides, block, 1);
         } else {  /* broadcast along rows: sum the block's rows into the input's shape */
             npy_intp dims[2] = {1, K};
             if (in->nd == 1) dims[0] = K;
@@ -274,14 +281,8 @@ static PyObject *join_columns(PyObject *self, PyObject *args) {
         width += PyArray_DIM(a, 1);
     }
     npy_intp dims[2] = {R, width}, strides[2] = {st[0], st[1]};
-    PyArray_Descr *descr = PyArray_DESCR(first);
-    Py_INCREF(descr);
-    PyObject *view = PyArray_NewFromDescr(&PyArray_Type, descr, 2, dims, strides, PyArray_BYTES(first),
-                                          PyArray_FLAGS(first) & NPY_ARRAY_WRITEABLE, NULL);
-    if (!view) return NULL;
-    Py_INCREF(base);
-    if (PyArray_SetBaseObject((PyArrayObject *)view, base) < 0) { Py_DECREF(view); return NULL; }
-    return view;
+    return view_of(base, PyArray_DESCR(first), 2, dims, strides, PyArray_BYTES(first),
+                   PyArray_FLAGS(first) & NPY_ARRAY_WRITEABLE);
 }
 
 /* segment_sum(delta, rows, starts) -> (len(starts), K) array, or None.
