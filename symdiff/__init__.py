@@ -17,7 +17,7 @@ _EXPORTS = {
     "Register": "graph", "Step": "graph", "WengertList": "graph", "XMan": "graph", "f": "graph",
     "OneHot": "onehot",
     "OPS": "registry", "MULTI_OPS": "registry", "Op": "registry", "get_op": "registry",
-    "REWRITES": "symbolic", "defop": "symbolic",
+    "REWRITES": "stable", "defop": "declare",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ system's compiler runs in one pass over memory, with glibc's vector math library
 so does any call whose arrays do not fit the compiled loop (dtype other than float32
 or float64, more than two dimensions, broadcasting other than along rows, tiny arrays).
 
-What this module knows is compilers and files, not SymPy: :mod:`symdiff.symbolic`
+What this module knows is compilers and files, not SymPy: :mod:`symdiff.cprint`
 writes the C source; this module builds it into a shared library, loads it, and hands
 back the kernel's address for the dispatcher (``native_dispatch.c``, a small CPython
 extension built the same way, which reads array pointers for ~20 ns an array).

@@ -4,6 +4,9 @@ Elementwise ops are one line of SymPy each; :func:`symdiff.defop` derives,
 stabilises and compiles their gradients. Structural ops (matrix product,
 softmax, cross-entropy, mean, transpose) are written by hand below them,
 because their Jacobians are not elementwise.
+
+One of the modules that import SymPy, with :mod:`symdiff.stable`, :mod:`symdiff.declare`,
+:mod:`symdiff.cprint` and :mod:`symdiff.fusion`; the rest of the engine runs on numpy alone.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import sympy as sp
 from . import native
 from .onehot import OneHot
 from .registry import MULTI_OPS, Op, register
-from .symbolic import defop
+from .declare import defop
 
 x, y = sp.symbols("x y")
 

@@ -229,9 +229,9 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
     product). A fused step's outputs are the group's registers used outside it
     or listed in ``keep``, plus internal transcendental values (sigmoid, tanh,
     ...) that the derived gradients reuse. Its kernel is built once per
-    structure by :func:`symdiff.symbolic.fused_kernel`.
+    structure by :func:`symdiff.fusion.fused_kernel`.
     """
-    from .symbolic import GroupSpec, costly, fused_kernel
+    from .fusion import GroupSpec, costly, fused_kernel
 
     steps = list(steps)
     n = len(steps)

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from models.training import build_model
 from symdiff import Autograd, MULTI_OPS, XMan, f, grad_check, native
-from symdiff.symbolic import FusedKernel
+from symdiff.fusion import FusedKernel
 
 DIMS = dict(max_len=4, num_chars=7, num_hid=5, num_labels=3)
 

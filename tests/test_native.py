@@ -19,7 +19,7 @@ import pytest
 from models.training import build_model
 from symdiff import Autograd, OneHot, XMan, f, native
 from symdiff.registry import OPS, sum_to_shape
-from symdiff.symbolic import GroupSpec, fused_kernel
+from symdiff.fusion import GroupSpec, fused_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 needs_compiler = pytest.mark.skipif(not native.enabled(), reason=f"native kernels: {native.status()}")

@@ -1,6 +1,6 @@
 """Numerical stability of naively declared ops, and output-form backward expressions.
 
-Every pattern of ``symdiff.symbolic.REWRITES`` is declared the naive way a user
+Every pattern of ``symdiff.stable.REWRITES`` is declared the naive way a user
 would write it and evaluated over [-1000, 1000] (including exactly +-1000 and 0)
 with numpy warnings turned into errors. Values and derivatives are compared with
 the *naive* expression (and its SymPy derivative) evaluated by mpmath at 500
@@ -23,7 +23,7 @@ import sympy as sp
 
 import symdiff
 from symdiff import REWRITES, defop
-from symdiff.symbolic import DELTA, OUT
+from symdiff.declare import DELTA, OUT
 
 x = sp.Symbol("x")
 E = sp.exp

@@ -1,0 +1,109 @@
+"""C printing: the same SymPy expressions as one loop over rows and contiguous columns.
+
+:func:`c_source` writes the C that :mod:`symdiff.native` compiles; :data:`C_PRELUDE`
+holds the stable functions as inline helpers with numpy's NaN and signed-zero behaviour.
+This module prints; it neither compiles nor decides when to (see :mod:`symdiff.fusion`).
+
+Only the SymPy side of the engine imports SymPy: :mod:`symdiff.stable`,
+:mod:`symdiff.declare`, :mod:`symdiff.cprint`, :mod:`symdiff.fusion`, and :mod:`symdiff.ops`
+(which declares the built-in ops with it). Everything else (graph, registry, compiler,
+passes, native) runs on numpy alone.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import sympy as sp
+from sympy.codegen.ast import float32, float64, real
+from sympy.printing.c import C99CodePrinter
+
+from .declare import nest_calls
+from .stable import STABLE_FUNCTIONS
+
+
+#: vector variants glibc's libmvec provides (declared ``simd`` so gcc calls them 4-8 lanes at a time)
+_VECTOR_MATH = ("exp", "log", "tanh", "log1p", "expm1", "sin", "cos", "tan", "sinh", "cosh", "asin", "acos",
+                "atan", "asinh", "acosh", "atanh", "exp2", "log2", "log10", "cbrt", "erf", "erfc")
+
+C_PRELUDE = "\n".join([
+    "#include <math.h>",
+    "#ifdef SYMDIFF_VECTOR_MATH",
+    "#define SD_SIMD __attribute__((simd(\"notinbranch\"), nothrow, const))",
+    *(f"double {f}(double) SD_SIMD; float {f}f(float) SD_SIMD;" for f in _VECTOR_MATH),
+    "double pow(double, double) SD_SIMD; float powf(float, float) SD_SIMD;",
+    "#endif",
+    # the stable functions, as their numpy templates define them (NaN passes through)
+    *(f"static inline {t} sd_sigmoid{x}({t} u) {{ {t} e = exp{x}(-fabs{x}(u)); {t} r = 1 / (1 + e); "
+      f"return u >= 0 ? r : e * r; }}\n"
+      f"static inline {t} sd_softplus{x}({t} u) {{ return (u > 0 ? u : 0) + log1p{x}(exp{x}(-fabs{x}(u))); }}\n"
+      f"static inline {t} sd_relu{x}({t} u) {{ return u > 0 ? u : (u == u ? 0 : u); }}\n"  # +0 for -0, as numpy
+      # tanh from expm1 (accurate near 0, no overflow): libmvec's expm1 is ~1.7x its tanh
+      f"static inline {t} sd_tanh{x}({t} u) {{ {t} e = expm1{x}(-2 * fabs{x}(u)); "
+      f"return copysign{x}(-e / (e + 2), u); }}\n"
+      f"static inline {t} sd_step{x}({t} u) {{ return u > 0 ? 1 : (u <= 0 ? 0 : u); }}\n"
+      # numpy.maximum/minimum keep a NaN; C's fmax/fmin drop it
+      f"static inline {t} sd_max{x}({t} a, {t} b) {{ return a != a || b != b ? a + b : (a > b ? a : b); }}\n"
+      f"static inline {t} sd_min{x}({t} a, {t} b) {{ return a != a || b != b ? a + b : (a < b ? a : b); }}"
+      for t, x in (("double", ""), ("float", "f"))),
+])
+
+
+class _CPrinter(C99CodePrinter):
+    """SymPy's C99 printer; the stable functions, tanh, Max and Min call the prelude's helpers."""
+
+    def __init__(self, single: bool) -> None:
+        self._suffix = "f" if single else ""
+        helpers = {f.__name__: f"sd_{f.__name__.lower()}{self._suffix}" for f in (*STABLE_FUNCTIONS, sp.tanh)}
+        super().__init__({"type_aliases": {real: float32 if single else float64}, "user_functions": helpers})
+
+    def _print_Max(self, e: sp.Expr) -> str:
+        return nest_calls(f"sd_max{self._suffix}", [self._print(a) for a in e.args])
+
+    def _print_Min(self, e: sp.Expr) -> str:
+        return nest_calls(f"sd_min{self._suffix}", [self._print(a) for a in e.args])
+
+
+def c_source(name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr]) -> str:
+    """C for ``outputs[i] = f(operands)`` over an (R, K) loop, as ``{name}_f64`` and ``{name}_f32``.
+
+    Signature ``void f(long R, long K, char **p, const long *rs)``: ``p`` holds the
+    operands then the outputs, ``rs`` their row strides in elements (0: one row
+    broadcast over all). The inner loop is contiguous, so it vectorises; common
+    subexpressions are computed once per element.
+    """
+    n = len(operands)
+    plain = [sp.Symbol(f"v{j}", real=True) for j in range(n)]
+    exprs = [sp.sympify(e).xreplace(dict(zip(operands, plain))) for e in outputs]
+    temps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("t"), optimizations="basic")
+    used = set().union(*(e.free_symbols for _, e in temps), *(e.free_symbols for e in reduced))
+    parts = []
+    for t, single in (("double", False), ("float", True)):
+        printer = _CPrinter(single)
+        body = [f"void {name}_{'f32' if single else 'f64'}(long R, long K, char **p, const long *rs) {{",
+                "    for (long r = 0; r < R; r++) {"]
+        body += [f"        const {t} *restrict a{j} = (const {t} *)p[{j}] + r * rs[{j}];"
+                 for j in range(n) if plain[j] in used]
+        body += [f"        {t} *restrict o{i} = ({t} *)p[{n + i}] + r * rs[{n + i}];" for i in range(len(exprs))]
+        element = [f"const {t} v{j} = a{j}[k];" for j in range(n) if plain[j] in used]
+        element += [f"const {t} {s} = {printer.doprint(e)};" for s, e in temps]
+        element += [f"o{i}[k] = {printer.doprint(e)};" for i, e in enumerate(reduced)]
+        inner = ["{", *("    " + line for line in element), "}"]
+        lanes = 16 if single else 8
+        # Whole vectors only: a row's last, partial vector is done as the last full one, overlapping
+        # the one before (same values written twice). A scalar tail would call scalar libm per
+        # element: with K = 50 that tail cost as much as the 48 vectorised elements.
+        body += [f"        if (K >= {lanes}) {{",
+                 "            for (long k0 = 0;; k0 += %d) {" % lanes,
+                 f"                if (k0 + {lanes} > K) k0 = K - {lanes};",
+                 "                #pragma omp simd",
+                 f"                for (long k = k0; k < k0 + {lanes}; k++)",
+                 *("                " + line for line in inner),
+                 f"                if (k0 + {lanes} >= K) break;",
+                 "            }",
+                 "        } else {",
+                 "            #pragma omp simd",
+                 "            for (long k = 0; k < K; k++)",
+                 *("            " + line for line in inner),
+                 "        }", "    }", "}"]
+        parts.append("\n".join(body))
+    return C_PRELUDE + "\n\n" + "\n\n".join(parts) + "\n"

@@ -1,0 +1,224 @@
+"""``defop``: one SymPy expression in, a forward kernel and derived backward kernels out.
+
+The pipeline, run once per declaration (never during training):
+
+1. **validate** the declaration (SymPy objects only, every symbol an argument,
+   no undefined functions);
+2. **stabilise** the forward expression: unstable patterns such as
+   ``log(1+exp(u))`` or ``1/(1+exp(-u))`` become functions that carry their
+   own stable numpy code and derivative (see :data:`symdiff.stable.REWRITES`);
+3. **differentiate** with respect to every argument and stabilise the result
+   again (so raw derivatives never reintroduce ``exp(u)/(1+exp(u))**2``);
+4. **output form**: substitute the forward expression by ``out``; keep it when
+   no input symbol is left (σ' = out·(1−out), tanh' = 1−out², exp' = out),
+   because the backward pass already has ``out`` and this skips recomputation;
+5. **lambdify** to numpy with common-subexpression elimination, then smoke-test
+   the kernels once so a function numpy cannot evaluate fails *here*.
+
+The numpy printer and :func:`lambdify_numpy` live here too: fused kernels
+(:mod:`symdiff.fusion`) print their composite expressions with them.
+
+Only the SymPy side of the engine imports SymPy: :mod:`symdiff.stable`,
+:mod:`symdiff.declare`, :mod:`symdiff.cprint`, :mod:`symdiff.fusion`, and :mod:`symdiff.ops`
+(which declares the built-in ops with it). Everything else (graph, registry, compiler,
+passes, native) runs on numpy alone.
+"""
+from __future__ import annotations
+
+import keyword
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import sympy as sp
+from sympy.core.function import AppliedUndef
+from sympy.printing.numpy import NumPyPrinter
+
+from .registry import Op, register, sum_to_shape
+from .stable import NUMPY_HELPERS, stabilise
+
+
+@dataclass(frozen=True)
+class Symbolic:
+    """The SymPy side of a declared op, kept for introspection and fusion."""
+
+    declared: sp.Expr                 # what the user wrote
+    args: tuple[sp.Symbol, ...]       # real-valued stand-ins for the user's symbols
+    forward: sp.Expr                  # stabilised forward expression
+    derivatives: tuple[sp.Expr, ...]  # d forward / d arg_j, in input form
+    backward: tuple[sp.Expr, ...]     # what each backward kernel computes: delta * (output or input form)
+    output_form: tuple[bool, ...]     # True where the derivative is written in terms of `out`
+    forward_source: str
+    backward_sources: tuple[str, ...]
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args)
+
+    def display(self) -> tuple[str, tuple[str, ...]]:
+        """Forward and backward expressions as text, in the user's own symbol names."""
+        plain = {a: sp.Symbol(a.name) for a in self.args}
+        return (str(self.forward.xreplace(plain)), tuple(str(b.xreplace(plain)) for b in self.backward))
+
+
+DELTA = sp.Symbol("delta", real=True)
+OUT = sp.Symbol("out", real=True)
+
+
+def _validate(name: Any, expr: Any, args: Any) -> tuple[sp.Expr, tuple[sp.Symbol, ...]]:
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise ValueError(f"op name {name!r} must be a Python identifier (it becomes f.{name})")
+    if isinstance(expr, str):
+        raise TypeError(
+            f"defop({name!r}): the expression is a string; symdiff never parses text. "
+            f"Build it from SymPy symbols, e.g. x = sympy.Symbol('x'); defop({name!r}, sympy.tanh(x), args=[x])")
+    if isinstance(expr, (int, float)):
+        expr = sp.sympify(expr)  # a number is safe to convert (no text is evaluated)
+    if not isinstance(expr, sp.Expr):
+        raise TypeError(f"defop({name!r}): expected a SymPy expression, got {type(expr).__name__}")
+    if isinstance(args, sp.Symbol) or not isinstance(args, (list, tuple)):
+        raise TypeError(f"defop({name!r}): args must be a list of SymPy symbols, e.g. args=[x, y]")
+    for a in args:
+        if not isinstance(a, sp.Symbol):
+            raise TypeError(f"defop({name!r}): argument {a!r} is a {type(a).__name__}, not a sympy.Symbol")
+    if len(set(args)) != len(args) or not args:
+        raise ValueError(f"defop({name!r}): args must be one or more distinct symbols, got {list(args)}")
+    undefined = sorted({str(fn.func) for fn in expr.atoms(AppliedUndef)})
+    if undefined:
+        raise ValueError(
+            f"defop({name!r}): the expression uses undefined function(s) {', '.join(undefined)}; "
+            f"only functions SymPy knows (exp, log, tanh, Max, ...) can be differentiated and lambdified")
+    stray = expr.free_symbols - set(args)
+    if stray:
+        raise ValueError(
+            f"defop({name!r}): symbol(s) {', '.join(sorted(map(str, stray)))} appear in the expression "
+            f"but not in args={list(args)}; add them to args or replace them by numbers")
+    return expr, tuple(args)
+
+
+class _NumPyPrinter(NumPyPrinter):
+    """SymPy's numpy printer, but ``And``/``Or`` broadcast their operands.
+
+    SymPy prints ``(x > 0) & (y > 0)`` as ``logical_and.reduce((x > 0, y > 0))``,
+    which stacks the operands and fails when x and y broadcast, e.g. (5, 3) with (3,).
+    """
+
+    def _print_And(self, expr: Any) -> str:
+        return nest_calls(self._module_format(f"{self._module}.logical_and"), [self._print(a) for a in expr.args])
+
+    def _print_Or(self, expr: Any) -> str:
+        return nest_calls(self._module_format(f"{self._module}.logical_or"), [self._print(a) for a in expr.args])
+
+
+def nest_calls(fn: str, args: Sequence[str]) -> str:
+    """``fn(a, fn(b, c))``: a function of any number of arguments as nested calls of a binary one."""
+    out = args[-1]
+    for a in reversed(args[:-1]):
+        out = f"{fn}({a}, {out})"
+    return out
+
+
+def lambdify_numpy(params: Sequence[sp.Symbol], expr: Any) -> tuple[Callable[..., Any], str]:
+    """A numpy kernel for ``expr`` (CSE'd, stable functions as their templates) and its source."""
+    import inspect
+
+    printer = _NumPyPrinter({"fully_qualified_modules": False, "inline": True, "allow_unknown_functions": True,
+                             "user_functions": {k: k for k in NUMPY_HELPERS}})  # lambdify's own settings
+    fn = sp.lambdify(list(params), expr, modules=[NUMPY_HELPERS, "numpy"], printer=printer, cse=True,
+                     docstring_limit=0)
+    return fn, inspect.getsource(fn)
+
+
+def _smoke_test(name: str, fn: Callable[..., Any], n_args: int, what: str) -> None:
+    """Evaluate once on a small array so an unprintable function fails at declaration."""
+    probe = [np.linspace(0.1 + 0.05 * k, 0.9, 4) for k in range(n_args)]
+    try:
+        with np.errstate(all="ignore"):
+            np.asarray(fn(*probe), dtype=np.float64)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise TypeError(
+            f"defop({name!r}): the {what} could not be evaluated with numpy ({type(exc).__name__}: {exc}); "
+            f"use functions numpy supports (exp, log, sin, tanh, sqrt, Max, Abs, ...)") from exc
+
+
+def keeps_float32(fn: Callable[..., Any], n_args: int) -> bool:
+    """Whether ``fn`` maps float32 arrays to float32 results (checked once, at declaration).
+
+    ``fn`` may return one array or a list of them (a fused group's results).
+    """
+    probe = [np.linspace(0.1 + 0.05 * k, 0.9, 4, dtype=np.float32) for k in range(n_args)]
+    with np.errstate(all="ignore"):
+        out = fn(*probe)
+    return all(np.asarray(o).dtype == np.float32 for o in (out if isinstance(out, list) else [out]))
+
+
+def _backward_kernel(raw: Callable[..., Any], j: int) -> Callable[..., Any]:
+    """Wrap a lambdified derivative so its result has input j's shape and dtype."""
+
+    def backward(delta: Any, out: Any, *inputs: Any) -> Any:
+        g = raw(delta, out, *inputs)
+        x = inputs[j]
+        try:
+            if g.shape == x.shape and g.dtype == x.dtype:  # the common case: nothing to undo
+                return g
+        except AttributeError:
+            pass
+        # broadcast to undo, a constant, or a derivative whose constants widened the dtype
+        # (e.g. Piecewise/Max derivatives print as select() of Python floats)
+        return sum_to_shape(g, np.shape(x), np.result_type(x, delta))
+
+    return backward
+
+
+def derive(expr: sp.Expr, args: Sequence[sp.Symbol]) -> tuple[sp.Expr, tuple[sp.Expr, ...], tuple[sp.Expr, ...], tuple[bool, ...]]:
+    """Stabilised forward expression, input-form derivatives, backward expressions, output-form flags."""
+    fwd = stabilise(expr)
+    derivs = tuple(stabilise(sp.diff(fwd, a)) for a in args)
+    backward, output_form = [], []
+    for d in derivs:
+        in_out = d.subs(fwd, OUT) if fwd not in args else d
+        use_out = in_out != d and not (in_out.free_symbols & set(args))
+        backward.append(DELTA * (in_out if use_out else d))
+        output_form.append(use_out)
+    return fwd, derivs, tuple(backward), tuple(output_form)
+
+
+def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, replace: bool = False,
+          doc: str = "") -> Op:
+    """Declare an elementwise op from one SymPy expression; SymPy derives its gradient.
+
+    >>> x = sympy.Symbol("x")
+    >>> softplus = defop("softplus", sympy.log(1 + sympy.exp(x)), args=[x])
+
+    The op is registered (``f.softplus`` works) and returned (``softplus(reg)``
+    builds the same register). Inputs broadcast like numpy; gradients are
+    summed back to each input's shape.
+    """
+    expr, args = _validate(name, expr, args)
+    # real-valued stand-ins: derivatives of Abs, sign, ... are then the real ones
+    real = tuple(sp.Dummy(a.name, real=True) for a in args)
+    expr = expr.xreplace(dict(zip(args, real)))
+    fwd, derivs, backward, output_form = derive(expr, real)
+
+    forward_fn, forward_src = lambdify_numpy(real, fwd)
+    _smoke_test(name, forward_fn, len(real), "forward expression")
+    bp_fns, bp_srcs = [], []
+    for j, b in enumerate(backward):
+        raw, src = lambdify_numpy((DELTA, OUT, *real), b)
+        _smoke_test(name, lambda *xs, raw=raw: raw(xs[0], xs[0], *xs), len(real), f"derivative wrt {args[j]}")
+        bp_fns.append(_backward_kernel(raw, j))
+        bp_srcs.append(src)
+
+    if all(a in fwd.free_symbols for a in real) and keeps_float32(forward_fn, len(real)):
+        forward = forward_fn  # numpy broadcasting already gives the output its full shape and dtype
+    else:  # e.g. a constant (lambdify returns a scalar), or select() of Python constants (float64)
+        def forward(*xs: Any) -> Any:
+            shape = np.broadcast_shapes(*(np.shape(x) for x in xs))
+            return np.broadcast_to(forward_fn(*xs), shape).astype(np.result_type(*xs, 1.0), copy=True)
+
+    symbolic = Symbolic(expr, real, fwd, derivs, backward, output_form, forward_src, tuple(bp_srcs))
+    used = set().union(*(b.free_symbols for b in backward))
+    op = Op(name=name, arity=len(real), forward=forward, backward=tuple(bp_fns), elementwise=True,
+            doc=doc or f"{name}({', '.join(a.name for a in args)}) = {expr}", symbolic=symbolic,
+            backward_reads=((OUT in used,), tuple(a in used for a in real)))
+    return register(op, replace=replace)
