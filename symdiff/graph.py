@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, NamedTuple, Sequence
 
-from .registry import Op, get_op
+from .registry import OPS, Op, get_op, set_register_builder
 
 INPUT, PARAM, OPERATION = "input", "param", "operationOutput"
 
@@ -88,12 +88,11 @@ class _Builder:
         return get_op(opname)
 
     def __dir__(self) -> list[str]:
-        from .registry import OPS
-
         return ["input", "param", *OPS]
 
 
 f = _Builder()
+set_register_builder(Register.operation)  # op(*registers) builds through the graph; registry never imports it
 
 
 class Step(NamedTuple):

@@ -1,7 +1,11 @@
 """The op registry: one table of every primitive the engine knows.
 
 Kept free of SymPy and of graph code so that both the graph builder and the
-compiler can look ops up without pulling in the symbolic machinery.
+compiler can look ops up without pulling in the symbolic machinery. The layers run
+one way: :mod:`symdiff.graph` imports this module, never the reverse. ``op(*registers)``
+builds a graph node through a builder the graph layer installs when it is imported
+(:func:`set_register_builder`), so an op stays callable without the registry knowing
+what a register is.
 """
 from __future__ import annotations
 
@@ -43,9 +47,10 @@ class Op:
 
     def __call__(self, *inputs: Any) -> Any:
         """Build a register computed by this op: ``gate(a, b)`` is ``f.gate(a, b)``."""
-        from .graph import Register  # graph imports this module; import here to avoid a cycle
-
-        return Register.operation(self, inputs)
+        if _build_register is None:  # only reachable with no register in sight: graph makes them
+            raise TypeError(f"op {self.name!r} builds graph registers, but symdiff.graph is not loaded; "
+                            f"make inputs with symdiff.f.input(...) / f.param(...) first")
+        return _build_register(self, inputs)
 
     def __repr__(self) -> str:
         kind = "elementwise" if self.elementwise else "structural"
@@ -53,6 +58,15 @@ class Op:
 
 
 OPS: dict[str, Op] = {}
+
+#: how ``op(*inputs)`` builds a register; installed by :mod:`symdiff.graph` on import
+_build_register: Callable[[Op, Sequence[Any]], Any] | None = None
+
+
+def set_register_builder(build: Callable[[Op, Sequence[Any]], Any]) -> None:
+    """Install what ``Op.__call__`` calls (the graph layer's ``Register.operation``)."""
+    global _build_register
+    _build_register = build
 
 #: ops whose step has several outputs (fused groups, split): ``forward(*inputs)`` returns a
 #: tuple of results; the first ``n_deltas`` results receive gradients; ``backward(needed)``
