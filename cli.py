@@ -311,12 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True, help="a .npz written by `symdiff mlp|lstm --save_model PATH`")
     pr.add_argument("titles", nargs="+", metavar="TITLE")
     pr.set_defaults(func=cmd_predict)
+    from models.experiments import EXPERIMENTS, HELP
     from models.experiments import parse_int_list as _experiment_ints, parse_positive_int as _experiment_int
 
-    ex = sub.add_parser("experiment", help="run the assignment's experiments (timing, steps, init) and write the report")
-    ex.add_argument("which", choices=("timing", "steps", "init", "report", "all"),
-                    help="timing: seconds/epoch vs N and M; steps: engine steps of one LSTM update; init: "
-                         "tanh initialisation scale; report: docs/report.md from the results; all: everything")
+    ex = sub.add_parser("experiment", help=f"run the assignment's experiments ({', '.join(EXPERIMENTS)}) and write "
+                                           "the report")
+    ex.add_argument("which", choices=(*EXPERIMENTS, "report", "all"),
+                    help="; ".join(f"{name}: {HELP[name]}" for name in EXPERIMENTS)
+                         + "; report: docs/report.md from the results; all: everything")
     ex.add_argument("--dataset", default=None, help="path prefix or shipped name (default: ../shared/data/smaller "
                     "beside the checkout if it exists, else demo)")
     ex.add_argument("--epochs", type=_experiment_int, default=2, help="epochs per timing run (default 2)")

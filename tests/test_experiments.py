@@ -1,4 +1,4 @@
-"""`symdiff experiment` and models/experiments.py: step counts, timing, initialisation, report, no-matplotlib."""
+"""`symdiff experiment` and models/experiments/: step counts, timing, initialisation, report, no-matplotlib."""
 from __future__ import annotations
 
 import csv
