@@ -1,5 +1,12 @@
 """Optimisers and learning-rate schedules for symdiff's training loop.
 
+Why this lives in ``symdiff/`` and not beside the trainer in ``models/``: it is public
+API for anyone who writes their own loop over ``Program.forward``/``backward``
+(``symdiff.optim.Adam(params)``), it knows nothing of models, data or the CLI
+(numpy arrays in, numpy arrays updated), and the engine's data flow stays one way:
+``models/`` imports it, never the reverse. It is engine-*level* but not engine-*core*:
+nothing else in ``symdiff/`` imports it, and importing it does not import SymPy.
+
 Optimisers update numpy parameter arrays *in place*: the model, the optimiser
 and any checkpoint code all hold references to the same arrays, so rebinding
 a name (``w = w - lr * g``) would silently detach the model from its
