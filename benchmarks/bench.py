@@ -158,7 +158,8 @@ ad = Autograd(model.xm)
 w = model.xm.operationSequence(model.xm.register("loss"))
 codes = np.random.default_rng(0).integers(-1, 60, size=(64, 10))
 inputs = {**model.params, **model.feed(codes), "y": np.eye(5)[np.arange(64) % 5]}
-ad.bprop(w, ad.eval(w, inputs), loss=np.float64(1.0))
+program = ad.compile(w)  # as the training loop runs a batch (eval/bprop keep every named register's gradient)
+program.backward(program.forward(inputs, keep=("loss",)), {"loss": np.float64(1.0)}, params_only=True)
 print(time.perf_counter() - t0)
 """
 

@@ -11,8 +11,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Autograd": "autograd", "MissingInputError": "autograd", "Program": "autograd",
-    "ShapeError": "autograd", "SymdiffError": "autograd",
+    "Autograd": "autograd", "Program": "autograd",
+    "SymdiffError": "errors", "MissingInputError": "errors", "UnknownNameError": "errors",
+    "ShapeError": "errors", "GraphError": "errors", "DefopError": "errors",
     "GradCheckReport": "gradcheck", "grad_check": "gradcheck",
     "Register": "graph", "Step": "graph", "WengertList": "graph", "XMan": "graph", "f": "graph",
     "OneHot": "onehot",

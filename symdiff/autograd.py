@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import GraphError, MissingInputError, ShapeError, SymdiffError, UnknownNameError, did_you_mean
 from .graph import Step, XMan
 from .onehot import OneHot, RowSparse
 from .ops import Blocks
@@ -19,20 +20,7 @@ from .passes import DEFAULT_PASSES, PASSES
 from . import native as native_kernels
 from .registry import MULTI_OPS, get_op
 
-
-
-
-class SymdiffError(ValueError):
-    """An error in the user's graph or values, with what to do about it."""
-
-
-class MissingInputError(SymdiffError, KeyError):
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
-
-
-class ShapeError(SymdiffError):
-    pass
+__all__ = ["Autograd", "Program", "Values", "SymdiffError", "MissingInputError", "ShapeError", "fusion_passes"]
 
 
 @dataclass
@@ -57,7 +45,7 @@ class Program:
     """
 
     def __init__(self, steps: Sequence[Step], params: Iterable[str], counters: Counters,
-                 native: bool = True) -> None:
+                 native: bool = True, xman: XMan | None = None) -> None:
         self.steps = list(steps)
         self.counters = counters
         self.native = native  # fused kernels may run compiled C (symdiff.native) where arrays fit
@@ -98,6 +86,10 @@ class Program:
         self.names = names
         self.slot = slot
         self.leaves = leaves
+        # names an input dict may hold: this list's registers and the model's (a value for a
+        # register another list of the same model uses is fine); anything else is a typo
+        self.xman = xman
+        self.known = frozenset(names) | (frozenset(xman.registers()) if xman is not None else frozenset())
         # a OneHot value stays sparse only where a kernel expects one; anywhere else it is
         # handed over dense, as if the caller had passed the dense matrix
         sparse = {n for n, _ in leaves}
@@ -144,6 +136,9 @@ class Program:
         values a later ``backward`` reads stay; the others shrink to a zero-stride
         stand-in of the same shape and dtype (``backward=False``: to ``None``).
         """
+        unknown = inputs.keys() - self.known
+        if unknown:
+            raise self._unknown_input(min(unknown))
         v: list[Any] = [None] * len(self.names)
         if isinstance(keep, str):
             keep = (keep,)
@@ -182,6 +177,12 @@ class Program:
         self.counters.forward_steps += len(self.forward_plan)
         return v
 
+    def _unknown_input(self, name: str) -> UnknownNameError:
+        if self.xman is not None:
+            return self.xman.unknown_input(name)
+        return UnknownNameError(f"unknown input {name!r}: this Wengert list has no register of that name."
+                                + did_you_mean(name, [n for n, _ in self.leaves], "inputs"))
+
     def _release_plan(self, keep: frozenset[str], backward: bool) -> list[tuple[int, ...]]:
         """For each forward step: the slots whose last forward use it is and that may go."""
         key = (keep, backward)
@@ -214,7 +215,8 @@ class Program:
             return cached
         for s in key:
             if s not in self.slot:
-                raise SymdiffError(f"cannot backpropagate from {s!r}: it is not a register of this Wengert list")
+                raise UnknownNameError(f"cannot backpropagate from {s!r}: it is not a register of this Wengert list."
+                                       + did_you_mean(s, self.names, "registers"))
         written = set(key)  # registers a gradient reaches, walking back from the seeds
         plan: list[tuple[Any, int]] = []
         count = 0
@@ -416,16 +418,18 @@ def fusion_passes(native: bool) -> tuple[str, ...]:
 class Autograd:
     """Evaluate and differentiate Wengert lists of an :class:`XMan` graph.
 
-    ``eval(wengert, inputDict)`` returns every register's value;
+    ``eval(wengert, inputDict)`` returns register values by name;
     ``bprop(wengert, values, loss=1.0)`` returns gradients by register name.
     ``passes`` are the named graph rewrites of :mod:`symdiff.passes` to apply;
-    ``fuse`` adds ``fuse_elementwise`` last. Fused groups keep every register
-    that is an attribute of the ``XMan`` (and every register used outside its
-    group) visible in ``eval``'s values; purely internal intermediates are not
-    materialised. Counters then count a fused group as one forward step and one
-    backward step per input differentiated (``fuse=False`` gives the seed's counts).
-    ``bprop`` omits the gradient of a fused output that its group also uses (an
-    LSTM's ``C_t``): the engine only holds the part arriving from outside the group.
+    ``fuse`` adds ``fuse_elementwise`` last. Under every setting, ``eval`` and
+    ``bprop`` hold the value and the full gradient of every register the user
+    *named* (an attribute of the ``XMan``): the passes treat those as boundaries
+    (:meth:`compile` with ``whole=True``). Unnamed intermediates (``z1, z2, ...``)
+    that a rewrite fused away are left out, as is the partial gradient of a fused
+    output its own group also uses. Counters count a fused group as one forward
+    step and one backward step per input differentiated (``fuse=False, passes=()``
+    gives the seed's counts). A training loop calls :meth:`compile` (no
+    boundaries) and the :class:`Program`'s ``forward``/``backward`` itself.
 
     ``native`` (default: when a C compiler works here, see :mod:`symdiff.native`)
     runs fused kernels as compiled C from the same SymPy expressions, and fuses
@@ -435,15 +439,17 @@ class Autograd:
     def __init__(self, xman: XMan, passes: Sequence[str] = DEFAULT_PASSES, fuse: bool = True,
                  native: bool | None = None) -> None:
         self.xman = xman
-        unknown = [p for p in passes if p not in PASSES]
-        if unknown:
-            raise ValueError(f"unknown pass(es) {unknown}; available: {sorted(PASSES)}")
+        if isinstance(passes, str):
+            passes = (passes,)
+        for p in passes:
+            if p not in PASSES:
+                raise UnknownNameError(f"unknown pass {p!r}." + did_you_mean(p, PASSES, "passes"))
         # None: compiled fused kernels when a C compiler works here (and SYMDIFF_NATIVE is not 0)
         self.native = native_kernels.enabled() if native is None else bool(native) and native_kernels.enabled()
         self.passes = tuple(p for p in passes if p not in FUSION) + (fusion_passes(self.native) if fuse else ())
         self.counters = Counters()
-        self._programs: dict[tuple[Step, ...], Program] = {}
-        self._last: tuple[Sequence[Step], Program] | None = None
+        self._programs: dict[tuple[bool, tuple[Step, ...]], Program] = {}
+        self._last: tuple[Sequence[Step], bool, Program] | None = None
 
     @property
     def forward_steps(self) -> int:
@@ -456,8 +462,14 @@ class Autograd:
     def reset_counts(self) -> None:
         self.counters.forward_steps = self.counters.backward_steps = 0
 
-    def compile(self, wengert: Sequence[Step]) -> Program:
+    def compile(self, wengert: Sequence[Step], whole: bool = False) -> Program:
         """The compiled program for ``wengert``, cached by its steps.
+
+        The passes keep the value of every named register (attribute of the
+        ``XMan``). ``whole=True`` (what ``eval``/``bprop`` use) also keeps its full
+        gradient: no rewrite reaches across a named register, at some cost in
+        speed (an LSTM's ``outputs`` then keeps its own ``crossEnt``); a training
+        loop that reads only ``loss`` and the params' gradients compiles without it.
 
         The list last compiled is also remembered by identity, so calling ``eval``
         and ``bprop`` with the same list costs no hashing; a list rebuilt every
@@ -465,22 +477,27 @@ class Autograd:
         is not compiled again. Do not mutate a list after use.
         """
         last = self._last
-        if last is not None and last[0] is wengert:
-            return last[1]
-        key = tuple(s if isinstance(s, Step) else Step(*s) for s in wengert)
+        if last is not None and last[0] is wengert and last[1] == whole:
+            return last[2]
+        steps_key = tuple(s if isinstance(s, Step) else Step(*s) for s in wengert)
+        key = (whole, steps_key)
         program = self._programs.get(key)
         if program is None:
-            steps = list(key)
+            steps = list(steps_key)
             keep = self.xman.named()
             for name in self.passes:
-                steps = PASSES[name](steps, keep=keep)
-            program = self._programs[key] = Program(steps, self.xman.params(), self.counters, self.native)
-        self._last = (wengert, program)
+                steps = PASSES[name](steps, keep=keep, whole=keep if whole else ())
+            program = self._programs[key] = Program(steps, self.xman.params(), self.counters, self.native,
+                                                    xman=self.xman)
+        self._last = (wengert, whole, program)
         return program
 
     def eval(self, wengert: Sequence[Step], inputDict: Mapping[str, Any]) -> Values:
-        """Forward pass: a dict of every register's value (inputs and params included)."""
-        program = self.compile(wengert)
+        """Forward pass: register values by name (inputs, params and every named register included).
+
+        A name in ``inputDict`` that is no register of the model is an error naming the closest one.
+        """
+        program = self.compile(wengert, whole=True)
         slots = program.forward(inputDict)
         values = Values(zip(program.names, slots))
         values.slots = slots
@@ -488,10 +505,16 @@ class Autograd:
         return values
 
     def bprop(self, wengert: Sequence[Step], values: Mapping[str, Any], **seeds: Any) -> dict[str, Any]:
-        """Backward pass from the seeded registers (``loss=np.float64(1.0)``) to every param."""
+        """Backward pass from the seeded registers (``loss=np.float64(1.0)``) to every param.
+
+        Returns the gradient of every register on the way that depends on a param (every
+        named one included; data inputs get none). Each seed is dL/d(register) and must have
+        its register's shape: a non-scalar register is never summed silently; seed it with
+        ``np.ones_like(values[name])`` to differentiate its sum.
+        """
         if not seeds:
-            raise TypeError("bprop needs the output to differentiate, e.g. bprop(w, values, loss=np.float64(1.0))")
-        program = self.compile(wengert)
+            raise GraphError("bprop needs the output to differentiate, e.g. bprop(w, values, loss=np.float64(1.0))")
+        program = self.compile(wengert, whole=True)
         if isinstance(values, Values) and values.program is program:
             slots = values.slots
         else:
@@ -499,6 +522,16 @@ class Autograd:
             if missing:
                 raise MissingInputError(f"values has no entry for register(s) {missing[:5]}: pass the dict eval() returned")
             slots = [values[n] for n in program.names]
+        for name, seed in seeds.items():
+            if name not in program.slot:
+                raise UnknownNameError(f"cannot backpropagate from {name!r}: it is not a register of this Wengert "
+                                       f"list." + did_you_mean(name, program.names, "registers"))
+            want, got = np.shape(slots[program.slot[name]]), np.shape(seed)
+            if want != got:
+                hint = (f"; to differentiate the sum of its elements pass {name}=np.ones({want})"
+                        if got == () else "")
+                raise ShapeError(f"the seed for {name!r} has shape {got} but the register has shape {want}: "
+                                 f"a seed is dL/d{name}, one number per element{hint}")
         grads = program.backward(slots, seeds)
         # one-hot weight gradients are row-sparse inside the engine; the public result is dense
         # (and blocks that fuse_blocks could not lay side by side are internal: left out)

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .autograd import Autograd
+from .errors import ShapeError, SymdiffError, UnknownNameError, did_you_mean
 from .graph import Step, XMan
 from .onehot import OneHot
 from .registry import Op
@@ -53,29 +54,55 @@ def _float64(v: Any) -> Any:
 def grad_check(xm: XMan, wengert: Sequence[Step], inputs: Mapping[str, Any] | None = None, *,
                eps: float = 1e-4, rtol: float = 1e-4, atol: float = 1e-6,
                max_elements: int | None = 64, seed: int = 0, loss: str | None = None,
-               passes: Sequence[str] | None = None, fuse: bool = True) -> GradCheckReport:
+               passes: Sequence[str] | None = None, fuse: bool = True,
+               projection: Any = None) -> GradCheckReport:
     """Compare ``bprop`` with central differences ``(L(w+eps) - L(w-eps)) / 2eps``.
 
-    Runs in float64 at the registers' default values (or ``inputs``). Each
-    param has up to ``max_elements`` elements perturbed, chosen by a seeded RNG
-    (``None`` checks every element). An element agrees when
+    Runs in float64 at the registers' default values (or ``inputs``). ``L`` is the
+    register ``loss`` (default: the list's last), which must be a scalar, or
+    ``sum(projection * loss)`` for a ``projection`` array of its shape (a random one
+    checks every output element's gradient at once): a non-scalar output is never
+    summed silently. Each param has up to ``max_elements`` elements perturbed, chosen
+    by a seeded RNG (``None`` checks every element). An element agrees when
     ``|num - ana| <= atol + rtol * max(|num|, |ana|)``; the seed assignment's bar
     (3 decimal places) is far looser. ``passes``/``fuse`` choose the graph
-    rewrites as for :class:`Autograd` (default: all of them).
+    rewrites as for :class:`Autograd` (default: all of them). A check that would
+    check nothing (no params, ``max_elements`` < 1, ``eps`` not > 0) is an error.
     """
+    if not (isinstance(eps, (int, float, np.floating)) and np.isfinite(eps) and eps > 0):
+        raise SymdiffError(f"grad_check: eps must be a finite number > 0, got {eps!r}")
+    if max_elements is not None and max_elements < 1:
+        raise SymdiffError(f"grad_check: max_elements must be at least 1 (or None for every element), "
+                           f"got {max_elements!r}: a check of no element checks nothing")
     ad = Autograd(xm, fuse=fuse) if passes is None else Autograd(xm, passes=passes, fuse=fuse)
     values = {k: _float64(v) for k, v in (xm.inputDict() if inputs is None else inputs).items()}
     loss = loss or wengert[-1][0]
     program = ad.compile(wengert)
+    if loss not in program.slot:
+        raise UnknownNameError(f"grad_check: loss {loss!r} is not a register of this Wengert list."
+                               + did_you_mean(loss, program.names, "registers"))
+    if not program.params:
+        raise SymdiffError(f"grad_check: {loss!r} depends on no param, so there is nothing to check; "
+                           f"declare trained values with f.param(...)")
     slots = program.forward(values)
     out = slots[program.slot[loss]]
-    seed_value = np.ones_like(out, dtype=np.float64)
-    grads = program.backward(slots, {loss: seed_value})
+    if projection is None:
+        if np.shape(out) != ():
+            raise ShapeError(f"grad_check: {loss!r} has shape {np.shape(out)}, not a scalar; pass "
+                             f"projection=np.random.default_rng(0).standard_normal({np.shape(out)}) to check "
+                             f"the gradient of sum(projection * {loss})")
+        weights = np.ones((), dtype=np.float64)
+    else:
+        weights = np.asarray(projection, dtype=np.float64)
+        if weights.shape != np.shape(out):
+            raise ShapeError(f"grad_check: projection has shape {weights.shape} but {loss!r} has shape "
+                             f"{np.shape(out)}; they must match")
+    grads = program.backward(slots, {loss: weights.copy()})
     rng = np.random.default_rng(seed)
 
     def total(vals: Mapping[str, Any]) -> float:
         s = program.forward(vals)
-        return float(np.sum(s[program.slot[loss]]))
+        return float(np.sum(weights * s[program.slot[loss]]))
 
     report = GradCheckReport(eps=eps, rtol=rtol, atol=atol)
     for name in program.params:

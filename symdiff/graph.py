@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, NamedTuple, Sequence
 
+from .errors import GraphError, SymdiffError, UnknownNameError, did_you_mean
 from .registry import OPS, Op, get_op, set_register_builder
 
 INPUT, PARAM, OPERATION = "input", "param", "operationOutput"
@@ -36,10 +37,10 @@ class Register:
     def operation(cls, op: Op, inputs: Sequence[Any]) -> "Register":
         """The register computed by ``op`` from ``inputs`` (checked here, at build time)."""
         if len(inputs) != op.arity:
-            raise TypeError(f"op {op.name!r} takes {op.arity} register(s), got {len(inputs)}")
+            raise GraphError(f"op {op.name!r} takes {op.arity} register(s), got {len(inputs)}")
         for k, r in enumerate(inputs):
             if not isinstance(r, Register):
-                raise TypeError(
+                raise GraphError(
                     f"input {k} of op {op.name!r} is a {type(r).__name__}, not a register; "
                     f"wrap constants with f.input(name=..., default=value)"
                 )
@@ -152,7 +153,7 @@ class XMan:
                     taken.add(r.name)
                 other = regs.setdefault(r.name, r)
                 if other is not r:
-                    raise ValueError(
+                    raise SymdiffError(
                         f"two different registers are both named {r.name!r}; give each "
                         f"input/param a unique name=")
         object.__setattr__(self, "_registers", regs)
@@ -168,7 +169,11 @@ class XMan:
         try:
             return self._registers[name]
         except KeyError:
-            raise KeyError(f"no register named {name!r}; did you call setup()?") from None
+            if not self._registers:
+                raise UnknownNameError(f"no register named {name!r}: this XMan has no registers yet; "
+                                       f"call xm.setup() after assigning them") from None
+            raise UnknownNameError(f"no register named {name!r}."
+                                   + did_you_mean(name, self._registers, "registers")) from None
 
     def registers(self) -> dict[str, Register]:
         return dict(self._registers)
@@ -183,7 +188,15 @@ class XMan:
         return [n for n, r in self._registers.items() if r.role == PARAM]
 
     def inputDict(self, **overrides: Any) -> dict[str, Any]:
-        """Default values of every input and param (copies), updated by ``overrides``."""
+        """Default values of every input and param (copies), updated by ``overrides``.
+
+        An override that names no input or param is an error (a typo would otherwise
+        train on the default data without a word).
+        """
+        leaves = [n for n, r in self._registers.items() if r.role in (INPUT, PARAM)]
+        for name in overrides:
+            if name not in leaves:
+                raise self.unknown_input(name)
         out: dict[str, Any] = {}
         for name, r in self._registers.items():
             if r.role in (INPUT, PARAM) and r.default is not None:
@@ -192,14 +205,25 @@ class XMan:
         out.update(overrides)
         return out
 
+    def unknown_input(self, name: str) -> UnknownNameError:
+        """The error for a value given under ``name``, which is no input or param of this model."""
+        leaves = [n for n, r in self._registers.items() if r.role in (INPUT, PARAM)]
+        if name in self._registers:
+            return UnknownNameError(f"{name!r} is computed by the graph (op {self._registers[name].op.name!r}), "
+                                    f"not an input or param: it takes no value. Inputs and params: "
+                                    f"{', '.join(leaves)}")
+        return UnknownNameError(f"unknown input {name!r}: no register of this model has that name."
+                                + did_you_mean(name, leaves, "inputs and params"))
+
     def operationSequence(self, reg: Register) -> WengertList:
         """The Wengert list computing ``reg``: each register once, inputs first."""
         if not isinstance(reg, Register):
-            raise TypeError(f"operationSequence needs a register, got {type(reg).__name__}")
+            raise GraphError(f"operationSequence needs a register, got {type(reg).__name__}; "
+                             f"e.g. xm.operationSequence(xm.loss)")
         steps = WengertList()
         for r in _walk(reg):
             if r.name is None:
-                raise ValueError("unnamed register in the graph: call xm.setup() before operationSequence()")
+                raise SymdiffError("unnamed register in the graph: call xm.setup() before operationSequence()")
             if r.role == OPERATION:
                 steps.append(Step(r.name, r.op.name, tuple(i.name for i in r.inputs)))
         return steps

@@ -12,29 +12,34 @@ from typing import Callable, Collection, Sequence
 from .graph import Step
 from .registry import get_op
 
-Pass = Callable[..., list[Step]]  # (steps, keep=registers that must stay visible) -> steps
+# (steps, keep=registers whose values must stay visible, whole=registers whose full gradient must
+# also stay computable: Autograd.eval/bprop pass the model's named registers as both) -> steps
+Pass = Callable[..., list[Step]]
 
 
-def crossent_softmax(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Step]:
+def crossent_softmax(steps: Sequence[Step], keep: Collection[str] = (),
+                     whole: Collection[str] = ()) -> list[Step]:
     """Rewrite ``crossEnt(softMax(o), t)`` into one ``crossEnt-softMax(o, t)`` step.
 
     The fused step computes the loss from the logits with log-sum-exp (no
     ``log 0``) and its gradient wrt ``o`` is ``p - t`` directly, as the seed's
     autograd did. The ``softMax`` step stays so the probabilities (``outputs``)
-    are still computed, but no gradient flows through it any more.
+    are still computed, but no gradient flows through it any more, so a
+    probability register listed in ``whole`` (its gradient is wanted) is left alone.
     """
     producer = {s.output: s for s in steps}
     out: list[Step] = []
     for s in steps:
         if s.op == "crossEnt":
             p = producer.get(s.inputs[0])
-            if p is not None and p.op == "softMax":
+            if p is not None and p.op == "softMax" and p.output not in whole:
                 s = Step(s.output, "crossEnt-softMax", (p.inputs[0], s.inputs[1]))
         out.append(s)
     return out
 
 
-def merge_matmuls(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Step]:
+def merge_matmuls(steps: Sequence[Step], keep: Collection[str] = (),
+                  whole: Collection[str] = ()) -> list[Step]:
     """Merge matrix products that share an operand into one product, in two rounds.
 
     1. ``mul(a, P1) ... mul(a, Pk)`` (one left operand, k leaf right operands):
@@ -50,7 +55,8 @@ def merge_matmuls(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Ste
 
     Same math (rows and columns of a product are independent); everything
     downstream is unchanged. Operands may differ in width or height: the
-    offsets travel with the concatenation.
+    offsets travel with the concatenation. Every original register keeps its
+    value and full gradient, so ``keep`` and ``whole`` need no care here.
     """
     steps = _merge_products(list(steps), by_right=False)
     return _merge_products(steps, by_right=True)
@@ -93,7 +99,8 @@ def _merge_products(steps: list[Step], by_right: bool) -> list[Step]:
             out.append(s)
     return out
 
-def fuse_blocks(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Step]:
+def fuse_blocks(steps: Sequence[Step], keep: Collection[str] = (),
+                whole: Collection[str] = ()) -> list[Step]:
     """Horizontal fusion: an elementwise op applied to every block of a cut runs once on the whole array.
 
     After ``merge_matmuls`` an LSTM step computes ``x·[W_c W_f W_i W_o]`` and
@@ -112,10 +119,10 @@ def fuse_blocks(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Step]
     The ops run their own registered kernels on bigger arrays; each block's
     value is the same as before (elementwise ops do not mix positions), and a
     layout mismatch found at run time falls back to one block at a time. Cut
-    outputs that are kept (named registers) or used twice are left alone.
+    outputs that are kept or whole (named registers) or used twice are left alone.
     """
     steps = list(steps)
-    keep = set(keep)
+    keep = set(keep) | set(whole)
     while True:
         rewritten = _fuse_blocks_round(steps, keep)
         if rewritten is None:
@@ -220,7 +227,8 @@ def _fusable(op_name: str) -> bool:
     return op.elementwise and op.symbolic is not None
 
 
-def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[Step]:
+def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = (),
+                     whole: Collection[str] = ()) -> list[Step]:
     """Replace each maximal connected group of elementwise steps by one fused step.
 
     Two groups joined by an edge merge unless some path leaves one and re-enters
@@ -229,7 +237,9 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
     product). A fused step's outputs are the group's registers used outside it
     or listed in ``keep``, plus internal transcendental values (sigmoid, tanh,
     ...) that the derived gradients reuse. Its kernel is built once per
-    structure by :func:`symdiff.fusion.fused_kernel`.
+    structure by :func:`symdiff.fusion.fused_kernel`. A register in ``whole``
+    ends its group (no step of the same group reads it), so the gradient the
+    group receives for it is its full gradient, not only the part from outside.
     """
     from .fusion import GroupSpec, costly, fused_kernel
 
@@ -250,18 +260,21 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
             k = parent[k]
         return k
 
+    whole = set(whole)
     for k, s in enumerate(steps):
         if not fusable[k]:
             continue
         for i in s.inputs:
             p = producer.get(i)
-            if p is None or not fusable[p]:
+            if p is None or not fusable[p] or i in whole:
                 continue
             ga, gb = find(p), find(k)
             if ga == gb:
                 continue
             a, b = members[ga], members[gb]
             if _path_outside(steps, consumers, a, b) or _path_outside(steps, consumers, b, a):
+                continue
+            if whole and (_reads_whole(steps, consumers, whole, a, b) or _reads_whole(steps, consumers, whole, b, a)):
                 continue
             parent[gb] = ga
             members[ga] = a | b
@@ -270,7 +283,7 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
     groups = [sorted(m) for r, m in members.items() if len(m) > 1]
     if not groups:
         return steps
-    keep = set(keep)
+    keep = set(keep) | whole
     group_of = {k: gi for gi, g in enumerate(groups) for k in g}
     fused_steps: dict[int, Step] = {}
     for gi, g in enumerate(groups):
@@ -314,6 +327,12 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = ()) -> list[
 
 def _users(steps: Sequence[Step], consumers: dict[str, list[int]], k: int) -> list[int]:
     return [c for o in steps[k].outputs for c in consumers.get(o, ())]
+
+
+def _reads_whole(steps: Sequence[Step], consumers: dict[str, list[int]], whole: set[str], a: set[int],
+                 b: set[int]) -> bool:
+    """Does a step of ``b`` read a register in ``whole`` that a step of ``a`` computes?"""
+    return any(c in b for k in a if steps[k].output in whole for c in consumers.get(steps[k].output, ()))
 
 
 def _path_outside(steps: Sequence[Step], consumers: dict[str, list[int]], a: set[int], b: set[int]) -> bool:

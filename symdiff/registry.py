@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .errors import SymdiffError, UnknownNameError
+
 Kernel = Callable[..., Any]
 
 
@@ -77,12 +79,12 @@ MULTI_OPS: dict[str, Any] = {}
 def register(op: Op, *, replace: bool = False) -> Op:
     """Add ``op`` to the registry; refuse to silently shadow an existing op."""
     if op.name in OPS and not replace:
-        raise ValueError(
+        raise SymdiffError(
             f"an op named {op.name!r} already exists ({OPS[op.name]!r}); "
             f"pick another name, or pass replace=True to redefine it"
         )
     if len(op.backward) != op.arity:
-        raise ValueError(f"op {op.name!r}: {op.arity} inputs but {len(op.backward)} backward kernels")
+        raise SymdiffError(f"op {op.name!r}: {op.arity} inputs but {len(op.backward)} backward kernels")
     OPS[op.name] = op
     return op
 
@@ -94,7 +96,7 @@ def get_op(name: str) -> Op:
     except KeyError:
         close = difflib.get_close_matches(name, OPS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise UnknownNameError(
             f"unknown op {name!r}.{hint} Declare it with symdiff.defop(...) first; "
             f"known ops: {', '.join(sorted(OPS))}"
         ) from None

@@ -85,9 +85,9 @@ def test_counts_come_from_the_engine_counters(monkeypatch):
 
     real = Program.forward
 
-    def twice(self, inputs):
-        real(self, inputs)
-        return real(self, inputs)
+    def twice(self, inputs, *args, **kwargs):
+        real(self, inputs, *args, **kwargs)
+        return real(self, inputs, *args, **kwargs)
 
     model = _tiny_model("lstm", 10)
     codes = np.zeros((4, 10), dtype=np.int32)

@@ -69,7 +69,9 @@ def count_update_steps(model: Any, codes: np.ndarray, targets: np.ndarray,
                        engine: dict[str, Any] | None = None) -> dict[str, Any]:
     """Forward and backward steps of one update (forward pass + backward pass), from the engine's counters.
 
-    ``engine`` holds ``Autograd`` keyword arguments (see :func:`engines`).
+    ``engine`` holds ``Autograd`` keyword arguments (see :func:`engines`). The update is run as
+    the training loop runs it (``compile``, ``forward``, ``backward(params_only=True)``), not
+    through ``eval``/``bprop``, whose plan keeps every named register's gradient.
     """
     from symdiff import Autograd
 
@@ -77,13 +79,13 @@ def count_update_steps(model: Any, codes: np.ndarray, targets: np.ndarray,
     ad = Autograd(xm, **(engine or {}))
     wengert = xm.operationSequence(xm.register("loss"))
     inputs = {**model.params, **model.feed(codes), "y": targets}
+    program = ad.compile(wengert)
     ad.reset_counts()
-    values = ad.eval(wengert, inputs)
-    grads = ad.bprop(wengert, values, loss=np.ones((), dtype=model.dtype))
-    missing = [p for p in xm.params() if p not in grads]
+    values = program.forward(inputs, keep=("loss",))
+    grads = program.backward(values, {"loss": np.ones((), dtype=model.dtype)}, params_only=True)
+    missing = [p for p in xm.params() if grads[program.slot[p]] is None]
     if missing:
         raise ExperimentError(f"the update computed no gradient for {missing}")
-    program = ad.compile(wengert)
     ops: dict[str, int] = {}
     for step in program.steps:
         ops[step.op] = ops.get(step.op, 0) + 1

@@ -1,0 +1,137 @@
+"""What a new user trips over (issue #19): typos are errors, bprop returns what it promises,
+non-scalar outputs are never summed silently, every engine error is a SymdiffError."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import symdiff
+from symdiff import Autograd, XMan, f, grad_check
+from symdiff.errors import SymdiffError
+
+PASS_SETTINGS = [dict(passes=(), fuse=False), dict(passes=("crossent_softmax",), fuse=False),
+                 dict(fuse=True), dict(fuse=True, native=False), dict(fuse=False)]
+
+
+def _readme_model() -> XMan:
+    """The README's example, with its own ops (declared once per session)."""
+    x, y = sp.symbols("x y")
+    if "usab_softplus" not in symdiff.OPS:
+        symdiff.defop("usab_softplus", sp.log(1 + sp.exp(x)), args=[x])
+        symdiff.defop("usab_gate", x * sp.tanh(y), args=[x, y])
+    rng = np.random.default_rng(0)
+    xm = XMan()
+    xm.a = f.input(name="a", default=rng.random((3, 4)))
+    xm.t = f.input(name="t", default=np.eye(4)[[0, 2, 3]])
+    xm.W = f.param(name="W", default=rng.random((4, 4)))
+    xm.b = f.param(name="b", default=rng.random(4))
+    xm.h = f.usab_softplus(f.usab_gate(xm.a * xm.W + xm.b, xm.b))
+    xm.outputs = f.softMax(xm.h)
+    xm.loss = f.mean(f.crossEnt(xm.outputs, xm.t))
+    return xm.setup()
+
+
+# ---- 1: unknown input names -----------------------------------------------------------------
+def test_input_dict_refuses_an_unknown_name_and_names_the_closest():
+    xm = _readme_model()
+    with pytest.raises(SymdiffError, match=r"unknown input 'W1'.*Did you mean 'W'\?"):
+        xm.inputDict(W1=np.ones((4, 4)))
+    with pytest.raises(SymdiffError, match=r"'h' is computed by the graph"):
+        xm.inputDict(h=np.ones((3, 4)))
+
+
+@pytest.mark.parametrize("settings", PASS_SETTINGS)
+def test_eval_and_forward_refuse_an_unknown_name(settings):
+    xm = _readme_model()
+    w = xm.operationSequence(xm.loss)
+    ad = Autograd(xm, **settings)
+    inputs = {**xm.inputDict(), "aa": np.ones((3, 4))}
+    with pytest.raises(SymdiffError, match=r"unknown input 'aa'.*Did you mean 'a'\?"):
+        ad.eval(w, inputs)
+    with pytest.raises(SymdiffError, match=r"unknown input 'aa'"):
+        ad.compile(w).forward(inputs)
+    with pytest.raises(SymdiffError, match=r"unknown input 'aa'"):
+        grad_check(xm, w, inputs)
+
+
+def test_a_register_of_the_model_outside_this_list_is_not_a_typo():
+    xm = _readme_model()
+    ad = Autograd(xm)
+    values = ad.eval(xm.operationSequence(xm.h), xm.inputDict())  # `t` is not used by h: still fine
+    assert "h" in values
+
+
+# ---- 2: eval/bprop return every named register ----------------------------------------------
+@pytest.mark.parametrize("settings", PASS_SETTINGS)
+def test_eval_and_bprop_return_every_named_register_under_every_setting(settings):
+    xm = _readme_model()
+    w = xm.operationSequence(xm.loss)
+    plain = Autograd(xm, passes=(), fuse=False)
+    v0 = plain.eval(w, xm.inputDict())
+    g0 = plain.bprop(w, v0, loss=np.float64(1.0))
+    ad = Autograd(xm, **settings)
+    values = ad.eval(w, xm.inputDict())
+    grads = ad.bprop(w, values, loss=np.float64(1.0))
+    assert xm.named() <= values.keys()
+    assert {"W", "b", "h", "outputs", "loss"} <= grads.keys()
+    for name in xm.named():
+        np.testing.assert_allclose(values[name], v0[name], rtol=1e-12, err_msg=name)
+    for name in ("W", "b", "h", "outputs", "loss"):
+        np.testing.assert_allclose(grads[name], g0[name], rtol=1e-10, atol=1e-14, err_msg=name)
+
+
+def test_a_named_register_inside_a_fusable_chain_gets_its_whole_gradient():
+    """m is read by both tanh(m) and the next step: fused, it would only get the outside part."""
+    xm = XMan()
+    xm.x = f.input(name="x", default=np.linspace(-1, 1, 6).reshape(2, 3))
+    xm.p = f.param(name="p", default=np.full((2, 3), 0.3))
+    xm.m = f.sigmoid(xm.x + xm.p)
+    xm.out = f.hadamard(xm.m, f.tanh(xm.m))
+    xm.loss = f.mean(xm.out)
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    ref = Autograd(xm, passes=(), fuse=False)
+    g0 = ref.bprop(w, ref.eval(w, xm.inputDict()), loss=1.0)
+    ad = Autograd(xm, fuse=True)
+    g1 = ad.bprop(w, ad.eval(w, xm.inputDict()), loss=1.0)
+    np.testing.assert_allclose(g1["m"], g0["m"], rtol=1e-12)
+    np.testing.assert_allclose(g1["p"], g0["p"], rtol=1e-12)
+
+
+# ---- 3: seeds and grad_check never sum a non-scalar silently -------------------------------
+def test_a_seed_of_the_wrong_shape_is_an_error():
+    xm = _readme_model()
+    w = xm.operationSequence(xm.h)
+    ad = Autograd(xm)
+    values = ad.eval(w, xm.inputDict())
+    with pytest.raises(symdiff.ShapeError, match=r"seed for 'h' has shape \(\) but the register has shape \(3, 4\)"):
+        ad.bprop(w, values, h=1.0)
+    grads = ad.bprop(w, values, h=np.ones((3, 4)))
+    assert grads["W"].shape == (4, 4)
+
+
+def test_grad_check_refuses_a_non_scalar_output_unless_projected():
+    xm = _readme_model()
+    w = xm.operationSequence(xm.h)
+    with pytest.raises(symdiff.ShapeError, match=r"'h' has shape \(3, 4\), not a scalar; pass projection="):
+        grad_check(xm, w)
+    projection = np.random.default_rng(1).standard_normal((3, 4))
+    report = grad_check(xm, w, projection=projection, max_elements=None)
+    assert report.ok and [p.checked for p in report.params] == [16, 4]
+
+
+# ---- 11: one base class ----------------------------------------------------------------------
+def test_engine_errors_share_the_symdiff_error_base():
+    with pytest.raises(SymdiffError, match="unknown op 'tahn'.*Did you mean tanh"):
+        f.tahn
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.ones(2))
+    with pytest.raises(SymdiffError, match="no registers yet; call xm.setup"):
+        xm.register("a")
+    with pytest.raises(SymdiffError, match="setup"):
+        xm.operationSequence(f.tanh(xm.a))
+    with pytest.raises(SymdiffError, match="not a register"):
+        f.tanh(1.0)
+    with pytest.raises(SymdiffError, match="unknown pass 'crossent'.*Did you mean 'crossent_softmax'"):
+        Autograd(xm.setup(), passes=("crossent",))
