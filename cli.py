@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from models.flags import add_train_arguments
+from models.flags import add_train_arguments, one_line_errors, positive_float, positive_int, seed_int
 
 
 # ---- presentation ---------------------------------------------------------------------------
@@ -107,12 +107,18 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from models.training import build_model
-    from symdiff import grad_check
+    from symdiff import SymdiffError, grad_check
 
     dims = dict(max_len=args.max_len, num_chars=args.num_chars, num_hid=args.num_hid, num_labels=args.num_labels)
     model = build_model(args.model, dims, seed=args.seed, dtype=np.float64)
     xm = model.xm
-    report = grad_check(xm, xm.operationSequence(xm.register("loss")), eps=args.eps, max_elements=args.max_elements)
+    try:
+        report = grad_check(xm, xm.operationSequence(xm.register("loss")), eps=args.eps,
+                            max_elements=args.max_elements)
+    except SymdiffError as exc:
+        return _fail("symdiff gradcheck", str(exc))
+    if not report.params or not all(p.checked for p in report.params):  # a check of nothing is no pass
+        return _fail("symdiff gradcheck", "no element of some param was checked; raise --max_elements", code=1)
     table = Table(title=f"gradient check: {args.model} (central differences, eps={args.eps:g})")
     for col in ("param", "shape", "checked", "max abs diff", "max rel diff", "ok"):
         table.add_column(col, justify="left" if col in ("param", "shape") else "right")
@@ -175,32 +181,116 @@ def _print_fused(kind: str) -> None:
     for name in dict.fromkeys(s.op for s in program.steps if hasattr(MULTI_OPS.get(s.op), "describe")):
         console.print(f"\n[bold]{escape(name)}[/]  {escape(MULTI_OPS[name].describe())}", highlight=False)
     for name in dict.fromkeys(s.op for s in program.steps if s.op.startswith("fused")):
-        fwd, bwd = MULTI_OPS[name].display()
+        kernel = MULTI_OPS[name]
+        fwd, bwd = kernel.display()
+        users = [s for s in program.steps if s.op == name]
         console.print(f"\n[bold]{escape(name)}[/]  (in_j: inputs, rK: results, deltaK: gradient arriving at result K)",
                       highlight=False)
+        # the kernel's own names, in the model's registers: the first step that runs it
+        where = f"in the step computing {', '.join(users[0].outputs)}"
+        if len(users) > 1:
+            where += f" (the same kernel runs {len(users)} steps; the others bind their own registers alike)"
+        legend = [f"in{j} = {i}" for j, i in enumerate(users[0].inputs)]
+        legend += [f"r{r} = {o}" for r, o in zip(kernel.results, users[0].outputs)]
+        console.print(f"  {where}: {', '.join(legend)}", highlight=False, markup=False)
         console.print("\n".join(["  " + line for line in fwd + bwd]), highlight=False, markup=False)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from rich.table import Table
+    from models.inference import TitlesFileError, predict, read_titles, tsv_lines
+    from models.training import ModelFileError, load_model
 
-    from models.training import ModelFileError, load_model, predict_titles
-
+    titles = list(args.titles)
     try:
+        if args.titles_file is not None:
+            titles += read_titles(args.titles_file)
+        if not titles:
+            return _fail("symdiff predict", "no titles: give them as arguments, or --titles FILE "
+                         "(one a line; - reads standard input)")
         model, vocab = load_model(args.model)
-    except ModelFileError as exc:
+    except (ModelFileError, TitlesFileError) as exc:
         return _fail("symdiff predict", str(exc))
+    predictions = predict(model, vocab, titles)
+    for p in predictions:  # what the model could not read is never silent
+        for note in p.warnings():
+            print(f"symdiff predict: warning: {note}", file=sys.stderr)
+    if not sys.stdout.isatty():  # a pipe or a file: TSV with a header, for other programs
+        sys.stdout.write("".join(line + "\n" for line in tsv_lines(predictions, vocab.labels)))
+        return 0
+    from rich.table import Table
     from rich.text import Text  # titles and labels are data, never rich markup ("[/]" would crash)
 
-    probs = predict_titles(model, vocab, list(args.titles))
     table = Table(title=f"predictions ({model.kind})")
     table.add_column("title")
+    table.add_column("label")
     for label in vocab.labels:
         table.add_column(Text(label), justify="right")
-    for title, row in zip(args.titles, probs):
-        best = int(row.argmax())
-        table.add_row(Text(title), *[f"[bold]{p:.3f}[/]" if j == best else f"{p:.3f}" for j, p in enumerate(row)])
+    for p in predictions:
+        best = vocab.labels.index(p.label)
+        table.add_row(Text(p.title), Text(p.label, style="bold"),
+                      *[Text(f"{x:.3f}", style="bold" if j == best else "") for j, x in enumerate(p.probs)])
     _console().print(table)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Loss, accuracy and confusion matrix of a saved model on a labelled file."""
+    from models.data import DataError
+    from models.inference import score
+    from models.storage import OutputPathError, check_output_path, save_json
+    from models.training import ModelFileError, load_model
+
+    try:
+        metrics_path = check_output_path(args.metrics_file, "--metrics_file") if args.metrics_file else None
+        model, vocab = load_model(args.model)
+        result = score(model, vocab, args.dataset, args.split)
+    except (ModelFileError, DataError, OutputPathError) as exc:
+        return _fail("symdiff evaluate", str(exc))
+    from rich.table import Table
+    from rich.text import Text
+
+    console = _console()
+    for lineno, label in result.unknown_labels[:5]:
+        console.print(Text(f"warning: {result.path}:{lineno}: label {label!r} is not one the model was "
+                           f"trained on; the row is left out of the scores", style="yellow"))
+    if len(result.unknown_labels) > 5:
+        console.print(Text(f"warning: ... {len(result.unknown_labels) - 5} more rows with unknown labels",
+                           style="yellow"))
+    summary = Table(title=Text(f"{model.kind} on {result.path}"))
+    summary.add_column("")
+    summary.add_column("value", justify="right")
+    summary.add_row("rows", str(result.rows))
+    summary.add_row("rows scored", str(result.scored))
+    summary.add_row("loss", "-" if result.loss is None else f"{result.loss:.4f}")
+    summary.add_row("accuracy", "-" if result.accuracy is None else f"{result.accuracy:.4f}")
+    console.print(summary)
+    confusion = Table(title="confusion (rows: true label, columns: predicted)")
+    confusion.add_column("true \\ predicted")
+    for label in result.labels:
+        confusion.add_column(Text(label), justify="right")
+    for i, (label, row) in enumerate(zip(result.labels, result.confusion)):
+        confusion.add_row(Text(label), *[Text(str(n), style="bold" if i == j else "") for j, n in enumerate(row)])
+    console.print(confusion)
+    if metrics_path is not None:
+        save_json(metrics_path, result.as_json(args.model, model.kind))
+        console.print(Text(f"metrics written to {metrics_path}"))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Training curves of one or more --metrics_file runs, on one figure."""
+    from models.curves import CurvesError, load_run, plot_runs
+    from models.storage import OutputPathError, check_output_path
+
+    try:
+        out = check_output_path(args.out, "--out")
+        runs = [load_run(path) for path in args.metrics]
+        plot_runs(runs, out)
+    except CurvesError as exc:
+        return _fail("symdiff plot", str(exc), code=1 if "matplotlib" in str(exc) else 2)
+    except OutputPathError as exc:
+        return _fail("symdiff plot", str(exc))
+    print(f"curves of {len(runs)} run(s) written to {out}")
     return 0
 
 
@@ -283,39 +373,76 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 # ---- parsing --------------------------------------------------------------------------------
+def _version() -> str:
+    import symdiff
+
+    return f"symdiff {symdiff.__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="symdiff", description=(
+    p = one_line_errors(argparse.ArgumentParser(prog="symdiff", description=(
         "Reverse-mode autodiff over Wengert lists, every elementwise op declared once in SymPy; "
-        "trains character-level entity classifiers (MLP, LSTM)."))
+        "trains character-level entity classifiers (MLP, LSTM).")))
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, defaults_in_help: bool = True, **kwargs: Any) -> argparse.ArgumentParser:
+        """A subcommand whose bad flags are one line and exit code 2, like `symdiff mlp`'s."""
+        if defaults_in_help:
+            kwargs["formatter_class"] = argparse.ArgumentDefaultsHelpFormatter
+        return one_line_errors(sub.add_parser(name, **kwargs))
+
     for kind in ("mlp", "lstm"):
         t = sub.add_parser(kind, help=f"train the {kind.upper()} classifier (the seed's flags)")
         add_train_arguments(t, kind)
         t.set_defaults(func=cmd_train)
-    g = sub.add_parser("gradcheck", help="check a model's gradients against central differences")
-    g.add_argument("model", choices=("mlp", "lstm"))
-    g.add_argument("--max_len", type=int, default=4)
-    g.add_argument("--num_chars", type=int, default=12)
-    g.add_argument("--num_hid", type=int, default=6)
-    g.add_argument("--num_labels", type=int, default=5)
-    g.add_argument("--eps", type=float, default=1e-4)
-    g.add_argument("--max_elements", type=int, default=64, help="elements perturbed per param")
-    g.add_argument("--seed", type=int, default=0)
+    g = command("gradcheck", help="check a model's gradients against central differences",
+                description="Compare a small model's backprop gradients with central differences "
+                            "(L(w+eps) - L(w-eps)) / 2eps, per parameter; exit code 1 if any disagrees.")
+    g.add_argument("model", choices=("mlp", "lstm"), help="which model to build")
+    g.add_argument("--max_len", type=positive_int, default=4, help="characters per title")
+    g.add_argument("--num_chars", type=positive_int, default=12, help="input characters (one-hot width)")
+    g.add_argument("--num_hid", type=positive_int, default=6, help="hidden units")
+    g.add_argument("--num_labels", type=positive_int, default=5, help="classes")
+    g.add_argument("--eps", type=positive_float, default=1e-4, help="central-difference step")
+    g.add_argument("--max_elements", type=positive_int, default=64,
+                   help="elements perturbed per param (chosen at random by --seed)")
+    g.add_argument("--seed", type=seed_int, default=0, help="seed for the parameters, inputs and chosen elements")
     g.set_defaults(func=cmd_gradcheck)
-    o = sub.add_parser("ops", help="list every primitive with its SymPy expression and generated derivatives")
+    o = command("ops", defaults_in_help=False, help="list every primitive with its SymPy expression and generated derivatives")
     o.add_argument("--wengert", choices=("mlp", "lstm"), help="also print a small model's Wengert list")
     o.add_argument("--fused", choices=("mlp", "lstm"),
                    help="also print a small model's step list after the graph rewrites and its fused kernels")
     o.set_defaults(func=cmd_ops)
-    pr = sub.add_parser("predict", help="classify titles with a model saved by --save_model")
+    pr = command("predict", help="classify titles with a model saved by --save_model",
+                 description="Print each title's predicted label and class probabilities: a table on a "
+                             "terminal, TSV with a header row (title, label, one column per class in sorted "
+                             "label order) otherwise. Characters the model does not know and titles longer "
+                             "than its max_len get a warning line on stderr.")
     pr.add_argument("--model", required=True, help="a .npz written by `symdiff mlp|lstm --save_model PATH`")
-    pr.add_argument("titles", nargs="+", metavar="TITLE")
+    pr.add_argument("--titles", dest="titles_file", metavar="FILE", default=None,
+                    help="also read titles from FILE, one a line (-: standard input)")
+    pr.add_argument("titles", nargs="*", metavar="TITLE", help="titles, as the data files write them")
     pr.set_defaults(func=cmd_predict)
+    ev = command("evaluate", help="score a saved model on a labelled file: loss, accuracy, confusion matrix",
+                 description="Loss, accuracy and confusion matrix of a model saved by --save_model on "
+                             "<dataset>.<split> (Title<TAB>Label lines, as for training).")
+    ev.add_argument("--model", required=True, help="a .npz written by `symdiff mlp|lstm --save_model PATH`")
+    ev.add_argument("--dataset", required=True, help="path prefix or shipped name (e.g. demo)")
+    ev.add_argument("--split", choices=("test", "valid", "train"), default="test", help="which file to score")
+    ev.add_argument("--metrics_file", default=None, help="also write the scores and the matrix as JSON here")
+    ev.set_defaults(func=cmd_evaluate)
+    pl = command("plot", help="draw training curves from --metrics_file JSON (needs the plots extra)",
+                 description="Train and valid loss and valid accuracy per epoch of one or more runs "
+                             "(files written by `symdiff mlp|lstm --metrics_file`), on one figure.")
+    pl.add_argument("metrics", nargs="+", metavar="METRICS.json", help="metrics files, one run each")
+    pl.add_argument("--out", default="curves.png", help="image to write (format from its suffix)")
+    pl.set_defaults(func=cmd_plot)
     from models.experiments import EXPERIMENTS, HELP
     from models.experiments import parse_int_list as _experiment_ints, parse_positive_int as _experiment_int
 
-    ex = sub.add_parser("experiment", help=f"run the assignment's experiments ({', '.join(EXPERIMENTS)}) and write "
-                                           "the report")
+    ex = command("experiment", defaults_in_help=False,
+                 help=f"run the assignment's experiments ({', '.join(EXPERIMENTS)}) and write the report")
     ex.add_argument("which", choices=(*EXPERIMENTS, "report", "all"),
                     help="; ".join(f"{name}: {HELP[name]}" for name in EXPERIMENTS)
                          + "; report: docs/report.md from the results; all: everything")
@@ -326,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch_sizes", type=_experiment_ints, default=(16, 32, 64), help="N sweep (default 16,32,64)")
     ex.add_argument("--max_lens", type=_experiment_ints, default=(10, 15, 20), help="M sweep (default 10,15,20)")
     ex.add_argument("--draws", type=_experiment_int, default=20000, help="samples per init setting (default 20000)")
-    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--seed", type=seed_int, default=0, help="seed for parameters and shuffling (default 0)")
     ex.add_argument("--out", default="docs/figures", help="folder for JSON, CSV and PNG (default docs/figures)")
     ex.add_argument("--report", default="docs/report.md", help="report path for report/all (default docs/report.md)")
     ex.set_defaults(func=cmd_experiment)
@@ -335,7 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # the reader of our output went away (`| head`): nothing more to say
+        from models.training import quiet_closed_stream
+
+        quiet_closed_stream(sys.stdout)
+        return 0
 
 
 if __name__ == "__main__":

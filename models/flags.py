@@ -8,7 +8,7 @@ import argparse
 import math
 from typing import Any, Callable, NoReturn
 
-from symdiff.optim import OPTIMIZERS, SCHEDULES
+from symdiff.optim import OPTIMIZERS, SCHEDULES, USES_MOMENTUM
 
 from .data import DEFAULT_DATASET
 
@@ -31,20 +31,22 @@ def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], rule: str
     return parse
 
 
+# argparse ``type=`` checks shared by every command's flags (cli.py uses them too)
 positive_int = _checked(int, lambda v: v >= 1, "at least 1")
-_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 _non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 _unit_float = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
-_seed = _checked(int, lambda v: v >= 0, "0 or more")
+seed_int = _checked(int, lambda v: v >= 0, "0 or more")
 
 
-def _one_line_error(parser: argparse.ArgumentParser) -> Any:
-    """``parser.error`` without the multi-line usage block: one line, then exit code 2."""
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser.error`` print one line (no multi-line usage block), then exit with code 2."""
 
     def error(message: str) -> NoReturn:
         parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
 
-    return error
+    parser.error = error  # type: ignore[method-assign]
+    return parser
 
 
 # ---- presets --------------------------------------------------------------------------------
@@ -94,9 +96,18 @@ def apply_preset(kind: str, params: dict[str, Any]) -> dict[str, Any]:
     return {**params, **{k: v for k, v in PRESETS[name][kind].items() if k not in given}}
 
 
+def ignored_flag(params: dict[str, Any]) -> str | None:
+    """Why a flag given on the command line would have no effect, or None (a silent no-op misleads)."""
+    optimizer = str(params.get("optimizer") or "sgd").lower()
+    if "momentum" in params.get(GIVEN, ()) and optimizer not in USES_MOMENTUM:
+        return (f"--momentum has no effect with --optimizer {optimizer}; it is used by "
+                f"--optimizer {' or '.join(USES_MOMENTUM)} (drop --momentum, or pick one of those)")
+    return None
+
+
 def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     """The seed's flags (same names and defaults) plus symdiff's own."""
-    p.error = _one_line_error(p)  # type: ignore[method-assign]
+    one_line_errors(p)
     p.set_defaults(**{GIVEN: ()})
     p.add_argument("--max_len", action=_Given, type=positive_int, default=10,
                    help="characters per title (default 10)")
@@ -106,10 +117,10 @@ def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="path prefix of <prefix>.train/.valid/.test, or a shipped name (default: demo)")
     p.add_argument("--epochs", action=_Given, type=positive_int, default=15, help="training epochs (default 15)")
-    p.add_argument("--init_lr", action=_Given, type=_positive_float, default=DEFAULT_LR[kind],
+    p.add_argument("--init_lr", action=_Given, type=positive_float, default=DEFAULT_LR[kind],
                    help=f"learning rate (default {DEFAULT_LR[kind]})")
     p.add_argument("--output_file", default="output.npy", help="test-set probabilities, np.save (default output.npy)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed for initialisation and shuffling (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for initialisation and shuffling (default 0)")
     p.add_argument("--metrics_file", default=None, help="write per-epoch metrics as JSON here")
     p.add_argument("--save_model", default=None, help="save the best parameters (.npz) for `symdiff predict`")
     p.add_argument("--dtype", action=_Given, choices=("float64", "float32"), default="float64",
@@ -124,10 +135,10 @@ def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--optimizer", action=_Given, choices=OPTIMIZERS, default="sgd",
                    help="update rule (default: the seed's sgd)")
     p.add_argument("--momentum", action=_Given, type=_unit_float, default=0.9,
-                   help="momentum for momentum/nesterov (default 0.9)")
+                   help="momentum for --optimizer momentum or nesterov (default 0.9; an error with the others)")
     p.add_argument("--weight_decay", action=_Given, type=_non_negative_float, default=0.0,
                    help="weight decay (default 0)")
-    p.add_argument("--clip", action=_Given, type=_positive_float, default=None,
+    p.add_argument("--clip", action=_Given, type=positive_float, default=None,
                    help="clip the global gradient norm to this")
     p.add_argument("--schedule", action=_Given, choices=SCHEDULES, default="constant",
                    help="learning-rate schedule")

@@ -89,13 +89,22 @@ class TrainConfig:
     schedule: str = "constant"
     patience: int | None = None
 
+    def record(self) -> dict[str, Any]:
+        """Every hyperparameter for the metrics file; ``momentum`` is ``None`` where the optimizer has none."""
+        from symdiff.optim import USES_MOMENTUM
+
+        out = asdict(self)
+        if self.optimizer.lower() not in USES_MOMENTUM:
+            out["momentum"] = None
+        return out
+
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "TrainConfig":
         known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__ and v is not None}
         return cls(**known)
 
 
-from .flags import DEFAULT_LR, PRESET_KEYS, apply_preset  # noqa: E402  (defaults shared with the CLI)
+from .flags import DEFAULT_LR, PRESET_KEYS, apply_preset, ignored_flag  # noqa: E402  (shared with the CLI)
 
 
 # ---- events ---------------------------------------------------------------------------------
@@ -129,13 +138,23 @@ class Reporter(Protocol):
 
 
 class PlainReporter:
-    """Readable lines for logs and pipes (the CLI uses rich on a terminal)."""
+    """Readable lines for logs and pipes (the CLI uses rich on a terminal).
+
+    A closed pipe (``symdiff mlp | head -1``) never stops training: the reporter
+    goes quiet and the run finishes and writes its files as usual.
+    """
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream or sys.stdout
 
     def _print(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        if self.stream is None:
+            return
+        try:
+            print(text, file=self.stream, flush=True)
+        except BrokenPipeError:
+            quiet_closed_stream(self.stream)
+            self.stream = None
 
     def start(self, kind: str, epochs: int, batches: int) -> None:
         self._print(f"training {kind}: {epochs} epochs x {batches} batches")
@@ -152,11 +171,30 @@ class PlainReporter:
         self._print(text)
 
     def warn(self, text: str) -> None:
-        print(f"warning: {text}", file=sys.stderr, flush=True)
+        try:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
+        except BrokenPipeError:
+            quiet_closed_stream(sys.stderr)
 
     def finish(self, summary: dict[str, Any]) -> None:
         for k, v in summary.items():
             self._print(f"{k}: {v}")
+
+
+def quiet_closed_stream(stream: Any) -> None:
+    """After a write to ``stream`` found its reader gone: point its file descriptor at /dev/null,
+    so later writes (and Python's final flush at exit) neither fail nor print a traceback."""
+    import os
+
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 # ---- interruption ---------------------------------------------------------------------------
@@ -444,6 +482,9 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
         params = apply_preset(kind, params)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    problem = ignored_flag(params)
+    if problem:
+        raise UsageError(problem)
     cfg = TrainConfig.from_params({"init_lr": DEFAULT_LR[kind], **params})
     if params.get("preset", "seed") != "seed":
         reporter.info(f"preset {params['preset']}: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in PRESET_KEYS))
@@ -497,7 +538,7 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
         save_npy(outputs["output_file"], test.probs)
         summary["predictions"] = str(outputs["output_file"])
     if "metrics_file" in outputs:
-        metrics = {"model": kind, "config": asdict(cfg), "dataset": str(prefix),
+        metrics = {"model": kind, "config": cfg.record(), "dataset": str(prefix),
                    "epochs": [{"epoch": e.epoch, "train_loss": e.train_loss, "valid_loss": e.valid_loss,
                                "valid_accuracy": e.valid_accuracy, "train_seconds": e.train_seconds}
                               for e in result.epochs],

@@ -307,6 +307,9 @@ class Program:
         out = ", ".join(s.outputs)
         cls = ShapeError if "shape" in str(exc) or "broadcast" in str(exc) or "dimension" in str(exc) else SymdiffError
         hint = ""
+        if s.op == "mul" and cls is ShapeError:
+            hint = (" ('*' and '@' between registers are the matrix product; for the elementwise product "
+                    "write f.hadamard(a, b))")
         if s.op.startswith(("fused", "blockwise", "blockmap")):  # several of the user's steps run as one
             hint = (f" ({s.op} runs several steps of the Wengert list at once; Autograd(xm, fuse=False), "
                     f"or --no-fuse, runs them one by one and names the one that fails)")

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import SymdiffError
+
 from . import native as _native
 
 
@@ -32,9 +34,9 @@ class OneHot:
         if idx.ndim == 1:
             idx = idx[:, None]
         if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
-            raise ValueError(f"OneHot indices must be an integer array of shape (n, k), got {idx.dtype} {idx.shape}")
+            raise SymdiffError(f"OneHot indices must be an integer array of shape (n, k), got {idx.dtype} {idx.shape}")
         if idx.size and (idx.max() >= depth or idx.min() < -1):
-            raise ValueError(f"OneHot indices must lie in [-1, {depth - 1}], got [{idx.min()}, {idx.max()}]")
+            raise SymdiffError(f"OneHot indices must lie in [-1, {depth - 1}], got [{idx.min()}, {idx.max()}]")
         self.indices = idx
         self.depth = int(depth)
         self.dtype = np.dtype(dtype)
@@ -70,7 +72,7 @@ class OneHot:
         """``self @ w`` as a gather: the sum of the rows of ``w`` each row selects."""
         idx = self.indices
         if w.ndim != 2 or w.shape[0] != self.depth:
-            raise ValueError(f"matrix product of one-hot {self.shape} with {w.shape}: inner dimensions differ")
+            raise SymdiffError(f"matrix product of one-hot {self.shape} with {w.shape}: inner dimensions differ")
         padded = self._padding()
         if idx.shape[1] == 1:
             out = w[idx[:, 0]]

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .errors import SymdiffError
 from .onehot import RowSparse
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "clip_grad_norm",
     "make_optimizer",
     "OPTIMIZERS",
+    "USES_MOMENTUM",
     "Schedule",
     "Constant",
     "StepDecay",
@@ -66,21 +68,21 @@ def _as_float(name: str, value: Any) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (int, float, np.integer, np.floating)
     ):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
+        raise SymdiffError(f"{name} must be a real number, got {value!r}")
     return float(value)
 
 
 def _positive(name: str, value: Any) -> float:
     v = _as_float(name, value)
     if not (math.isfinite(v) and v > 0.0):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        raise SymdiffError(f"{name} must be finite and > 0, got {value!r}")
     return v
 
 
 def _non_negative(name: str, value: Any) -> float:
     v = _as_float(name, value)
     if not (math.isfinite(v) and v >= 0.0):
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        raise SymdiffError(f"{name} must be finite and >= 0, got {value!r}")
     return v
 
 
@@ -88,19 +90,19 @@ def _unit_interval(name: str, value: Any) -> float:
     """Value in [0, 1): decay factors of 1 never forget, > 1 diverge."""
     v = _as_float(name, value)
     if not (0.0 <= v < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        raise SymdiffError(f"{name} must be in [0, 1), got {value!r}")
     return v
 
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise SymdiffError(f"{name} must be an integer >= 1, got {value!r}")
     try:
         v = operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}") from None
+        raise SymdiffError(f"{name} must be an integer >= 1, got {value!r}") from None
     if v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise SymdiffError(f"{name} must be an integer >= 1, got {value!r}")
     return v
 
 
@@ -122,23 +124,23 @@ class Optimizer:
 
     def __init__(self, params: dict[str, np.ndarray], lr: float):
         if not isinstance(params, dict):
-            raise ValueError(
+            raise SymdiffError(
                 f"params must be a dict mapping names to numpy arrays, got {type(params).__name__}"
             )
         if not params:
-            raise ValueError("params must contain at least one parameter, got an empty dict")
+            raise SymdiffError("params must contain at least one parameter, got an empty dict")
         for name, p in params.items():
             if not isinstance(p, np.ndarray):
-                raise ValueError(
+                raise SymdiffError(
                     f"params[{name!r}] must be a numpy ndarray (updated in place), "
                     f"got {type(p).__name__}"
                 )
             if not np.issubdtype(p.dtype, np.floating):
-                raise ValueError(
+                raise SymdiffError(
                     f"params[{name!r}] must have a floating dtype, got {p.dtype}"
                 )
             if not p.flags.writeable:
-                raise ValueError(f"params[{name!r}] must be writeable (updated in place)")
+                raise SymdiffError(f"params[{name!r}] must be writeable (updated in place)")
         self.params = params
         self._lr = _positive("lr", lr)
         # Buffers are created eagerly so state_dict() is complete from step 0.
@@ -180,7 +182,7 @@ class Optimizer:
                 g = self._densify(name, g)
             g = np.asarray(g)
             if g.shape != p.shape:
-                raise ValueError(
+                raise SymdiffError(
                     f"gradient for {name!r} has shape {g.shape}, "
                     f"expected the parameter's shape {p.shape}"
                 )
@@ -247,7 +249,7 @@ class Optimizer:
         if got != expected:
             missing = sorted(expected - got)
             unexpected = sorted(got - expected)
-            raise ValueError(
+            raise SymdiffError(
                 f"state does not match {type(self).__name__}: "
                 f"missing keys {missing}, unexpected keys {unexpected}"
             )
@@ -256,7 +258,7 @@ class Optimizer:
             for name, buf in self._state[slot].items():
                 value = np.asarray(state[f"{slot}/{name}"])
                 if value.shape != buf.shape:
-                    raise ValueError(
+                    raise SymdiffError(
                         f"state[{slot + '/' + name!r}] has shape {value.shape}, "
                         f"expected {buf.shape}"
                     )
@@ -265,7 +267,7 @@ class Optimizer:
         for name in self._steps:
             t = int(np.asarray(state[f"step/{name}"]))
             if t < 0:
-                raise ValueError(f"state['step/{name}'] must be >= 0, got {t}")
+                raise SymdiffError(f"state['step/{name}'] must be >= 0, got {t}")
             steps[name] = t
         lr = _non_negative("lr", float(np.asarray(state["lr"])))
         # Everything validated: now mutate, so a bad state leaves us untouched.
@@ -294,7 +296,7 @@ class SGD(Optimizer):
         self.momentum = _unit_interval("momentum", momentum)
         self.nesterov = bool(nesterov)
         if self.nesterov and self.momentum == 0.0:
-            raise ValueError(
+            raise SymdiffError(
                 f"nesterov=True requires momentum in (0, 1), got momentum={momentum!r}"
             )
         self.weight_decay = _non_negative("weight_decay", weight_decay)
@@ -349,7 +351,7 @@ class Adam(Optimizer):
         try:
             b1, b2 = betas
         except (TypeError, ValueError):
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+            raise SymdiffError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
         self.betas = (_unit_interval("betas[0]", b1), _unit_interval("betas[1]", b2))
         self.eps = _positive("eps", eps)
         self.weight_decay = _non_negative("weight_decay", weight_decay)
@@ -421,7 +423,7 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float) -> float:
         if isinstance(g, RowSparse):
             g = g.values  # the zero rows add nothing to the norm and need no scaling
         if not isinstance(g, np.ndarray):
-            raise ValueError(
+            raise SymdiffError(
                 f"grads[{name!r}] must be a numpy ndarray (clipped in place), "
                 f"got {type(g).__name__}"
             )
@@ -452,6 +454,8 @@ _OPTIMIZER_FACTORIES: dict[str, Callable[..., Optimizer]] = {
 }
 
 OPTIMIZERS: tuple[str, ...] = tuple(_OPTIMIZER_FACTORIES)
+#: the optimisers that use ``momentum`` (the others ignore it)
+USES_MOMENTUM: tuple[str, ...] = ("momentum", "nesterov")
 
 
 def make_optimizer(
@@ -471,7 +475,7 @@ def make_optimizer(
     key = name.lower() if isinstance(name, str) else name
     factory = _OPTIMIZER_FACTORIES.get(key)
     if factory is None:
-        raise ValueError(
+        raise SymdiffError(
             f"unknown optimizer {name!r}; valid names are: {', '.join(OPTIMIZERS)}"
         )
     return factory(params, lr, momentum, weight_decay)
@@ -496,13 +500,13 @@ class Schedule:
     def after_epoch(self, epoch: int, valid_loss: float) -> float:
         """Record the finished epoch and return the next epoch's lr."""
         if isinstance(epoch, (bool, np.bool_)):
-            raise ValueError(f"epoch must be an integer >= 1, got {epoch!r}")
+            raise SymdiffError(f"epoch must be an integer >= 1, got {epoch!r}")
         try:
             e = operator.index(epoch)
         except TypeError:
-            raise ValueError(f"epoch must be an integer >= 1, got {epoch!r}") from None
+            raise SymdiffError(f"epoch must be an integer >= 1, got {epoch!r}") from None
         if e < 1:
-            raise ValueError(f"epoch must be an integer >= 1 (epochs count from 1), got {epoch!r}")
+            raise SymdiffError(f"epoch must be an integer >= 1 (epochs count from 1), got {epoch!r}")
         self.lr = float(self._next_lr(e, float(valid_loss)))
         return self.lr
 
@@ -537,7 +541,7 @@ class StepDecay(Schedule):
         self.step_size = _positive_int("step_size", step_size)
         g = _as_float("gamma", gamma)
         if not (0.0 < g <= 1.0):
-            raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+            raise SymdiffError(f"gamma must be in (0, 1], got {gamma!r}")
         self.gamma = g
 
     def _next_lr(self, epoch: int, valid_loss: float) -> float:
@@ -564,11 +568,11 @@ class HalveOnPlateau(Schedule):
         self.patience = _positive_int("patience", patience)
         f = _as_float("factor", factor)
         if not (0.0 < f < 1.0):
-            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+            raise SymdiffError(f"factor must be in (0, 1), got {factor!r}")
         self.factor = f
         m = _non_negative("min_lr", min_lr)
         if m > self.base_lr:
-            raise ValueError(f"min_lr must be in [0, base_lr={self.base_lr}], got {min_lr!r}")
+            raise SymdiffError(f"min_lr must be in [0, base_lr={self.base_lr}], got {min_lr!r}")
         self.min_lr = m
         self.best = math.inf
         self.num_bad_epochs = 0
@@ -608,7 +612,7 @@ class Cosine(Schedule):
         self.total_epochs = _positive_int("total_epochs", total_epochs)
         m = _non_negative("min_lr", min_lr)
         if m > self.base_lr:
-            raise ValueError(f"min_lr must be in [0, base_lr={self.base_lr}], got {min_lr!r}")
+            raise SymdiffError(f"min_lr must be in [0, base_lr={self.base_lr}], got {min_lr!r}")
         self.min_lr = m
 
     def _next_lr(self, epoch: int, valid_loss: float) -> float:
@@ -638,7 +642,7 @@ def make_schedule(name: str, base_lr: float, total_epochs: int, **kw: Any) -> Sc
     key = name.lower() if isinstance(name, str) else name
     factory = _SCHEDULE_FACTORIES.get(key)
     if factory is None:
-        raise ValueError(
+        raise SymdiffError(
             f"unknown schedule {name!r}; valid names are: {', '.join(SCHEDULES)}"
         )
     total_epochs = _positive_int("total_epochs", total_epochs)

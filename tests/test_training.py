@@ -196,14 +196,13 @@ def test_saved_model_predicts_like_the_run_and_from_the_command_line(tmp_path: P
     np.testing.assert_allclose(probs, np.load(tmp_path / "p.npy"), rtol=0, atol=1e-12)
 
     titles = ["Zanzibar_Quoll", "[/]_Records"]  # the second is also rich markup: must print as is
-    proc = ok(symdiff(tmp_path, "predict", "--model", "m.npz", *titles))
+    proc = ok(symdiff(tmp_path, "predict", "--model", "m.npz", *titles))  # not a terminal: TSV
     expected = T.predict_titles(model, vocab, titles)
-    for label in vocab.labels:
-        assert label in proc.stdout
-    for title, row in zip(titles, expected):
-        line = next(l for l in proc.stdout.splitlines() if title in l)
-        shown = [float(x) for x in re.findall(r"\d\.\d{3}", line)]
-        np.testing.assert_allclose(shown, row, atol=5e-4 + 1e-12)
+    header, *rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert header == ["title", "label", *vocab.labels]
+    for (title, label, *shown), want, row in zip(rows, titles, expected):
+        assert title == want and label == vocab.labels[int(row.argmax())]
+        np.testing.assert_allclose([float(x) for x in shown], row, atol=5e-7 + 1e-12)
 
 
 def test_predict_reads_titles_as_the_data_files_write_them(demo: D.Dataset) -> None:

@@ -2,6 +2,13 @@
 non-scalar outputs are never summed silently, every engine error is a SymdiffError."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -135,3 +142,37 @@ def test_engine_errors_share_the_symdiff_error_base():
         f.tanh(1.0)
     with pytest.raises(SymdiffError, match="unknown pass 'crossent'.*Did you mean 'crossent_softmax'"):
         Autograd(xm.setup(), passes=("crossent",))
+
+
+def test_a_matrix_product_of_the_wrong_shapes_says_hadamard_is_the_elementwise_one():
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.ones((3, 4)))
+    xm.b = f.input(name="b", default=np.ones((3, 4)))
+    xm.p = f.param(name="p", default=np.ones((3, 4)))
+    xm.c = xm.a * xm.b + xm.p
+    xm.setup()
+    with pytest.raises(symdiff.ShapeError, match=r"matrix product; for the elementwise product write f.hadamard"):
+        Autograd(xm).eval(xm.operationSequence(xm.c), xm.inputDict())
+
+
+def test_optimizer_and_one_hot_errors_are_symdiff_errors():
+    from symdiff.optim import make_optimizer
+
+    with pytest.raises(SymdiffError, match="unknown optimizer"):
+        make_optimizer("adamm", {"w": np.zeros(2)}, 0.1)
+    with pytest.raises(SymdiffError, match="OneHot indices"):
+        symdiff.OneHot(np.array([[7]]), 3)
+
+
+def test_the_readme_python_examples_run_and_keep_their_promises():
+    """The README's engine example, then its symdiff.optim example, in a fresh interpreter."""
+    repo = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (repo / "README.md").read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    code = "\n".join(textwrap.dedent(b) for b in blocks) + (
+        "\nassert {'W', 'b', 'h', 'outputs', 'loss'} <= grads.keys(), sorted(grads)\n"
+        "assert {'a', 't', 'W', 'b', 'h', 'outputs', 'loss'} <= values.keys(), sorted(values)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr
+
