@@ -34,6 +34,7 @@ import sympy as sp
 from sympy.core.function import AppliedUndef
 from sympy.printing.numpy import NumPyPrinter
 
+from .errors import DefopError
 from .registry import Op, register, sum_to_shape
 from .stable import NUMPY_HELPERS, stabilise
 
@@ -67,30 +68,30 @@ OUT = sp.Symbol("out", real=True)
 
 def _validate(name: Any, expr: Any, args: Any) -> tuple[sp.Expr, tuple[sp.Symbol, ...]]:
     if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
-        raise ValueError(f"op name {name!r} must be a Python identifier (it becomes f.{name})")
+        raise DefopError(f"op name {name!r} must be a Python identifier (it becomes f.{name})")
     if isinstance(expr, str):
-        raise TypeError(
+        raise DefopError(
             f"defop({name!r}): the expression is a string; symdiff never parses text. "
             f"Build it from SymPy symbols, e.g. x = sympy.Symbol('x'); defop({name!r}, sympy.tanh(x), args=[x])")
     if isinstance(expr, (int, float)):
         expr = sp.sympify(expr)  # a number is safe to convert (no text is evaluated)
     if not isinstance(expr, sp.Expr):
-        raise TypeError(f"defop({name!r}): expected a SymPy expression, got {type(expr).__name__}")
+        raise DefopError(f"defop({name!r}): expected a SymPy expression, got {type(expr).__name__}")
     if isinstance(args, sp.Symbol) or not isinstance(args, (list, tuple)):
-        raise TypeError(f"defop({name!r}): args must be a list of SymPy symbols, e.g. args=[x, y]")
+        raise DefopError(f"defop({name!r}): args must be a list of SymPy symbols, e.g. args=[x, y]")
     for a in args:
         if not isinstance(a, sp.Symbol):
-            raise TypeError(f"defop({name!r}): argument {a!r} is a {type(a).__name__}, not a sympy.Symbol")
+            raise DefopError(f"defop({name!r}): argument {a!r} is a {type(a).__name__}, not a sympy.Symbol")
     if len(set(args)) != len(args) or not args:
-        raise ValueError(f"defop({name!r}): args must be one or more distinct symbols, got {list(args)}")
+        raise DefopError(f"defop({name!r}): args must be one or more distinct symbols, got {list(args)}")
     undefined = sorted({str(fn.func) for fn in expr.atoms(AppliedUndef)})
     if undefined:
-        raise ValueError(
+        raise DefopError(
             f"defop({name!r}): the expression uses undefined function(s) {', '.join(undefined)}; "
             f"only functions SymPy knows (exp, log, tanh, Max, ...) can be differentiated and lambdified")
     stray = expr.free_symbols - set(args)
     if stray:
-        raise ValueError(
+        raise DefopError(
             f"defop({name!r}): symbol(s) {', '.join(sorted(map(str, stray)))} appear in the expression "
             f"but not in args={list(args)}; add them to args or replace them by numbers")
     return expr, tuple(args)
@@ -129,16 +130,60 @@ def lambdify_numpy(params: Sequence[sp.Symbol], expr: Any) -> tuple[Callable[...
     return fn, inspect.getsource(fn)
 
 
-def _smoke_test(name: str, fn: Callable[..., Any], n_args: int, what: str) -> None:
+SUPPORTED = "use functions numpy supports (exp, log, sin, tanh, sqrt, Max, Abs, ...)"
+
+
+def _evaluates(params: Sequence[sp.Symbol], expr: Any) -> bool:
+    """Whether ``expr`` prints as numpy and evaluates on a small array."""
+    try:
+        fn, _ = lambdify_numpy(params, expr)
+        probe = [np.linspace(0.1 + 0.05 * k, 0.9, 4) for k in range(len(params))]
+        with np.errstate(all="ignore"):
+            np.asarray(fn(*probe), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - a yes/no probe: any failure means no
+        return False
+    return True
+
+
+def _culprit(expr: Any) -> Any:
+    """The innermost subexpression of ``expr`` that numpy cannot evaluate (its arguments can), or None."""
+    for node in sp.postorder_traversal(expr):
+        if not isinstance(node, sp.Expr) or node.is_Atom or isinstance(node, (sp.Add, sp.Mul, sp.Pow)):
+            continue
+        params = sorted(node.free_symbols, key=str)
+        if not _evaluates(params, node):
+            return node
+    return None
+
+
+def declaration_error(name: str, what: str, expr: Any, exc: BaseException | None) -> DefopError:
+    """One line: which op, which function SymPy or numpy could not handle, and what to do."""
+    bad = _culprit(expr)
+    if bad is not None:  # in the user's own symbol names, not the real-valued stand-ins
+        bad = bad.xreplace({d: sp.Symbol(d.name) for d in bad.atoms(sp.Dummy)})
+    if isinstance(bad, sp.Derivative):
+        return DefopError(f"defop({name!r}): SymPy cannot differentiate {bad.expr} (the {what} stays "
+                          f"{bad}); declare an expression with a derivative (floor, ceiling, frac, ... have none "
+                          f"that numpy could use), or write the op by hand as a structural op")
+    if isinstance(bad, sp.Integral):
+        return DefopError(f"defop({name!r}): the {what} holds the unevaluated integral {bad}, which numpy cannot "
+                          f"compute; give a closed form (try sympy.integrate(...).doit()) instead")
+    if bad is not None:
+        func = bad.func.__name__ if isinstance(bad, sp.Basic) else str(bad)
+        return DefopError(f"defop({name!r}): the {what} uses {func} (in {bad}), which numpy cannot evaluate; "
+                          f"{SUPPORTED}")
+    detail = f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})" if exc is not None else ""
+    return DefopError(f"defop({name!r}): the {what} could not be evaluated with numpy{detail}; {SUPPORTED}")
+
+
+def _smoke_test(name: str, fn: Callable[..., Any], n_args: int, what: str, expr: Any) -> None:
     """Evaluate once on a small array so an unprintable function fails at declaration."""
     probe = [np.linspace(0.1 + 0.05 * k, 0.9, 4) for k in range(n_args)]
     try:
         with np.errstate(all="ignore"):
             np.asarray(fn(*probe), dtype=np.float64)
-    except Exception as exc:  # noqa: BLE001 - re-raised with context
-        raise TypeError(
-            f"defop({name!r}): the {what} could not be evaluated with numpy ({type(exc).__name__}: {exc}); "
-            f"use functions numpy supports (exp, log, sin, tanh, sqrt, Max, Abs, ...)") from exc
+    except Exception as exc:  # noqa: BLE001 - re-raised as one line naming the function
+        raise declaration_error(name, what, expr, exc) from exc
 
 
 def keeps_float32(fn: Callable[..., Any], n_args: int) -> bool:
@@ -198,14 +243,27 @@ def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, replace: bool 
     # real-valued stand-ins: derivatives of Abs, sign, ... are then the real ones
     real = tuple(sp.Dummy(a.name, real=True) for a in args)
     expr = expr.xreplace(dict(zip(args, real)))
-    fwd, derivs, backward, output_form = derive(expr, real)
+    try:
+        fwd, derivs, backward, output_form = derive(expr, real)
+    except Exception as exc:  # noqa: BLE001 - SymPy failing deep inside: one line naming the op
+        raise DefopError(f"defop({name!r}): SymPy could not differentiate or simplify {expr} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                         f"{SUPPORTED}") from exc
 
-    forward_fn, forward_src = lambdify_numpy(real, fwd)
-    _smoke_test(name, forward_fn, len(real), "forward expression")
+    # a failure is diagnosed on the input-form expression (the output form may hide f(x) as `out`)
+    def kernel(params: Sequence[sp.Symbol], e: Any, what: str, shown: Any) -> tuple[Callable[..., Any], str]:
+        try:
+            return lambdify_numpy(params, e)
+        except Exception as exc:  # noqa: BLE001 - e.g. PrintMethodNotImplementedError, 14 frames deep
+            raise declaration_error(name, what, shown, exc) from exc
+
+    forward_fn, forward_src = kernel(real, fwd, "forward expression", fwd)
+    _smoke_test(name, forward_fn, len(real), "forward expression", fwd)
     bp_fns, bp_srcs = [], []
     for j, b in enumerate(backward):
-        raw, src = lambdify_numpy((DELTA, OUT, *real), b)
-        _smoke_test(name, lambda *xs, raw=raw: raw(xs[0], xs[0], *xs), len(real), f"derivative wrt {args[j]}")
+        what = f"derivative wrt {args[j]}"
+        raw, src = kernel((DELTA, OUT, *real), b, what, derivs[j])
+        _smoke_test(name, lambda *xs, raw=raw: raw(xs[0], xs[0], *xs), len(real), what, derivs[j])
         bp_fns.append(_backward_kernel(raw, j))
         bp_srcs.append(src)
 

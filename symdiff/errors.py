@@ -39,8 +39,8 @@ class GraphError(SymdiffError, TypeError):
     """A graph built wrongly (a constant where a register belongs, a wrong number of inputs)."""
 
 
-class DefopError(SymdiffError):
-    """An op declaration ``defop`` cannot turn into kernels."""
+class DefopError(SymdiffError, TypeError):
+    """An op declaration ``defop`` cannot turn into kernels (also a ``TypeError``, as these once were)."""
 
 
 def closest(name: str, candidates: Iterable[str]) -> str | None:

@@ -738,7 +738,7 @@ def test_defop_undefined_function():
 @pytest.mark.parametrize("make", [lambda x: sp.besselj(0, x), lambda x: sp.zeta(x), lambda x: sp.erf(x)])
 def test_defop_function_numpy_cannot_evaluate_fails_at_declaration(make):
     x = sp.Symbol("x")
-    with pytest.raises(TypeError, match="engine_unprintable.*could not be evaluated with numpy"):
+    with pytest.raises(TypeError, match=r"engine_unprintable.*uses (besselj|zeta|erf) .*which numpy cannot evaluate"):
         defop("engine_unprintable", make(x), args=[x])
     assert "engine_unprintable" not in symdiff.OPS
 

@@ -176,3 +176,29 @@ def test_the_readme_python_examples_run_and_keep_their_promises():
                           env={**os.environ, "PYTHONPATH": str(repo)})
     assert proc.returncode == 0, proc.stderr
 
+
+
+# ---- 4: every defop failure is one line naming the op and the function ---------------------
+@pytest.mark.parametrize("make, words", [
+    (lambda x: sp.floor(x), ("usab_bad", "cannot differentiate floor(x)", "structural op")),
+    (lambda x: x * sp.Integral(sp.exp(-x**2), (x, 0, 1)), ("usab_bad", "unevaluated integral", "closed form")),
+    (lambda x: sp.sign(x), ("usab_bad", "derivative wrt x uses DiracDelta", "numpy supports")),
+    (lambda x: sp.gamma(x), ("usab_bad", "forward expression uses gamma", "numpy supports")),
+])
+def test_defop_failures_are_one_line_symdiff_errors(make, words):
+    x = sp.Symbol("x")
+    with pytest.raises(symdiff.DefopError) as exc:
+        symdiff.defop("usab_bad", make(x), args=[x])
+    message = str(exc.value)
+    assert "\n" not in message and isinstance(exc.value, SymdiffError)
+    for w in words:
+        assert w in message, message
+    assert "usab_bad" not in symdiff.OPS
+
+
+def test_defop_declaration_mistakes_are_symdiff_errors():
+    x, z = sp.symbols("x z")
+    with pytest.raises(SymdiffError, match="never parses"):
+        symdiff.defop("usab_text", "x + 1", args=[x])
+    with pytest.raises(SymdiffError, match="not in args"):
+        symdiff.defop("usab_stray", x + z, args=[x])
