@@ -202,3 +202,22 @@ def test_defop_declaration_mistakes_are_symdiff_errors():
         symdiff.defop("usab_text", "x + 1", args=[x])
     with pytest.raises(SymdiffError, match="not in args"):
         symdiff.defop("usab_stray", x + z, args=[x])
+
+
+# ---- 7: the timing experiment leaves the warm-up epoch out ----------------------------------
+def test_timing_leaves_the_first_epoch_out_and_reports_it_apart():
+    from models.experiments import timing
+
+    settings = {"models": ["lstm"], "batch_sizes": [64], "max_lens": [10], "base_batch": 64, "base_len": 10,
+                "epochs": 3, "repeats": 2, "rows": {"train": 640}}
+    seconds = {1: 0.61, 2: 0.27, 3: 0.29}
+    measurements = [{"model": "lstm", "batch_size": 64, "max_len": 10, "repeat": r, "epoch": e,
+                     "train_seconds": t + 0.01 * r, "batches": 10} for r in (1, 2) for e, t in seconds.items()]
+    row = timing.summarize_timing(measurements, settings)[0]
+    assert row["median"] == pytest.approx(0.28 + 0.015)  # epochs 2 and 3 only, median of the two repeats
+    assert row["warmup_median"] == pytest.approx(0.61 + 0.015) and not row["warmup_included"]
+    title, cols, rows = timing.summary_table({"measurements": measurements, "settings": settings})
+    assert "1st epoch (warm-up)" in cols and rows[0][-1] == "0.625" and "epochs 2-3" in title
+    one = [m for m in measurements if m["epoch"] == 1]
+    row = timing.summarize_timing(one, {**settings, "epochs": 1})[0]
+    assert row["warmup_included"] and row["median"] == pytest.approx(0.625)

@@ -146,7 +146,13 @@ def run_timing(dataset: str | os.PathLike[str] | None = None, *, models: Sequenc
 
 
 def summarize_timing(measurements: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per model and sweep point: the median, min and max over repeats of the mean seconds per epoch."""
+    """Per model and sweep point: the median, min and max over repeats of the mean seconds per epoch.
+
+    A run's first epoch is a warm-up (caches, first calls of every kernel: up to twice as slow), so
+    the per-epoch figure averages the epochs after it, and the first is reported apart
+    (``warmup_median``). With one epoch per run there is nothing else: the figure is that epoch
+    and ``warmup_included`` says so.
+    """
     rows = []
     for kind in settings["models"]:
         for sweep, values in (("batch_size", settings["batch_sizes"]), ("max_len", settings["max_lens"])):
@@ -155,17 +161,21 @@ def summarize_timing(measurements: list[dict[str, Any]], settings: dict[str, Any
                 mine = [x for x in measurements if x["model"] == kind and x["batch_size"] == n and x["max_len"] == m]
                 if not mine:
                     continue
-                by_repeat: dict[int, list[float]] = {}
+                by_repeat: dict[int, dict[int, float]] = {}
                 for x in mine:
-                    by_repeat.setdefault(x["repeat"], []).append(x["train_seconds"])
-                per_repeat = [statistics.fmean(t) for t in by_repeat.values()]
+                    by_repeat.setdefault(x["repeat"], {})[x["epoch"]] = x["train_seconds"]
+                warmup_included = all(len(e) < 2 for e in by_repeat.values())
+                per_repeat = [statistics.fmean([t for k, t in e.items() if k > min(e)] or list(e.values()))
+                              for e in by_repeat.values()]
+                first = [e[min(e)] for e in by_repeat.values()]
                 med = statistics.median(per_repeat)
                 batches = mine[0]["batches"]
                 rows.append({"model": kind, "sweep": sweep, "value": v, "batch_size": n, "max_len": m,
                              "repeats": len(per_repeat), "median": med, "min": min(per_repeat),
                              "max": max(per_repeat), "batches": batches,
                              "median_ms_per_batch": 1000 * med / batches,
-                             "per_repeat": per_repeat})
+                             "per_repeat": per_repeat, "warmup_median": statistics.median(first),
+                             "warmup_included": warmup_included})
     return rows
 
 
@@ -178,12 +188,16 @@ def start(settings: Settings, progress: Progress | None = None) -> dict[str, Any
 
 def summary_table(data: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
     """``(title, columns, rows)`` of strings for the CLI to show."""
-    cols = ["model", "N", "M", "batches", "median s/epoch", "min", "max", "ms/batch"]
+    summary = summarize_timing(data["measurements"], data["settings"])  # from the raw numbers
+    cols = ["model", "N", "M", "batches", "median s/epoch", "min", "max", "ms/batch", "1st epoch (warm-up)"]
     rows = [[r["model"], str(r["batch_size"]), str(r["max_len"]), str(r["batches"]), f"{r['median']:.3f}",
-             f"{r['min']:.3f}", f"{r['max']:.3f}", f"{r['median_ms_per_batch']:.2f}"]
-            for r in _dedup(data["summary"])]
+             f"{r['min']:.3f}", f"{r['max']:.3f}", f"{r['median_ms_per_batch']:.2f}",
+             "included" if r["warmup_included"] else f"{r['warmup_median']:.3f}"]
+            for r in _dedup(summary)]
     s = data["settings"]
-    return (f"training seconds per epoch ({s['epochs']} epoch(s) x {s['repeats']} repeat(s), "
+    which = ("the only epoch, warm-up included: use --epochs 2 or more to leave it out" if s["epochs"] < 2
+             else f"epochs 2-{s['epochs']}; the first is the warm-up, shown apart")
+    return (f"training seconds per epoch ({which}; {s['repeats']} repeat(s), "
             f"{s['rows']['train']} training rows)", cols, rows)
 
 
@@ -201,12 +215,13 @@ def _dedup(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def draw(plt: Any, data: dict[str, Any]) -> list[Any]:
     """Seconds per epoch against N, then against M (median, bars min..max over repeats)."""
     s = data["settings"]
+    summary = summarize_timing(data["measurements"], s)  # from the raw numbers (older files included)
     figs = []
     for sweep, label, fixed in (("batch_size", "batch size N", f"M = {s['base_len']}"),
                                 ("max_len", "max length M", f"N = {s['base_batch']}")):
         fig, ax = plt.subplots(figsize=(5.6, 3.8))
         for kind in s["models"]:
-            rows = [r for r in data["summary"] if r["model"] == kind and r["sweep"] == sweep]
+            rows = [r for r in summary if r["model"] == kind and r["sweep"] == sweep]
             xs = [r["value"] for r in rows]
             med = np.array([r["median"] for r in rows])
             err = np.array([[m - r["min"] for m, r in zip(med, rows)], [r["max"] - m for m, r in zip(med, rows)]])
@@ -214,7 +229,8 @@ def draw(plt: Any, data: dict[str, Any]) -> list[Any]:
         ax.set_yscale("log")
         ax.set_xticks(s["batch_sizes"] if sweep == "batch_size" else s["max_lens"])
         ax.set_xlabel(label)
-        ax.set_ylabel("training seconds per epoch (log scale)")
+        ax.set_ylabel("training s/epoch, warm-up left out (log)" if s["epochs"] > 1
+                      else "training seconds per epoch (log scale)")
         ax.set_title(f"time per epoch vs {label.split()[-1]} ({fixed}; median, bars = min..max "
                      f"of {s['repeats']})", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
@@ -242,8 +258,10 @@ def report_section(t: dict[str, Any], results: dict[str, Any], report_dir: Path,
              + f". Every setting was trained {s['repeats']} time(s) for "
              f"{s['epochs']} epoch(s) from the same initial parameters and batch order. The time is the "
              "`train_seconds` the `Trainer` reports: the minibatch loop only (forward, backward, update), without "
-             "loading, compiling or validation. A run's figure is the mean over its epochs; the tables give the "
-             "median over repeats and the min–max spread.")
+             "loading, compiling or validation. A run's figure is the mean over its epochs after the first: the "
+             "first is a warm-up (caches, every kernel's first call) and its median is given apart; the tables "
+             "give the median over repeats and the min–max spread."
+             + (" *With one epoch per run the figures below include the warm-up.*" if s["epochs"] < 2 else ""))
     if t.get("warnings"):
         L += ["", "Runs that stopped early: " + "; ".join(t["warnings"])]
 
@@ -252,8 +270,10 @@ def report_section(t: dict[str, Any], results: dict[str, Any], report_dir: Path,
         for kind, rs in rowsets.items():
             for r in rs:
                 body.append([kind.upper(), str(r[key]), str(r["batches"]), fmt_f(r["median"]),
-                             f"{fmt_f(r['min'])} – {fmt_f(r['max'])}", fmt_f(r["median_ms_per_batch"], 2)])
-        return md_table(["model", label, "batches/epoch", "median s/epoch", "min – max", "ms/batch"], body)
+                             f"{fmt_f(r['min'])} – {fmt_f(r['max'])}", fmt_f(r["median_ms_per_batch"], 2),
+                             "–" if r.get("warmup_included", True) else fmt_f(r["warmup_median"])])
+        return md_table(["model", label, "batches/epoch", "median s/epoch", "min – max", "ms/batch",
+                         "1st epoch (warm-up)"], body)
 
     L += ["", f"### Against the batch size N (M = {s['base_len']})", "",
           table(rows_n, "batch_size", "N"), "",
