@@ -25,7 +25,8 @@ def check_output_path(path: str | os.PathLike[str], flag: str) -> Path:
     """Fail early, naming the flag, if ``path`` cannot receive a file."""
     p = Path(path)
     if p.is_dir():
-        raise OutputPathError(f"{flag} {p}: is a directory; give a file name such as {p / 'out.npy'}")
+        example = {"--metrics_file": "metrics.json", "--save_model": "model.npz"}.get(flag, "out.npy")
+        raise OutputPathError(f"{flag} {p}: is a directory; give a file name such as {p / example}")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputPathError(f"{flag} {p}: folder {parent} does not exist; create it first (mkdir -p {parent})")

@@ -197,3 +197,12 @@ def test_ops_fused_names_the_kernel_results_by_the_models_registers(tmp_path: Pa
 
     assert re.search(r"in the step computing c1, h1\b[^:]*: in0 = \S+, .*?\br\d+ = c1, r\d+ = h1\b", text), text[:3000]
     assert "in the step computing O: in0 = " in text and "r1 = O" in text
+
+
+@pytest.mark.parametrize("flag, example", [("--metrics_file", "metrics.json"), ("--save_model", "model.npz"),
+                                           ("--output_file", "out.npy")])
+def test_a_directory_given_for_a_file_suggests_a_name_of_the_right_kind(tmp_path: Path, flag: str,
+                                                                        example: str) -> None:
+    (tmp_path / "runs").mkdir()
+    line = one_line(symdiff(tmp_path, "mlp", flag, "runs"), 2, flag, "is a directory")
+    assert line.rstrip().endswith(str(Path("runs") / example)), line
