@@ -461,11 +461,9 @@ def predict_titles(model: CharModel, vocab: D.Vocab, titles: list[str]) -> np.nd
     (``Mikl%C3%B3s_Horthy`` is ``Miklós_Horthy``, as in training), text without
     escapes is taken as it is, and a ``%`` that starts no valid escape stays a ``%``.
     """
-    ad = Autograd(model.xm)
-    program = ad.compile(model.xm.operationSequence(model.xm.register("outputs")))
-    codes = vocab.encode_titles([unquote(t).strip() for t in titles], model.dims["max_len"])
-    v = program.forward({**model.params, **model.feed(codes)}, keep=("outputs",), backward=False)
-    return v[program.slot["outputs"]]
+    from .inference import probabilities  # the one place a saved model's forward pass runs
+
+    return probabilities(model, vocab, [unquote(t).strip() for t in titles])
 
 
 # ---- the run driver -------------------------------------------------------------------------
