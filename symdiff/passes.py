@@ -272,7 +272,9 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = (),
             if ga == gb:
                 continue
             a, b = members[ga], members[gb]
-            if _path_outside(steps, consumers, a, b) or _path_outside(steps, consumers, b, a):
+            group_of_step = lambda j: members[find(j)]  # noqa: E731  (groups as they stand now)
+            if (_path_outside(steps, consumers, a, b, group_of_step)
+                    or _path_outside(steps, consumers, b, a, group_of_step)):
                 continue
             if whole and (_reads_whole(steps, consumers, whole, a, b) or _reads_whole(steps, consumers, whole, b, a)):
                 continue
@@ -335,20 +337,27 @@ def _reads_whole(steps: Sequence[Step], consumers: dict[str, list[int]], whole: 
     return any(c in b for k in a if steps[k].output in whole for c in consumers.get(steps[k].output, ()))
 
 
-def _path_outside(steps: Sequence[Step], consumers: dict[str, list[int]], a: set[int], b: set[int]) -> bool:
-    """Is there a path from a step of ``a`` to a step of ``b`` through at least one step outside both?"""
+def _path_outside(steps: Sequence[Step], consumers: dict[str, list[int]], a: set[int], b: set[int],
+                  group_of: Callable[[int], set[int]] = lambda k: {k}) -> bool:
+    """Is there a path from a step of ``a`` to a step of ``b`` through at least one step outside both?
+
+    A step outside both that already belongs to a group (``group_of``) stands for its whole
+    group, which runs as one step: a path entering it may leave from any of its members.
+    """
     stack = [c for k in a for c in _users(steps, consumers, k) if c not in a and c not in b]
     seen: set[int] = set()
     while stack:
         k = stack.pop()
         if k in seen:
             continue
-        seen.add(k)
-        for c in _users(steps, consumers, k):
-            if c in b:
-                return True
-            if c not in a:
-                stack.append(c)
+        group = group_of(k)
+        seen.update(group)
+        for member in group:
+            for c in _users(steps, consumers, member):
+                if c in b:
+                    return True
+                if c not in a and c not in seen:
+                    stack.append(c)
     return False
 
 

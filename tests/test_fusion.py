@@ -473,3 +473,28 @@ def test_a_wrong_bias_inside_fused_gate_blocks_is_a_shape_error_naming_the_regis
             Autograd(xm, native=True).eval(w, inputs)
     with pytest.raises(ShapeError, match=r"'add'.*b1\(5,\)"):
         Autograd(xm, passes=(), fuse=False).eval(w, inputs)
+
+
+def test_fusion_never_joins_two_groups_that_feed_each_other_through_a_third():
+    """A = {tanh(q), +x, (+ tanh x)}, B = {tanh x, + z3, + tanh x, + ...}: A feeds B through a matrix
+    product and B feeds A directly (tanh(x) into A's add). Each merge looked safe between its two
+    groups; the condensed graph had a cycle (found by hypothesis in the random-graph test)."""
+    rng = np.random.default_rng(0)
+    xm = XMan()
+    xm.x = f.input(name="x", default=rng.normal(size=(4, 3)))
+    xm.t = f.input(name="t", default=np.eye(3)[[0, 1, 2, 1]])
+    xm.q = f.param(name="q", default=rng.normal(size=(4, 3)))
+    xm.W = f.param(name="W", default=rng.normal(size=(3, 3)))
+    z2 = f.tanh(xm.q) + xm.x
+    z4 = f.tanh(xm.x)
+    z9 = ((z2 * xm.W + z4) + f.tanh(xm.x)) + (z2 + z4)
+    xm.loss = f.mean(f.crossEnt(f.softMax(z9), xm.t))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    ref = Autograd(xm, passes=(), fuse=False)
+    g0 = ref.bprop(w, ref.eval(w, xm.inputDict()), loss=np.float64(1.0))
+    for native in (False, True):
+        ad = Autograd(xm, native=native)
+        g1 = ad.bprop(w, ad.eval(w, xm.inputDict()), loss=np.float64(1.0))
+        for name in ("q", "W"):
+            np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12)
