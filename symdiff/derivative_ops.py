@@ -1,0 +1,211 @@
+"""Partial derivatives as ops: every order of an elementwise op derived by SymPy.
+
+``partial(op, j)`` is the op computing ∂op/∂arg_j, declared through the same
+:func:`symdiff.defop` pipeline as any op (stabilised, output form only where it
+keeps precision, lambdified, compiled when fused), so differentiating it again
+asks SymPy again: the k-th derivative is ``partial`` applied k times. Ops are
+cached by their expression, so repeated ``grad`` calls declare nothing new and
+a derivative that *is* an op already (exp' = exp) reuses it.
+
+Before declaring, :func:`refine` removes the cancellations SymPy's raw
+derivatives carry (see ``/work/shared/notes`` and JAX #40385): ``1 - σ(u)``
+becomes ``σ(-u)``, ``σ(u) - σ(-u)`` becomes ``tanh(u/2)`` (accurate at u ≈ 1e-8,
+where the difference of two values near 1/2 keeps 8 digits), and
+``1 - tanh(u)²`` becomes ``4σ(2u)σ(-2u)`` (nonzero out to |u| ≈ 350, where
+``1 - tanh²`` is 0 from |u| ≈ 19). This is a SymPy-side module.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+import sympy as sp
+
+from .registry import OPS, Op
+from .symbolic import Sigmoid, defop, stabilise
+
+
+class DerivativeError(TypeError):
+    """A derivative SymPy cannot turn into numpy code (names the op and the order)."""
+
+
+# --------------------------------------------------------------------------------------
+# precision: rewrite sums that cancel
+# --------------------------------------------------------------------------------------
+def _terms(e: sp.Add) -> list[tuple[sp.Expr, sp.Expr]]:
+    return [t.as_coeff_Mul() for t in e.args]
+
+
+def _rewrite_add(e: sp.Add) -> sp.Expr:
+    """One cancelling pair of terms of a sum, rewritten (None of them: ``e`` unchanged)."""
+    terms = _terms(e)
+    const = sum((c for c, r in terms if r == sp.S.One), sp.S.Zero)
+    for i, (c, r) in enumerate(terms):
+        rest = [c2 * r2 for k, (c2, r2) in enumerate(terms) if k != i]
+        # c0 - c0*σ(u) = c0*σ(-u);  c0 - 2*c0*σ(u) = -c0*tanh(u/2)
+        if isinstance(r, Sigmoid) and const != 0:
+            u = r.args[0]
+            others = [t for t in rest if t.as_coeff_Mul()[1] != sp.S.One]
+            if c == -const:
+                return sp.Add(*others, const * Sigmoid(-u))
+            if c == -2 * const:
+                return sp.Add(*others, -const * sp.tanh(u / 2))
+        # c0 - c0*tanh(u)**2 = 4*c0*σ(2u)σ(-2u)
+        if isinstance(r, sp.Pow) and r.exp == 2 and isinstance(r.base, sp.tanh) and const != 0 and c == -const:
+            u = r.base.args[0]
+            others = [t for t in rest if t.as_coeff_Mul()[1] != sp.S.One]
+            return sp.Add(*others, 4 * const * Sigmoid(2 * u) * Sigmoid(-2 * u))
+        # a*σ(u) - a*σ(-u) = a*tanh(u/2) (u and -u: the same pair seen from either side)
+        if isinstance(r, Sigmoid):
+            u = r.args[0]
+            for k, (c2, r2) in enumerate(terms):
+                if k != i and c2 == -c and r2 == Sigmoid(-u):
+                    others = [c3 * r3 for m, (c3, r3) in enumerate(terms) if m not in (i, k)]
+                    return sp.Add(*others, c * sp.tanh(u / 2))
+    return e
+
+
+def _rewrite(e: sp.Expr) -> sp.Expr:
+    if not e.args or isinstance(e, (sp.Symbol, sp.Number)):
+        return e
+    args = [_rewrite(a) for a in e.args]
+    if any(a is not b for a, b in zip(args, e.args)):
+        e = e.func(*args)
+    while isinstance(e, sp.Add):
+        new = _rewrite_add(e)
+        if new == e:
+            break
+        e = new
+    return e
+
+
+def refine(e: sp.Expr) -> sp.Expr:
+    """Stabilise ``e``, then rewrite the sums that cancel in floating point (see the module doc).
+
+    ``factor_terms`` first pulls common factors out of sums, so that
+    ``σσ̄² - σ²σ̄`` shows its ``σ̄ - σ``; rounds repeat until nothing changes.
+    """
+    e = stabilise(e)
+    for _ in range(4):
+        new = _rewrite(sp.factor_terms(e))
+        if new == e:
+            break
+        e = new
+    return e
+
+
+# --------------------------------------------------------------------------------------
+# elementwise expressions as ops, cached by expression
+# --------------------------------------------------------------------------------------
+_CANON = tuple(sp.Dummy(f"a{k}", real=True) for k in range(64))
+_BY_EXPR: dict[tuple[int, str], Op] = {}
+_PARTIALS: dict[tuple[int, int], tuple[Op, Op | sp.Expr]] = {}  # (id(op), j) -> (op, result)
+
+
+def _key(expr: sp.Expr, args: Sequence[sp.Symbol]) -> tuple[int, str]:
+    return (len(args), sp.srepr(expr.xreplace(dict(zip(args, _CANON)))))
+
+
+def _known(key: tuple[int, str]) -> Op | None:
+    """A registered op computing exactly this expression (a declared op, or one made here)."""
+    op = _BY_EXPR.get(key)
+    if op is not None and OPS.get(op.name) is op:
+        return op
+    for other in OPS.values():  # a declared op with this expression: exp' is exp
+        sym = other.symbolic
+        if sym is not None and other.arity == key[0] and _key(sym.forward, sym.args) == key:
+            _BY_EXPR[key] = other
+            return other
+    return None
+
+
+def expression_op(expr: sp.Expr, args: Sequence[sp.Symbol], name: str) -> Op:
+    """The op computing ``expr`` of ``args`` elementwise: an existing one with that expression, or
+    a new one declared as ``name`` (with a number appended if that name is taken)."""
+    expr = refine(sp.sympify(expr))
+    key = _key(expr, args)
+    op = _known(key)
+    if op is not None:
+        return op
+    base, k = name, 1
+    while name in OPS:
+        k += 1
+        name = f"{base}_{k}"
+    plain = [sp.Symbol(a.name) for a in args]
+    op = defop(name, expr.xreplace(dict(zip(args, plain))), args=plain,
+               doc=f"{name}({', '.join(map(str, plain))}) = {expr.xreplace(dict(zip(args, plain)))}")
+    _BY_EXPR[key] = op
+    return op
+
+
+def partial(op: Op, j: int) -> Op | sp.Expr:
+    """∂op/∂(argument j) as an op of the same arguments, or the constant it is (a SymPy number).
+
+    Raises :class:`DerivativeError` naming the op if SymPy's derivative cannot be
+    evaluated with numpy, and ``TypeError`` for an op that has no SymPy expression.
+    """
+    cached = _PARTIALS.get((id(op), j))
+    if cached is not None and cached[0] is op:
+        return cached[1]
+    sym = op.symbolic
+    if sym is None:
+        raise TypeError(f"op {op.name!r} was not declared with defop: it has no SymPy expression to differentiate")
+    d = refine(sp.diff(sym.forward, sym.args[j]))
+    if d.is_number:
+        result: Op | sp.Expr = d
+    else:
+        try:
+            result = expression_op(d, sym.args, f"{op.name}__d{sym.args[j].name}")
+        except (TypeError, ValueError) as exc:
+            raise DerivativeError(
+                f"the derivative of op {op.name!r} with respect to its argument {sym.args[j].name!r}, "
+                f"{d}, cannot be evaluated with numpy ({exc}); declare the op with functions numpy "
+                f"supports (exp, log, tanh, Max, ...)") from exc
+    _PARTIALS[(id(op), j)] = (op, result)
+    return result
+
+
+def scale_op(c: sp.Expr) -> Op:
+    """The op ``c*x`` for a constant ``c`` (a constant derivative times a cotangent)."""
+    x = _CANON[0]
+    return expression_op(sp.sympify(c) * x, (x,), "scale")
+
+
+def constant_like(value: int) -> Op:
+    """``ones_like``/``zeros_like``: the constant ``value`` in the shape of the argument."""
+    x = _CANON[0]
+    return expression_op(sp.Integer(value), (x,), {1: "ones_like", 0: "zeros_like"}[value])
+
+
+def identity_op() -> Op:
+    x = _CANON[0]
+    return expression_op(x, (x,), "identity")
+
+
+def derivative_table(order: int) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Each declared elementwise op's derivatives up to ``order``, as derived and stabilised.
+
+    One entry per op: ``(op name, [(derivative, expression), ...])`` where a
+    derivative reads ``d2/dx dy``. Declares the derivative ops it needs.
+    """
+    if order < 1:
+        raise ValueError(f"order must be 1 or more, got {order}")
+    rows = []
+    for name, op in sorted(OPS.items()):
+        sym = op.symbolic
+        if sym is None or "__d" in name:  # derivative ops appear under the op they come from
+            continue
+        names = [a.name for a in sym.args]
+        plain = {a: sp.Symbol(a.name) for a in sym.args}
+        lines = []
+        for k in range(1, order + 1):
+            for index in itertools.combinations_with_replacement(range(op.arity), k):
+                current: Op | sp.Expr = op
+                for j in index:
+                    current = partial(current, j) if isinstance(current, Op) else sp.S.Zero
+                text = str(current) if not isinstance(current, Op) else str(current.symbolic.forward.xreplace(
+                    {a: plain[b] for a, b in zip(current.symbolic.args, sym.args)}))  # positional: same arguments
+                wrt = " ".join(f"d{names[j]}" for j in index)
+                lines.append((f"d{k if k > 1 else ''}/{wrt}", text))
+        rows.append((name, lines))
+    return rows

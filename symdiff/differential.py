@@ -1,0 +1,589 @@
+"""Gradients as graphs: ``grad`` builds one, ``hvp`` and ``jvp`` evaluate second and forward derivatives.
+
+``grad(xm, of, wrt)`` walks the Wengert list of ``of`` backwards and asks each
+op for its *pullback*: a function of registers returning registers. An
+elementwise op's pullback multiplies the cotangent by its partial derivatives,
+which are ops themselves (:func:`symdiff.derivative_ops.partial`: derived by
+SymPy, stabilised, declared through ``defop``), then sums the result back to
+the input's shape with ``sum_like``, whose own pullback is a broadcast. The
+structural ops' pullbacks use only ops that have pullbacks too
+(:mod:`symdiff.shape_ops`), so the result is an ordinary graph: it evaluates
+with ``Autograd``, the passes, fusion and compiled kernels apply to it, and it
+can be passed to ``grad`` again, for any order.
+
+``jvp`` pushes tangents forward with genuine forward rules built from the same
+partial-derivative ops. ``hvp`` is forward-over-reverse: the forward rules
+applied to the gradient graph (measured against reverse-over-reverse in
+``benchmarks/bench.py``; see the README).
+
+Differentiation happens on the register graph, before the passes, so the
+passes' own multi-output steps (stacked products, cuts, fused groups) never
+need rules of their own: they are rebuilt on the gradient graph.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import shape_ops  # noqa: F401  (registers the ops gradient graphs are made of)
+from .autograd import Autograd, Program, SymdiffError
+from .derivative_ops import constant_like, expression_op, identity_op, partial, scale_op
+from .graph import Register, Step, WengertList, XMan
+from .registry import Op, get_op
+
+__all__ = ["grad", "hvp", "jvp", "HVP", "JVP", "wengert_for", "PULLBACKS", "PUSHFORWARDS", "GradientError"]
+
+
+class GradientError(SymdiffError):
+    """A request ``grad``/``hvp``/``jvp`` cannot satisfy, named precisely."""
+
+
+# --------------------------------------------------------------------------------------
+# building registers, with common subexpressions shared
+# --------------------------------------------------------------------------------------
+class Builder:
+    """Applies ops to registers, reusing a register when the same op was applied to the same inputs."""
+
+    def __init__(self, existing: Sequence[Register] = ()) -> None:
+        self._made: dict[tuple[int, tuple[int, ...]], Register] = {}
+        for r in existing:
+            if r.op is not None:
+                self._made.setdefault((id(r.op), tuple(id(i) for i in r.inputs)), r)
+
+    def __call__(self, op: Op | str, *inputs: Register) -> Register:
+        op = get_op(op) if isinstance(op, str) else op
+        key = (id(op), tuple(id(i) for i in inputs))
+        reg = self._made.get(key)
+        if reg is None:
+            reg = self._made[key] = Register.operation(op, inputs)
+        return reg
+
+    def add(self, terms: Sequence[Register]) -> Register:
+        total = terms[0]
+        for t in terms[1:]:
+            total = self("add", total, t)
+        return total
+
+    def times_constant(self, c: Any, g: Register) -> Register | None:
+        """``c * g`` for a SymPy number ``c`` (None for 0)."""
+        if c == 0:
+            return None
+        if c == 1:
+            return g
+        if c == -1:
+            return self("negate", g)
+        return self(scale_op(c), g)
+
+    def times_partial(self, op: Op, j: int, inputs: Sequence[Register], g: Register) -> Register | None:
+        """``g ⊙ ∂op/∂input_j`` (``g`` times a constant when the partial derivative is one)."""
+        p = partial(op, j)
+        if isinstance(p, Op):
+            return self("hadamard", g, self(p, *inputs))
+        return self.times_constant(p, g)
+
+
+Pullback = Callable[[Builder, Register, Register, tuple[Register, ...], tuple[bool, ...]],
+                    Sequence["Register | None"]]
+Pushforward = Callable[[Builder, Register, tuple[Register, ...], tuple["Register | None", ...]], "Register | None"]
+
+
+# --------------------------------------------------------------------------------------
+# pullbacks: (builder, delta, out, inputs, needed) -> one register (or None) per input
+# --------------------------------------------------------------------------------------
+def _pull_elementwise(op: Op) -> Pullback:
+    def pull(b: Builder, delta: Register, out: Register, ins: tuple[Register, ...],
+             needed: tuple[bool, ...]) -> list[Register | None]:
+        grads: list[Register | None] = []
+        for j, x in enumerate(ins):
+            g = b.times_partial(op, j, ins, delta) if needed[j] else None
+            if g is not None and op.arity > 1:  # the input may have been broadcast: sum back
+                g = b("sum_like", g, x)
+            grads.append(g)
+        return grads
+
+    return pull
+
+
+def _column(b: Builder, delta: Register) -> Register:
+    return b("column", delta)
+
+
+def _xent_dp() -> Op:
+    from .derivative_ops import _CANON
+
+    p, t = _CANON[0], _CANON[1]
+    return expression_op(-t / p, (p, t), "crossEnt__dp")
+
+
+PULLBACKS: dict[str, Pullback] = {
+    "mul": lambda b, d, out, ins, need: [need[0] and b("mul_nt", d, ins[1]), need[1] and b("mul_tn", ins[0], d)],
+    "mul_nt": lambda b, d, out, ins, need: [need[0] and b("mul", d, ins[1]), need[1] and b("mul_tn", d, ins[0])],
+    "mul_tn": lambda b, d, out, ins, need: [need[0] and b("mul_nt", ins[1], d), need[1] and b("mul", ins[0], d)],
+    "transpose": lambda b, d, out, ins, need: [b("transpose", d)],
+    "softMax": lambda b, d, out, ins, need: [
+        b("hadamard", out, b("subtract", d, b("rowsum", b("hadamard", d, out))))],
+    "logSoftMax": lambda b, d, out, ins, need: [
+        b("subtract", d, b("hadamard", b("softMax", ins[0]), b("rowsum", d)))],
+    "crossEnt": lambda b, d, out, ins, need: [
+        need[0] and b("hadamard", _column(b, d), b(_xent_dp(), *ins)),
+        need[1] and b("hadamard", _column(b, d), b("negate", b("log", ins[0])))],
+    "crossEnt-softMax": lambda b, d, out, ins, need: [
+        need[0] and b("hadamard", _column(b, d),
+                      b("subtract", b("hadamard", b("softMax", ins[0]), b("rowsum", ins[1])), ins[1])),
+        need[1] and b("hadamard", _column(b, d), b("negate", b("logSoftMax", ins[0])))],
+    "mean": lambda b, d, out, ins, need: [b("spread", d, ins[0])],
+    "spread": lambda b, d, out, ins, need: [need[0] and b("mean", d), None],
+    "sum": lambda b, d, out, ins, need: [b("broadcast_like", d, ins[0])],
+    "rowsum": lambda b, d, out, ins, need: [b("broadcast_like", d, ins[0])],
+    "sum_like": lambda b, d, out, ins, need: [need[0] and b("broadcast_like", d, ins[0]), None],
+    "broadcast_like": lambda b, d, out, ins, need: [need[0] and b("sum_like", d, ins[0]), None],
+    "column": lambda b, d, out, ins, need: [b("uncolumn", d)],
+    "uncolumn": lambda b, d, out, ins, need: [b("column", d)],
+}
+
+
+# --------------------------------------------------------------------------------------
+# pushforwards: (builder, out, inputs, tangents) -> the output's tangent (None: zero)
+# --------------------------------------------------------------------------------------
+def _push_elementwise(op: Op) -> Pushforward:
+    def push(b: Builder, out: Register, ins: tuple[Register, ...], dots: tuple[Register | None, ...]) -> Register | None:
+        terms = [t for j, dx in enumerate(dots) if dx is not None
+                 for t in [b.times_partial(op, j, ins, dx)] if t is not None]
+        if not terms:
+            return None
+        total = b.add(terms)
+        # a tangent that only reached a broadcast input has that input's shape: give it the output's
+        return b("broadcast_like", total, out) if op.arity > 1 else total
+
+    return push
+
+
+def _bilinear(name: str) -> Pushforward:
+    def push(b: Builder, out: Register, ins: tuple[Register, ...], dots: tuple[Register | None, ...]) -> Register | None:
+        terms = [b(name, dots[0], ins[1]) if dots[0] is not None else None,
+                 b(name, ins[0], dots[1]) if dots[1] is not None else None]
+        terms = [t for t in terms if t is not None]
+        return b.add(terms) if terms else None
+
+    return push
+
+
+def _linear(name: str, frozen: tuple[int, ...] = ()) -> Pushforward:
+    """An op linear in its first argument (the others only lend shapes)."""
+    def push(b: Builder, out: Register, ins: tuple[Register, ...], dots: tuple[Register | None, ...]) -> Register | None:
+        return None if dots[0] is None else b(name, dots[0], *ins[1:])
+
+    return push
+
+
+def _row_dot(b: Builder, row_gradient: Register, dot: Register) -> Register:
+    return b("uncolumn", b("rowsum", b("hadamard", row_gradient, dot)))
+
+
+def _push_crossent(b: Builder, out: Register, ins: tuple[Register, ...], dots: tuple[Register | None, ...]) -> Register | None:
+    p, t = ins
+    terms = []
+    if dots[0] is not None:
+        terms.append(_row_dot(b, b(_xent_dp(), p, t), dots[0]))
+    if dots[1] is not None:
+        terms.append(_row_dot(b, b("negate", b("log", p)), dots[1]))
+    return b.add(terms) if terms else None
+
+
+def _push_crossent_softmax(b: Builder, out: Register, ins: tuple[Register, ...],
+                           dots: tuple[Register | None, ...]) -> Register | None:
+    o, t = ins
+    terms = []
+    if dots[0] is not None:
+        g = b("subtract", b("hadamard", b("softMax", o), b("rowsum", t)), t)
+        terms.append(_row_dot(b, g, dots[0]))
+    if dots[1] is not None:
+        terms.append(_row_dot(b, b("negate", b("logSoftMax", o)), dots[1]))
+    return b.add(terms) if terms else None
+
+
+PUSHFORWARDS: dict[str, Pushforward] = {
+    "mul": _bilinear("mul"),
+    "mul_nt": _bilinear("mul_nt"),
+    "mul_tn": _bilinear("mul_tn"),
+    "transpose": _linear("transpose"),
+    "softMax": lambda b, out, ins, dots: None if dots[0] is None else b(
+        "hadamard", out, b("subtract", dots[0], b("rowsum", b("hadamard", out, dots[0])))),
+    "logSoftMax": lambda b, out, ins, dots: None if dots[0] is None else b(
+        "subtract", dots[0], b("rowsum", b("hadamard", b("softMax", ins[0]), dots[0]))),
+    "crossEnt": _push_crossent,
+    "crossEnt-softMax": _push_crossent_softmax,
+    "mean": _linear("mean"),
+    "spread": _linear("spread"),
+    "sum": _linear("sum"),
+    "rowsum": _linear("rowsum"),
+    "sum_like": _linear("sum_like"),
+    "broadcast_like": _linear("broadcast_like"),
+    "column": _linear("column"),
+    "uncolumn": _linear("uncolumn"),
+}
+
+
+def _pullback(op: Op) -> Pullback:
+    if op.elementwise and op.symbolic is not None:
+        return _pull_elementwise(op)
+    rule = PULLBACKS.get(op.name)
+    if rule is None:
+        raise GradientError(
+            f"op {op.name!r} has no graph pullback, so its gradient cannot be built as a graph; "
+            f"declare elementwise ops with symdiff.defop, or add a rule to symdiff.differential.PULLBACKS")
+    return rule
+
+
+def _pushforward(op: Op) -> Pushforward:
+    if op.elementwise and op.symbolic is not None:
+        return _push_elementwise(op)
+    rule = PUSHFORWARDS.get(op.name)
+    if rule is None:
+        raise GradientError(
+            f"op {op.name!r} has no forward rule, so its directional derivative cannot be built as a graph; "
+            f"declare elementwise ops with symdiff.defop, or add a rule to symdiff.differential.PUSHFORWARDS")
+    return rule
+
+
+# --------------------------------------------------------------------------------------
+# grad
+# --------------------------------------------------------------------------------------
+def _operations(xm: XMan, names: Sequence[str]) -> list[Register]:
+    """The operation registers computing ``names``, inputs first, each once."""
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        for step in xm.operationSequence(xm.register(name)):
+            if step.output not in seen:
+                seen.add(step.output)
+                out.append(xm.register(step.output))
+    return out
+
+
+def _leaves_of(xm: XMan, ops: Sequence[Register], roots: Sequence[str]) -> set[str]:
+    made = {r.name for r in ops}
+    leaves = {i.name for r in ops for i in r.inputs if i.name not in made}
+    return leaves | {n for n in roots if n not in made}
+
+
+def _check_names(xm: XMan, of: str, wrt: Sequence[str]) -> None:
+    regs = xm.registers()
+    if not regs:
+        raise GradientError("the XMan has no registers: assign them as attributes and call setup() first")
+    if not isinstance(of, str) or of not in regs:
+        raise GradientError(f"grad: 'of' must name a register of the graph, got {of!r}")
+    if isinstance(wrt, str) or not wrt:
+        raise GradientError(f"grad: 'wrt' must be a non-empty list of register names, got {wrt!r}")
+    for w in wrt:
+        r = regs.get(w)
+        if r is None or r.role not in ("param", "input"):
+            leaves = sorted(n for n, r2 in regs.items() if r2.role in ("param", "input"))
+            what = "no register" if r is None else "an operation output, not a param or input"
+            raise GradientError(f"grad: wrt name {w!r} is {what}; differentiate with respect to a param or "
+                                f"input: {', '.join(leaves)}")
+    if len(set(wrt)) != len(wrt):
+        raise GradientError(f"grad: wrt names must be distinct, got {list(wrt)}")
+
+
+def _scalar_check(xm: XMan, of: str, values: Mapping[str, Any] | None) -> None:
+    """``of`` must be a scalar: checked on the default values (or ``values``) when every leaf has one."""
+    ops = _operations(xm, [of])
+    leaves = _leaves_of(xm, ops, [of])
+    vals = xm.inputDict() if values is None else values
+    if any(n not in vals for n in leaves):
+        return  # nothing to evaluate with: checked when the gradient graph runs
+    if not ops:
+        shape = np.shape(vals[of])
+    else:
+        with np.errstate(all="ignore"):
+            v = Autograd(xm, passes=(), fuse=False, native=False).eval(WengertList(
+                Step(r.name, r.op.name, tuple(i.name for i in r.inputs)) for r in ops), vals)
+        shape = np.shape(v[of])
+    if int(np.prod(shape)) != 1:
+        raise GradientError(f"grad: register {of!r} has shape {tuple(shape)}, not a scalar; differentiate a "
+                            f"scalar such as f.mean(...) or f.sum(...) of it")
+
+
+def grad(xm: XMan, of: str, wrt: Sequence[str], *, prefix: str = "grad_") -> XMan:
+    """A new, set-up ``XMan`` holding every register of ``xm`` plus ``{prefix}<name>`` = ∂of/∂name.
+
+    ``of`` names a scalar register; ``wrt`` names params or inputs. The result is
+    made of registered ops, so it evaluates with ``Autograd``, can be extended
+    (assign attributes, ``setup()``) and differentiated again with ``grad`` (pass
+    another ``prefix`` when ``grad_<name>`` already exists). ``xm`` is not changed.
+    Adjoints of intermediate registers are named ``{prefix}<register>`` where free.
+    """
+    _check_names(xm, of, wrt)
+    regs = xm.registers()
+    for w in wrt:
+        if f"{prefix}{w}" in regs:
+            raise GradientError(f"grad: the graph already has a register {prefix}{w!r}; pass another prefix=, "
+                                f"e.g. grad(..., prefix='d2_') for a second derivative")
+    _scalar_check(xm, of, None)
+    ops = _operations(xm, [of])
+    build = Builder(list(regs.values()))
+    # registers on a path from a wrt leaf to `of`: the only ones a gradient flows through
+    depends = set(wrt)
+    for r in ops:
+        if any(i.name in depends for i in r.inputs):
+            depends.add(r.name)
+    root = xm.register(of)
+    adjoint: dict[str, list[Register]] = {}
+    if of in depends:
+        adjoint[of] = [build(constant_like(1), root)]
+    totals: dict[str, Register] = {}
+    for r in reversed(ops):
+        parts = adjoint.pop(r.name, None)
+        if not parts:
+            continue
+        delta = totals[r.name] = build.add(parts)
+        needed = tuple(i.name in depends for i in r.inputs)
+        contributions = _pullback(r.op)(build, delta, r, r.inputs, needed)
+        for x, g, need in zip(r.inputs, contributions, needed):
+            if need and g is not None and g is not False:
+                adjoint.setdefault(x.name, []).append(g)
+    gx = XMan()
+    for attr, value in vars(xm).items():
+        if isinstance(value, Register):
+            setattr(gx, attr, value)
+    claimed: set[int] = {id(r) for r in regs.values()}
+    for w in wrt:
+        parts = adjoint.get(w)
+        g = build.add(parts) if parts else build(constant_like(0), xm.register(w))
+        if id(g) in claimed or g.name is not None:  # shared with another register: give it its own step
+            g = Register.operation(identity_op(), (g,))
+        g.name = f"{prefix}{w}"
+        claimed.add(id(g))
+        setattr(gx, f"{prefix}{w}", g)
+    taken = set(regs) | {f"{prefix}{w}" for w in wrt}
+    for name, t in totals.items():
+        if t.name is None and id(t) not in claimed and f"{prefix}{name}" not in taken:
+            t.name = f"{prefix}{name}"
+            taken.add(t.name)
+            claimed.add(id(t))
+    return gx.setup()
+
+
+def wengert_for(xm: XMan, names: Sequence[str]) -> WengertList:
+    """One Wengert list computing every register in ``names`` (each step once, inputs first)."""
+    steps = WengertList()
+    seen: set[str] = set()
+    for name in names:
+        for step in xm.operationSequence(xm.register(name)):
+            if step.output not in seen:
+                seen.add(step.output)
+                steps.append(step)
+    return steps
+
+
+# --------------------------------------------------------------------------------------
+# forward mode
+# --------------------------------------------------------------------------------------
+def _push(xm: XMan, outs: Sequence[str], tangent_inputs: Mapping[str, Register],
+          build: Builder) -> dict[str, Register | None]:
+    """Tangent registers of ``outs`` given tangent registers of some leaves (others: zero)."""
+    dots: dict[str, Register | None] = dict(tangent_inputs)
+    for r in _operations(xm, outs):
+        in_dots = tuple(dots.get(i.name) for i in r.inputs)
+        dots[r.name] = None if all(d is None for d in in_dots) else _pushforward(r.op)(build, r, r.inputs, in_dots)
+    return {o: dots.get(o) for o in outs}
+
+
+def _free_name(taken: Any, base: str) -> str:
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}{k}"
+    return name
+
+
+def _check_arrays(kind: str, arrays: Mapping[str, Any], values: Mapping[str, Any], allowed: Sequence[str],
+                  xm: XMan) -> dict[str, np.ndarray]:
+    out = {}
+    for name, a in arrays.items():
+        if name not in allowed:
+            raise GradientError(f"{kind} given for {name!r}, which is not one of {list(allowed)}")
+        if name not in values:
+            raise GradientError(f"no value for register {name!r}: pass it in values (e.g. xm.inputDict({name}=...))")
+        a = np.asarray(a)
+        shape = np.shape(values[name])
+        if a.shape != tuple(shape):
+            raise GradientError(f"the {kind[:-1]} for register {name!r} has shape {a.shape}, but {name!r} has "
+                                f"shape {tuple(shape)}")
+        out[name] = a
+    return out
+
+
+class JVP:
+    """The directional derivative of one register, built once as a graph and evaluated on demand.
+
+    Cost: the forward pass plus one tangent pass of about the same number of
+    steps (each elementwise op adds one partial-derivative op and a product per
+    input with a tangent): roughly 2-3x one ``eval``, measured in the benchmark.
+    """
+
+    def __init__(self, xm: XMan, out: str, wrt: Sequence[str], *, native: bool | None = None) -> None:
+        regs = xm.registers()
+        if out not in regs:
+            raise GradientError(f"jvp: no register named {out!r}")
+        for w in wrt:
+            if w not in regs or regs[w].role not in ("param", "input"):
+                raise GradientError(f"jvp: tangent given for {w!r}, which is not a param or input of the graph")
+        build = Builder(list(regs.values()))
+        gx = XMan()
+        for attr, value in vars(xm).items():
+            if isinstance(value, Register):
+                setattr(gx, attr, value)
+        self.tangent_names = {}
+        taken = set(regs)
+        t_in = {}
+        for w in wrt:
+            name = _free_name(taken, f"tangent_{w}")
+            taken.add(name)
+            self.tangent_names[w] = name
+            t_in[w] = Register("input", name=name)
+            setattr(gx, name, t_in[w])
+        dot = _push(xm, [out], t_in, build)[out]
+        self.out = out
+        self.result = None
+        if dot is not None:
+            if dot.name is not None:
+                dot = Register.operation(identity_op(), (dot,))
+            dot.name = _free_name(taken, f"jvp_{out}")
+            setattr(gx, dot.name, dot)
+            self.result = dot.name
+        self.graph = gx.setup()
+        self.autograd = Autograd(gx, native=native)
+        self.wengert = wengert_for(gx, [out] + ([self.result] if self.result else []))
+        self.wrt = tuple(wrt)
+
+    def __call__(self, tangents: Mapping[str, Any], values: Mapping[str, Any]) -> np.ndarray:
+        tangents = _check_arrays("tangents", tangents, values, self.wrt, self.graph)
+        feed = dict(values)
+        for w in self.wrt:
+            feed[self.tangent_names[w]] = tangents[w] if w in tangents else np.zeros(np.shape(values[w]))
+        v = self.autograd.eval(self.wengert, feed)
+        if self.result is None:
+            return np.zeros(np.shape(v[self.out]), dtype=np.result_type(v[self.out], 1.0))
+        return np.asarray(v[self.result])
+
+
+def jvp(xm: XMan, out: str, tangents: Mapping[str, Any], values: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Forward mode: d(register ``out``) along ``tangents`` (name → array; other leaves: tangent 0), at ``values``."""
+    values = xm.inputDict() if values is None else values
+    if not isinstance(tangents, Mapping) or not tangents:
+        raise GradientError("jvp: tangents must be a non-empty dict name -> array")
+    return _cached(xm, ("jvp", out, tuple(sorted(tangents))),
+                   lambda: JVP(xm, out, sorted(tangents)))(tangents, values)
+
+
+# --------------------------------------------------------------------------------------
+# Hessian-vector products
+# --------------------------------------------------------------------------------------
+class HVP:
+    """``H·v`` of a scalar register with respect to some leaves, built once as a graph.
+
+    ``mode="forward"`` (the default, forward-over-reverse) pushes the vectors
+    forward through the gradient graph; ``mode="reverse"`` (reverse-over-reverse)
+    differentiates ⟨∇f, v⟩ again with ``grad``. Both give the same numbers; the
+    benchmark times them (``benchmarks/bench.py``).
+    """
+
+    def __init__(self, xm: XMan, of: str, wrt: Sequence[str], *, mode: str = "forward",
+                 native: bool | None = None) -> None:
+        if mode not in ("forward", "reverse"):
+            raise GradientError(f"hvp: mode must be 'forward' or 'reverse', got {mode!r}")
+        _check_names(xm, of, wrt)
+        regs = xm.registers()
+        prefix = _free_name({n[:-len(w)] for n in regs for w in wrt if n.endswith(w)}, "grad_")
+        gx = grad(xm, of, wrt, prefix=prefix)
+        taken = set(gx.registers())
+        self.vector_names = {}
+        for w in wrt:
+            name = _free_name(taken, f"vector_{w}")
+            taken.add(name)
+            self.vector_names[w] = name
+        self.wrt, self.of, self.mode = tuple(wrt), of, mode
+        vin = {w: Register("input", name=self.vector_names[w]) for w in wrt}
+        for w in wrt:
+            setattr(gx, self.vector_names[w], vin[w])
+        if mode == "reverse":
+            build = Builder(list(gx.registers().values()))
+            dots = [build("sum", build("hadamard", gx.register(f"{prefix}{w}"), vin[w])) for w in wrt]
+            s = build.add(dots)
+            name = _free_name(taken, "grad_dot_vector")
+            if s.name is not None:
+                s = Register.operation(identity_op(), (s,))
+            setattr(gx, name, s)
+            gx.setup()
+            p2 = _free_name({n[:-len(w)] for n in gx.registers() for w in wrt if n.endswith(w)}, "hvp_")
+            hx = grad(gx, name, wrt, prefix=p2)
+            self.results = [f"{p2}{w}" for w in wrt]
+        else:
+            gx.setup()
+            build = Builder(list(gx.registers().values()))
+            dots = _push(gx, [f"{prefix}{w}" for w in wrt], vin, build)
+            hx = gx
+            self.results = []
+            for w in wrt:
+                d = dots[f"{prefix}{w}"]
+                if d is None:
+                    d = build(constant_like(0), gx.register(w))
+                if d.name is not None:
+                    d = Register.operation(identity_op(), (d,))
+                d.name = _free_name(taken, f"hvp_{w}")
+                taken.add(d.name)
+                setattr(hx, d.name, d)
+                self.results.append(d.name)
+            hx.setup()
+        self.graph = hx
+        self.autograd = Autograd(hx, native=native)
+        self.wengert = wengert_for(hx, self.results)
+
+    def __call__(self, vectors: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        missing = [w for w in self.wrt if w not in vectors]
+        if missing:
+            raise GradientError(f"hvp: no vector given for {missing}; pass one array per wrt name")
+        vectors = _check_arrays("vectors", vectors, values, self.wrt, self.graph)
+        feed = dict(values)
+        feed.update({self.vector_names[w]: vectors[w] for w in self.wrt})
+        v = self.autograd.eval(self.wengert, feed)
+        return {w: np.asarray(v[r]) for w, r in zip(self.wrt, self.results)}
+
+
+def hvp(xm: XMan, of: str, wrt: Sequence[str], vectors: Mapping[str, Any],
+        values: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """The Hessian of scalar ``of`` with respect to ``wrt`` applied to ``vectors``, at ``values``.
+
+    ``vectors`` maps each name of ``wrt`` to an array of that register's shape;
+    ``values`` is a dict as for ``eval`` (default ``xm.inputDict()``). Returns one
+    array per name. The graph is built once per (graph, of, wrt) and reused.
+    """
+    if isinstance(wrt, str):
+        raise GradientError(f"hvp: wrt must be a list of names, got the string {wrt!r}")
+    values = xm.inputDict() if values is None else values
+    _check_names(xm, of, wrt)
+    _check_arrays("vectors", vectors, values, wrt, xm)
+
+    def make() -> HVP:
+        _scalar_check(xm, of, values)  # once, before the graph is built
+        return HVP(xm, of, wrt)
+
+    return _cached(xm, ("hvp", of, tuple(wrt)), make)(vectors, values)
+
+
+_CACHE: "weakref.WeakKeyDictionary[XMan, dict[Any, Any]]" = weakref.WeakKeyDictionary()
+
+
+def _cached(xm: XMan, key: Any, make: Callable[[], Any]) -> Any:
+    """One built graph per XMan, request and register set (``setup()`` again: built anew)."""
+    per = _CACHE.setdefault(xm, {})
+    full = (key, tuple(sorted(xm.registers())))
+    if full not in per:
+        if len(per) > 16:
+            per.clear()
+        per[full] = make()
+    return per[full]
