@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 import sympy as sp
 
-from .registry import OPS, Op
-from .symbolic import Sigmoid, defop, stabilise
+from .registry import OPS, Op, register
+from .symbolic import Sigmoid, Step, defop, stabilise
 
 
 class DerivativeError(TypeError):
@@ -32,36 +32,36 @@ class DerivativeError(TypeError):
 # --------------------------------------------------------------------------------------
 # precision: rewrite sums that cancel
 # --------------------------------------------------------------------------------------
-def _terms(e: sp.Add) -> list[tuple[sp.Expr, sp.Expr]]:
-    return [t.as_coeff_Mul() for t in e.args]
-
-
 def _rewrite_add(e: sp.Add) -> sp.Expr:
-    """One cancelling pair of terms of a sum, rewritten (None of them: ``e`` unchanged)."""
-    terms = _terms(e)
-    const = sum((c for c, r in terms if r == sp.S.One), sp.S.Zero)
-    for i, (c, r) in enumerate(terms):
-        rest = [c2 * r2 for k, (c2, r2) in enumerate(terms) if k != i]
-        # c0 - c0*σ(u) = c0*σ(-u);  c0 - 2*c0*σ(u) = -c0*tanh(u/2)
-        if isinstance(r, Sigmoid) and const != 0:
-            u = r.args[0]
-            others = [t for t in rest if t.as_coeff_Mul()[1] != sp.S.One]
-            if c == -const:
-                return sp.Add(*others, const * Sigmoid(-u))
-            if c == -2 * const:
-                return sp.Add(*others, -const * sp.tanh(u / 2))
-        # c0 - c0*tanh(u)**2 = 4*c0*σ(2u)σ(-2u)
-        if isinstance(r, sp.Pow) and r.exp == 2 and isinstance(r.base, sp.tanh) and const != 0 and c == -const:
-            u = r.base.args[0]
-            others = [t for t in rest if t.as_coeff_Mul()[1] != sp.S.One]
-            return sp.Add(*others, 4 * const * Sigmoid(2 * u) * Sigmoid(-2 * u))
-        # a*σ(u) - a*σ(-u) = a*tanh(u/2) (u and -u: the same pair seen from either side)
-        if isinstance(r, Sigmoid):
-            u = r.args[0]
-            for k, (c2, r2) in enumerate(terms):
-                if k != i and c2 == -c and r2 == Sigmoid(-u):
-                    others = [c3 * r3 for m, (c3, r3) in enumerate(terms) if m not in (i, k)]
-                    return sp.Add(*others, c * sp.tanh(u / 2))
+    """One cancelling pair of terms of a sum, rewritten (none found: ``e`` unchanged).
+
+    With ``r`` any factor, ``s = σ(u)``, ``s̄ = σ(-u)``, ``T = tanh(u)``:
+    ``r·s - r·s̄ = r·tanh(u/2)``, ``r·s - r = -r·s̄``, ``r·s - r/2 = r·tanh(u/2)/2``
+    and ``r·T² - r = -4r·σ(2u)σ(-2u)``: each left side loses all its digits
+    where the right side is small (u near 0, or in a tail).
+    """
+    terms = list(e.args)
+    for i, t in enumerate(terms):
+        factors = sp.Mul.make_args(t)
+        for m, fac in enumerate(factors):
+            if isinstance(fac, Sigmoid):
+                u = fac.args[0]
+                rest = sp.Mul(*factors[:m], *factors[m + 1:])
+                pairs = ((-rest * Sigmoid(-u), rest * sp.tanh(u / 2)), (-rest, -rest * Sigmoid(-u)),
+                         (-rest / 2, rest * sp.tanh(u / 2) / 2))
+            elif isinstance(fac, sp.Pow) and fac.exp == 2 and isinstance(fac.base, sp.tanh):
+                u = fac.base.args[0]
+                rest = sp.Mul(*factors[:m], *factors[m + 1:])
+                pairs = ((-rest, -4 * rest * Sigmoid(2 * u) * Sigmoid(-2 * u)),)
+            else:
+                continue
+            for k, t2 in enumerate(terms):
+                if k == i:
+                    continue
+                for partner, replacement in pairs:
+                    if t2 == partner:
+                        others = [t3 for n, t3 in enumerate(terms) if n not in (i, k)]
+                        return sp.Add(*others, replacement)
     return e
 
 
@@ -71,6 +71,11 @@ def _rewrite(e: sp.Expr) -> sp.Expr:
     args = [_rewrite(a) for a in e.args]
     if any(a is not b for a, b in zip(args, e.args)):
         e = e.func(*args)
+    if isinstance(e, sp.sign):
+        # sign(u) = step(u) - step(-u): sign(0) = 0 still, and its derivative is 0 (as relu'' is), not
+        # SymPy's 2*DiracDelta(u), which numpy cannot evaluate (|x|'' would fail to declare)
+        (u,) = e.args
+        return Step(u) - Step(-u)
     while isinstance(e, sp.Add):
         new = _rewrite_add(e)
         if new == e:
@@ -106,17 +111,37 @@ def _key(expr: sp.Expr, args: Sequence[sp.Symbol]) -> tuple[int, str]:
     return (len(args), sp.srepr(expr.xreplace(dict(zip(args, _CANON)))))
 
 
+def _registered(op: Op) -> bool:
+    """Whether ``op`` is (again) in the registry under its name: an op made here and later dropped
+    (a test's registry reset) is registered again while its name is free."""
+    if OPS.get(op.name) is op:
+        return True
+    if op.name not in OPS:
+        register(op)
+        return True
+    return False
+
+
 def _known(key: tuple[int, str]) -> Op | None:
     """A registered op computing exactly this expression (a declared op, or one made here)."""
     op = _BY_EXPR.get(key)
-    if op is not None and OPS.get(op.name) is op:
+    if op is not None and _registered(op):
         return op
-    for other in OPS.values():  # a declared op with this expression: exp' is exp
-        sym = other.symbolic
-        if sym is not None and other.arity == key[0] and _key(sym.forward, sym.args) == key:
+    for other in list(OPS.values()):  # a declared op with this expression: exp' is exp
+        if other.symbolic is not None and other.arity == key[0] and _op_key(other) == key:
             _BY_EXPR[key] = other
             return other
     return None
+
+
+_OP_KEYS: dict[int, tuple[Op, tuple[int, str]]] = {}
+
+
+def _op_key(op: Op) -> tuple[int, str]:
+    known = _OP_KEYS.get(id(op))
+    if known is None or known[0] is not op:
+        known = _OP_KEYS[id(op)] = (op, _key(op.symbolic.forward, op.symbolic.args))
+    return known[1]
 
 
 def expression_op(expr: sp.Expr, args: Sequence[sp.Symbol], name: str) -> Op:
@@ -145,7 +170,7 @@ def partial(op: Op, j: int) -> Op | sp.Expr:
     evaluated with numpy, and ``TypeError`` for an op that has no SymPy expression.
     """
     cached = _PARTIALS.get((id(op), j))
-    if cached is not None and cached[0] is op:
+    if cached is not None and cached[0] is op and (not isinstance(cached[1], Op) or _registered(cached[1])):
         return cached[1]
     sym = op.symbolic
     if sym is None:
@@ -158,9 +183,9 @@ def partial(op: Op, j: int) -> Op | sp.Expr:
             result = expression_op(d, sym.args, f"{op.name}__d{sym.args[j].name}")
         except (TypeError, ValueError) as exc:
             raise DerivativeError(
-                f"the derivative of op {op.name!r} with respect to its argument {sym.args[j].name!r}, "
-                f"{d}, cannot be evaluated with numpy ({exc}); declare the op with functions numpy "
-                f"supports (exp, log, tanh, Max, ...)") from exc
+                f"cannot declare the derivative of op {op.name!r} with respect to {sym.args[j].name!r}, "
+                f"{d.xreplace({a: sp.Symbol(a.name) for a in sym.args})}, "
+                f"as an op (each derivative op carries its own derivative, one order higher): {exc}") from exc
     _PARTIALS[(id(op), j)] = (op, result)
     return result
 

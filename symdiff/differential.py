@@ -320,7 +320,7 @@ def grad(xm: XMan, of: str, wrt: Sequence[str], *, prefix: str = "grad_") -> XMa
     regs = xm.registers()
     for w in wrt:
         if f"{prefix}{w}" in regs:
-            raise GradientError(f"grad: the graph already has a register {prefix}{w!r}; pass another prefix=, "
+            raise GradientError(f"grad: the graph already has a register {prefix + w!r}; pass another prefix=, "
                                 f"e.g. grad(..., prefix='d2_') for a second derivative")
     _scalar_check(xm, of, None)
     ops = _operations(xm, [of])

@@ -497,3 +497,7 @@ def block_op(kind: str, arg: Any) -> Any:
         return known
     MULTI_OPS[op.name] = op  # new, or an op it uses was redefined with replace=True
     return op
+
+
+# ---- the structural ops gradient graphs are built from (symdiff.grad) ----------------------
+from . import shape_ops  # noqa: E402,F401  (registers sum, rowsum, sum_like, ... with the built-ins)

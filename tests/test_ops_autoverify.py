@@ -70,6 +70,18 @@ INPUTS = {
                                      (rng.normal(0, 3, (3, 4)), _soft_targets(rng, 3, 4))],
     "mean": lambda rng: [(_uniform(rng, (4, 3)),), (_uniform(rng, (7,)),)],
     "transpose": lambda rng: [(_uniform(rng, (4, 3)),), (_uniform(rng, (2, 5)),)],
+    # the ops gradient graphs are built from (symdiff/shape_ops.py); a reference input lends only its shape
+    "sum": lambda rng: [(_uniform(rng, (4, 3)),), (_uniform(rng, (7,)),)],
+    "rowsum": lambda rng: [(_uniform(rng, (4, 3)),), (_uniform(rng, (2, 1)),)],
+    "sum_like": lambda rng: [(_uniform(rng, (4, 3)), _uniform(rng, (3,))), (_uniform(rng, (4, 3)), _uniform(rng, (4, 1))),
+                             (_uniform(rng, (2, 3)), _uniform(rng, (2, 3)))],
+    "broadcast_like": lambda rng: [(_uniform(rng, (3,)), _uniform(rng, (4, 3))), (_uniform(rng, (4, 1)), _uniform(rng, (4, 3)))],
+    "mul_nt": lambda rng: [(_uniform(rng, (4, 3)), _uniform(rng, (5, 3))), (_uniform(rng, (1, 2)), _uniform(rng, (1, 2)))],
+    "mul_tn": lambda rng: [(_uniform(rng, (3, 4)), _uniform(rng, (3, 5))), (_uniform(rng, (2, 1)), _uniform(rng, (2, 1)))],
+    "column": lambda rng: [(_uniform(rng, (4,)),)],
+    "uncolumn": lambda rng: [(_uniform(rng, (4, 1)),)],
+    "spread": lambda rng: [(_uniform(rng, ()), _uniform(rng, (4, 3))), (_uniform(rng, ()), _uniform(rng, (5,)))],
+    "logSoftMax": lambda rng: [(rng.normal(0, 3, (4, 5)),), (rng.normal(0, 3, (1, 3)),)],
 }
 
 
@@ -136,7 +148,9 @@ def test_derivatives_match_central_differences(name):
 
 def test_builtin_ops_are_all_collected():
     builtin = {"add", "subtract", "hadamard", "relu", "sigmoid", "tanh", "exp", "log", "square", "negate",
-               "mul", "softMax", "crossEnt", "crossEnt-softMax", "mean", "transpose"}
+               "mul", "softMax", "crossEnt", "crossEnt-softMax", "mean", "transpose",
+               "sum", "rowsum", "sum_like", "broadcast_like", "mul_nt", "mul_tn", "column", "uncolumn", "spread",
+               "logSoftMax"}
     assert builtin <= set(COLLECTED)
 
 
