@@ -149,6 +149,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
             bwd = "\n".join(f"input {j}: {d}" for j, d in enumerate(op.derivative_formulas))
         table.add_row(name, kind, fwd, bwd)
     _console().print(table)
+    if args.order:
+        _print_orders(args.order)
     if args.wengert:
         from models.training import build_model
 
@@ -157,6 +159,21 @@ def cmd_ops(args: argparse.Namespace) -> int:
     if args.fused:
         _print_fused(args.fused)
     return 0
+
+
+def _print_orders(order: int) -> None:
+    """Each elementwise op's derivatives up to ``order``, as SymPy derived and symdiff stabilised them."""
+    from rich.table import Table
+
+    from symdiff.derivative_ops import derivative_table
+
+    table = Table(title=f"elementwise derivatives to order {order} (each one an op, derived again for the next order)",
+                  show_lines=True)
+    for col in ("op", "derivative", "expression"):
+        table.add_column(col)
+    for name, lines in derivative_table(order):
+        table.add_row(name, "\n".join(d for d, _ in lines), "\n".join(e for _, e in lines))
+    _console().print(table)
 
 
 def _print_fused(kind: str) -> None:
@@ -379,6 +396,20 @@ def _version() -> str:
     return f"symdiff {symdiff.__version__}"
 
 
+MAX_ORDER = 6  # SymPy's expressions grow with the order; beyond this the table is not worth reading
+
+
+def _order(text: str) -> int:
+    """``--order``: a whole number from 1 to MAX_ORDER (an argparse ``type=``)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--order must be a whole number from 1 to {MAX_ORDER}, got {text!r}") from None
+    if not 1 <= n <= MAX_ORDER:
+        raise argparse.ArgumentTypeError(f"--order must be a whole number from 1 to {MAX_ORDER}, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = one_line_errors(argparse.ArgumentParser(prog="symdiff", description=(
         "Reverse-mode autodiff over Wengert lists, every elementwise op declared once in SymPy; "
@@ -413,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--wengert", choices=("mlp", "lstm"), help="also print a small model's Wengert list")
     o.add_argument("--fused", choices=("mlp", "lstm"),
                    help="also print a small model's step list after the graph rewrites and its fused kernels")
+    o.add_argument("--order", type=_order, default=0, metavar="N",
+                   help=f"also print each elementwise op's derivatives up to order N (1-{MAX_ORDER})")
     o.set_defaults(func=cmd_ops)
     pr = command("predict", help="classify titles with a model saved by --save_model",
                  description="Print each title's predicted label and class probabilities: a table on a "

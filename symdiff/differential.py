@@ -149,13 +149,20 @@ PULLBACKS: dict[str, Pullback] = {
 # --------------------------------------------------------------------------------------
 def _push_elementwise(op: Op) -> Pushforward:
     def push(b: Builder, out: Register, ins: tuple[Register, ...], dots: tuple[Register | None, ...]) -> Register | None:
-        terms = [t for j, dx in enumerate(dots) if dx is not None
-                 for t in [b.times_partial(op, j, ins, dx)] if t is not None]
+        terms, full = [], False
+        for j, dx in enumerate(dots):
+            if dx is not None:
+                p = partial(op, j)
+                full = full or isinstance(p, Op)  # a partial-derivative op's value has the output's shape
+                t = b.times_partial(op, j, ins, dx)
+                if t is not None:
+                    terms.append(t)
         if not terms:
             return None
         total = b.add(terms)
-        # a tangent that only reached a broadcast input has that input's shape: give it the output's
-        return b("broadcast_like", total, out) if op.arity > 1 else total
+        # a tangent that only reached a broadcast input through constant partials (x + b) has that
+        # input's shape: give it the output's
+        return b("broadcast_like", total, out) if op.arity > 1 and not full else total
 
     return push
 

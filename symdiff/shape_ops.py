@@ -62,10 +62,12 @@ def _zero_for(delta: Any, out: Any, a: Any, ref: Any) -> np.ndarray:
 
 
 def _broadcast_like(a: np.ndarray, ref: Any) -> np.ndarray:
-    shape = np.broadcast_shapes(np.shape(a), np.shape(ref))
-    if shape != np.shape(ref):
-        raise ValueError(f"broadcast_like: shape {np.shape(a)} does not broadcast to {np.shape(ref)}")
+    shape = np.shape(ref)
     a = np.asarray(a)
+    if a.shape == shape and a.dtype.kind == "f":  # the common case: nothing to do (values are never written)
+        return a
+    if np.broadcast_shapes(a.shape, shape) != shape:
+        raise ValueError(f"broadcast_like: shape {a.shape} does not broadcast to {shape}")
     return np.broadcast_to(a, shape).astype(np.result_type(a, 1.0), copy=True)
 
 

@@ -227,6 +227,16 @@ def test_ops_fused_shows_every_rewritten_op_by_its_full_name(tmp_path: Path) -> 
     assert "native kernels: off (SYMDIFF_NATIVE=0" in out
 
 
+def test_ops_order_shows_every_derivative_as_derived_and_stabilised(tmp_path: Path) -> None:
+    out = ok(symdiff(tmp_path, "ops", "--order", "3")).stdout
+    assert "Sigmoid(-x)*Sigmoid(x)" in out  # sigmoid', not out*(1 - out), which is 0 at x = 40
+    assert "-tanh(x/2)*Sigmoid(-x)*Sigmoid(x)" in out  # sigmoid'', accurate at x = 1e-8
+    assert "4*Sigmoid(-2*x)*Sigmoid(2*x)" in out  # tanh', not 1 - tanh(x)**2
+    assert "d3/dx dx dx" in out and "d2/dx dy" in out
+    bad = symdiff(tmp_path, "ops", "--order", "0")
+    assert bad.returncode == 2 and "--order must be a whole number from 1 to 6, got 0" in bad.stderr
+
+
 @pytest.mark.parametrize("flags,env,expected", [
     ((), {}, "engine: fused, compiled C kernels (passes: crossent_softmax, merge_matmuls, fuse_elementwise)"),
     (("--no-native",), {}, "engine: fused, numpy kernels, --no-native (passes: crossent_softmax, merge_matmuls, "
