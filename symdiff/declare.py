@@ -7,11 +7,14 @@ The pipeline, run once per declaration (never during training):
 2. **stabilise** the forward expression: unstable patterns such as
    ``log(1+exp(u))`` or ``1/(1+exp(-u))`` become functions that carry their
    own stable numpy code and derivative (see :data:`symdiff.stable.REWRITES`);
-3. **differentiate** with respect to every argument and stabilise the result
-   again (so raw derivatives never reintroduce ``exp(u)/(1+exp(u))**2``);
+3. **differentiate** with respect to every argument and refine the result
+   (:func:`symdiff.stable.refine`: stabilised again, so raw derivatives never
+   reintroduce ``exp(u)/(1+exp(u))**2``, and sums that cancel rewritten:
+   σ' = σ(x)σ(−x), tanh' = 4σ(2x)σ(−2x));
 4. **output form**: substitute the forward expression by ``out``; keep it when
-   no input symbol is left (σ' = out·(1−out), tanh' = 1−out², exp' = out),
-   because the backward pass already has ``out`` and this skips recomputation;
+   no input symbol is left *and* ``out`` is not added to anything (exp' = out;
+   ``1 − out`` or ``1 − out²`` would be 0 where σ or tanh round to 1, so σ' and
+   tanh' stay in input form), because the backward pass already has ``out``;
 5. **lambdify** to numpy with common-subexpression elimination, then smoke-test
    the kernels once so a function numpy cannot evaluate fails *here*.
 
@@ -19,8 +22,8 @@ The numpy printer and :func:`lambdify_numpy` live here too: fused kernels
 (:mod:`symdiff.fusion`) print their composite expressions with them.
 
 Only the SymPy side of the engine imports SymPy: :mod:`symdiff.stable`,
-:mod:`symdiff.declare`, :mod:`symdiff.cprint`, :mod:`symdiff.fusion`, and :mod:`symdiff.ops`
-(which declares the built-in ops with it). Everything else (graph, registry, compiler,
+:mod:`symdiff.declare`, :mod:`symdiff.cprint`, :mod:`symdiff.fusion`, :mod:`symdiff.derivative_ops`
+(derivatives of every order as ops) and :mod:`symdiff.ops` (which declares the built-in ops with it). Everything else (graph, registry, compiler,
 passes, native) runs on numpy alone.
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ from sympy.printing.numpy import NumPyPrinter
 
 from .errors import DefopError
 from .registry import Op, register, sum_to_shape
-from .stable import NUMPY_HELPERS, stabilise
+from .stable import NUMPY_HELPERS, Sigmoid, refine, stabilise
 
 
 @dataclass(frozen=True)
@@ -215,17 +218,57 @@ def _backward_kernel(raw: Callable[..., Any], j: int) -> Callable[..., Any]:
     return backward
 
 
+def _cancels(e: sp.Expr) -> bool:
+    """Whether an output-form derivative adds ``out`` to something (``1 - out``, ``1 - out**2``).
+
+    Such a sum loses every digit where ``out`` approaches the other term (σ → 1,
+    tanh → ±1): there the input form, refined, is kept instead. Products and
+    powers of ``out`` (exp' = out) keep full precision.
+    """
+    return any(OUT in a.free_symbols for a in e.atoms(sp.Add))
+
+
 def derive(expr: sp.Expr, args: Sequence[sp.Symbol]) -> tuple[sp.Expr, tuple[sp.Expr, ...], tuple[sp.Expr, ...], tuple[bool, ...]]:
     """Stabilised forward expression, input-form derivatives, backward expressions, output-form flags."""
     fwd = stabilise(expr)
-    derivs = tuple(stabilise(sp.diff(fwd, a)) for a in args)
+    derivs = tuple(refine(sp.diff(fwd, a)) for a in args)
     backward, output_form = [], []
     for d in derivs:
         in_out = d.subs(fwd, OUT) if fwd not in args else d
-        use_out = in_out != d and not (in_out.free_symbols & set(args))
+        use_out = in_out != d and not (in_out.free_symbols & set(args)) and not _cancels(in_out)
         backward.append(DELTA * (in_out if use_out else d))
         output_form.append(use_out)
     return fwd, derivs, tuple(backward), tuple(output_form)
+
+
+_TRAINING_BACKWARD: dict[int, tuple[Op, Any]] = {}
+
+
+def training_backward(op: Op) -> tuple[Callable[..., Any], tuple[bool, bool]]:
+    """A unary declared op's backward kernel for training loops, and what it reads ``(out, input)``.
+
+    The fused training kernels' trade (:meth:`symdiff.fusion.FusedKernel._fast_output_forms`)
+    for the block ops of the numpy engine: σ' as ``out·(1 - out)`` and tanh' as
+    ``1 - out²``, free of transcendentals, which lose relative precision only where
+    the derivative is below 1e-16 of the gradient it scales. Ops without such an
+    output form keep their own kernel.
+    """
+    cached = _TRAINING_BACKWARD.get(id(op))
+    if cached is not None and cached[0] is op:
+        return cached[1]
+    sym = op.symbolic
+    kernel: Any = (op.backward[0], tuple(x[0] for x in (op.backward_reads or ((True,), (True,)))))
+    if sym is not None and op.arity == 1:
+        (a,) = sym.args
+        d = stabilise(sp.diff(sym.forward, a))
+        if isinstance(sym.forward, Sigmoid):
+            d = d.xreplace({Sigmoid(-a): 1 - OUT})
+        in_out = d.subs(sym.forward, OUT) if sym.forward != a else d
+        if a not in in_out.free_symbols and in_out != d:
+            raw, _ = lambdify_numpy((DELTA, OUT, a), DELTA * in_out)
+            kernel = (_backward_kernel(raw, 0), (True, False))
+    _TRAINING_BACKWARD[id(op)] = (op, kernel)
+    return kernel
 
 
 def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, replace: bool = False,

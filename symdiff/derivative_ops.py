@@ -17,86 +17,17 @@ where the difference of two values near 1/2 keeps 8 digits), and
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import sympy as sp
 
 from .registry import OPS, Op, register
-from .symbolic import Sigmoid, Step, defop, stabilise
+from .declare import defop
+from .stable import refine
 
 
 class DerivativeError(TypeError):
     """A derivative SymPy cannot turn into numpy code (names the op and the order)."""
-
-
-# --------------------------------------------------------------------------------------
-# precision: rewrite sums that cancel
-# --------------------------------------------------------------------------------------
-def _rewrite_add(e: sp.Add) -> sp.Expr:
-    """One cancelling pair of terms of a sum, rewritten (none found: ``e`` unchanged).
-
-    With ``r`` any factor, ``s = σ(u)``, ``s̄ = σ(-u)``, ``T = tanh(u)``:
-    ``r·s - r·s̄ = r·tanh(u/2)``, ``r·s - r = -r·s̄``, ``r·s - r/2 = r·tanh(u/2)/2``
-    and ``r·T² - r = -4r·σ(2u)σ(-2u)``: each left side loses all its digits
-    where the right side is small (u near 0, or in a tail).
-    """
-    terms = list(e.args)
-    for i, t in enumerate(terms):
-        factors = sp.Mul.make_args(t)
-        for m, fac in enumerate(factors):
-            if isinstance(fac, Sigmoid):
-                u = fac.args[0]
-                rest = sp.Mul(*factors[:m], *factors[m + 1:])
-                pairs = ((-rest * Sigmoid(-u), rest * sp.tanh(u / 2)), (-rest, -rest * Sigmoid(-u)),
-                         (-rest / 2, rest * sp.tanh(u / 2) / 2))
-            elif isinstance(fac, sp.Pow) and fac.exp == 2 and isinstance(fac.base, sp.tanh):
-                u = fac.base.args[0]
-                rest = sp.Mul(*factors[:m], *factors[m + 1:])
-                pairs = ((-rest, -4 * rest * Sigmoid(2 * u) * Sigmoid(-2 * u)),)
-            else:
-                continue
-            for k, t2 in enumerate(terms):
-                if k == i:
-                    continue
-                for partner, replacement in pairs:
-                    if t2 == partner:
-                        others = [t3 for n, t3 in enumerate(terms) if n not in (i, k)]
-                        return sp.Add(*others, replacement)
-    return e
-
-
-def _rewrite(e: sp.Expr) -> sp.Expr:
-    if not e.args or isinstance(e, (sp.Symbol, sp.Number)):
-        return e
-    args = [_rewrite(a) for a in e.args]
-    if any(a is not b for a, b in zip(args, e.args)):
-        e = e.func(*args)
-    if isinstance(e, sp.sign):
-        # sign(u) = step(u) - step(-u): sign(0) = 0 still, and its derivative is 0 (as relu'' is), not
-        # SymPy's 2*DiracDelta(u), which numpy cannot evaluate (|x|'' would fail to declare)
-        (u,) = e.args
-        return Step(u) - Step(-u)
-    while isinstance(e, sp.Add):
-        new = _rewrite_add(e)
-        if new == e:
-            break
-        e = new
-    return e
-
-
-def refine(e: sp.Expr) -> sp.Expr:
-    """Stabilise ``e``, then rewrite the sums that cancel in floating point (see the module doc).
-
-    ``factor_terms`` first pulls common factors out of sums, so that
-    ``σσ̄² - σ²σ̄`` shows its ``σ̄ - σ``; rounds repeat until nothing changes.
-    """
-    e = stabilise(e)
-    for _ in range(4):
-        new = _rewrite(sp.factor_terms(e))
-        if new == e:
-            break
-        e = new
-    return e
 
 
 # --------------------------------------------------------------------------------------
@@ -188,6 +119,13 @@ def partial(op: Op, j: int) -> Op | sp.Expr:
                 f"as an op (each derivative op carries its own derivative, one order higher): {exc}") from exc
     _PARTIALS[(id(op), j)] = (op, result)
     return result
+
+
+def elementwise_op(fn: Callable[..., Any], arity: int, name: str) -> Op:
+    """The op computing ``fn(*args)`` elementwise, ``fn`` applied to SymPy symbols (so callers that
+    build graphs write ``lambda p, t: -t / p`` without importing SymPy themselves)."""
+    args = _CANON[:arity]
+    return expression_op(fn(*args), args, name)
 
 
 def scale_op(c: sp.Expr) -> Op:

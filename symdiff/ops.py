@@ -18,7 +18,7 @@ import sympy as sp
 from . import native
 from .onehot import OneHot
 from .registry import MULTI_OPS, Op, register
-from .declare import defop
+from .declare import defop, training_backward
 
 x, y = sp.symbols("x y")
 
@@ -419,9 +419,10 @@ class BlockMap:
         self.name = f"blockmap[{label}]"
         self.n_inputs, self.n_deltas = 2, len(op_names)
         self._last_layout: tuple[Any, tuple[list[int], list[int]]] | None = None
-        reads = [op.backward_reads or ((True,), (True,)) for op in self.ops]
-        self.backward_reads = ((False,) * len(op_names) + (any(r[0][0] for r in reads),) * len(runs),
-                               (any(r[1][0] for r in reads), True))
+        # training kernels: σ' = out·(1 - out), tanh' = 1 - out², as the fused kernels (see training_backward)
+        self._backward = [training_backward(op) for op in self.ops]
+        self.backward_reads = ((False,) * len(op_names) + (any(r[0] for _, r in self._backward),) * len(runs),
+                               (any(r[1] for _, r in self._backward), True))
 
     def _layout(self, layout: np.ndarray) -> tuple[list[int], list[int]]:
         """``layout`` as plain int lists (cached: one layout object serves a whole batch)."""
@@ -455,14 +456,14 @@ class BlockMap:
 
     def backward(self, needed: tuple[bool, ...]) -> Any:
         k = self.n_deltas
-        runs = [(op.backward[0], a, b) for op, a, b in self.runs]
+        runs = [(training_backward(op)[0], a, b) for op, a, b in self.runs]
 
         def bp(*args: Any) -> tuple[Any, ...]:
             deltas, blocks, whole, s, layout = args[:k], args[k:2 * k], args[2 * k:-2], args[-2], args[-1]
             if any(isinstance(d, (int, float)) for d in deltas):  # a block no gradient reached
                 deltas = [np.zeros_like(blk) if isinstance(d, (int, float)) else d for d, blk in zip(deltas, blocks)]
             if layout is None:
-                return (Blocks([op.backward[0](d, o, x) for op, d, o, x in zip(self.ops, deltas, blocks, s)]),)
+                return (Blocks([bw(d, o, x) for (bw, _), d, o, x in zip(self._backward, deltas, blocks, s)]),)
             offsets, vectors = self._layout(layout)
             parts = []
             for (derivative, a, b), t in zip(runs, whole):

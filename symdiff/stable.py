@@ -4,12 +4,15 @@ Unstable patterns such as ``log(1+exp(u))`` or ``1/(1+exp(-u))`` become SymPy
 functions (:class:`Softplus`, :class:`Sigmoid`, :class:`Step`, :class:`Relu`) that
 carry their own stable numpy code and their own derivative; :func:`stabilise`
 applies :data:`REWRITES` bottom-up to a forward expression or a derivative.
+After differentiating, :func:`refine` also rewrites the sums that cancel in
+floating point (``1 - σ(u)``, ``σ(u) - σ(-u)``, ``1 - tanh(u)²``; see
+:data:`DERIVATIVE_REWRITES`), so derivatives of every order keep their digits.
 Kept apart from ``defop`` because fusion (:mod:`symdiff.fusion`) and the C printer
 (:mod:`symdiff.cprint`) use the same functions.
 
 Only the SymPy side of the engine imports SymPy: :mod:`symdiff.stable`,
-:mod:`symdiff.declare`, :mod:`symdiff.cprint`, :mod:`symdiff.fusion`, and :mod:`symdiff.ops`
-(which declares the built-in ops with it). Everything else (graph, registry, compiler,
+:mod:`symdiff.declare`, :mod:`symdiff.cprint`, :mod:`symdiff.fusion`, :mod:`symdiff.derivative_ops`
+(derivatives of every order as ops) and :mod:`symdiff.ops` (which declares the built-in ops with it). Everything else (graph, registry, compiler,
 passes, native) runs on numpy alone.
 """
 from __future__ import annotations
@@ -84,8 +87,9 @@ class Sigmoid(_StableFunction):
     numpy_template = "_symdiff_sigmoid({0})"
 
     def fdiff(self, argindex: int = 1) -> sp.Expr:
-        s = Sigmoid(self.args[0])
-        return s * (1 - s)
+        # σ(u)σ(-u), not σ(1 - σ): 1 - σ(u) is 0 in floating point from u ≈ 37, where σ' ≈ 1e-16
+        u = self.args[0]
+        return Sigmoid(u) * Sigmoid(-u)
 
 
 class Step(_StableFunction):
@@ -200,4 +204,83 @@ def stabilise(e: sp.Expr) -> sp.Expr:
         return Step(e.args[0])
     if isinstance(e, (sp.Mul, sp.Pow)):
         return _rewrite_product(e)
+    return e
+
+
+# --------------------------------------------------------------------------------------
+# sums that cancel: rewritten after differentiating
+# --------------------------------------------------------------------------------------
+#: what :func:`refine` rewrites after differentiating (r is any common factor)
+DERIVATIVE_REWRITES: tuple[tuple[str, str], ...] = (
+    ("r - r*sigmoid(u)", "r*sigmoid(-u)"),
+    ("r*sigmoid(u) - r*sigmoid(-u), r - 2r*sigmoid(u)", "r*tanh(u/2) (accurate near u = 0)"),
+    ("r - r*tanh(u)**2", "4r*sigmoid(2u)*sigmoid(-2u) (nonzero out to |u| = 350, not only to 19)"),
+    ("sign(u)", "step(u) - step(-u): derivative 0, as relu'' (SymPy's is DiracDelta)"),
+)
+
+
+def _rewrite_add(e: sp.Add) -> sp.Expr:
+    """One cancelling pair of terms of a sum, rewritten (none found: ``e`` unchanged).
+
+    With ``r`` any factor, ``s = σ(u)``, ``s̄ = σ(-u)``, ``T = tanh(u)``:
+    ``r·s - r·s̄ = r·tanh(u/2)``, ``r·s - r = -r·s̄``, ``r·s - r/2 = r·tanh(u/2)/2``
+    and ``r·T² - r = -4r·σ(2u)σ(-2u)``: each left side loses all its digits
+    where the right side is small (u near 0, or in a tail).
+    """
+    terms = list(e.args)
+    for i, t in enumerate(terms):
+        factors = sp.Mul.make_args(t)
+        for m, fac in enumerate(factors):
+            if isinstance(fac, Sigmoid):
+                u = fac.args[0]
+                rest = sp.Mul(*factors[:m], *factors[m + 1:])
+                pairs = ((-rest * Sigmoid(-u), rest * sp.tanh(u / 2)), (-rest, -rest * Sigmoid(-u)),
+                         (-rest / 2, rest * sp.tanh(u / 2) / 2))
+            elif isinstance(fac, sp.Pow) and fac.exp == 2 and isinstance(fac.base, sp.tanh):
+                u = fac.base.args[0]
+                rest = sp.Mul(*factors[:m], *factors[m + 1:])
+                pairs = ((-rest, -4 * rest * Sigmoid(2 * u) * Sigmoid(-2 * u)),)
+            else:
+                continue
+            for k, t2 in enumerate(terms):
+                if k == i:
+                    continue
+                for partner, replacement in pairs:
+                    if t2 == partner:
+                        others = [t3 for n, t3 in enumerate(terms) if n not in (i, k)]
+                        return sp.Add(*others, replacement)
+    return e
+
+
+def _rewrite(e: sp.Expr) -> sp.Expr:
+    if not e.args or isinstance(e, (sp.Symbol, sp.Number)):
+        return e
+    args = [_rewrite(a) for a in e.args]
+    if any(a is not b for a, b in zip(args, e.args)):
+        e = e.func(*args)
+    if isinstance(e, sp.sign):
+        # sign(u) = step(u) - step(-u): sign(0) = 0 still, and its derivative is 0 (as relu'' is), not
+        # SymPy's 2*DiracDelta(u), which numpy cannot evaluate (|x|'' would fail to declare)
+        (u,) = e.args
+        return Step(u) - Step(-u)
+    while isinstance(e, sp.Add):
+        new = _rewrite_add(e)
+        if new == e:
+            break
+        e = new
+    return e
+
+
+def refine(e: sp.Expr) -> sp.Expr:
+    """Stabilise ``e``, then rewrite the sums that cancel in floating point (see the module doc).
+
+    ``factor_terms`` first pulls common factors out of sums, so that
+    ``σσ̄² - σ²σ̄`` shows its ``σ̄ - σ``; rounds repeat until nothing changes.
+    """
+    e = stabilise(e)
+    for _ in range(4):
+        new = _rewrite(sp.factor_terms(e))
+        if new == e:
+            break
+        e = new
     return e

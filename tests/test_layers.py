@@ -6,7 +6,7 @@ import ast
 import pathlib
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "symdiff"
-SYMPY_SIDE = {"stable", "declare", "cprint", "fusion", "ops"}
+SYMPY_SIDE = {"stable", "declare", "cprint", "fusion", "ops", "derivative_ops"}
 
 
 def _imports(path: pathlib.Path, modules: set[str]) -> tuple[set[str], set[str]]:

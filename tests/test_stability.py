@@ -23,6 +23,7 @@ import sympy as sp
 
 import symdiff
 from symdiff import REWRITES, defop
+from symdiff.stable import Sigmoid
 from symdiff.declare import DELTA, OUT
 
 x = sp.Symbol("x")
@@ -196,17 +197,27 @@ def _symbolic_equal(a: sp.Expr, b: sp.Expr) -> bool:
     return sp.simplify(a - b) == 0
 
 
-def test_sigmoid_backward_is_written_in_its_output():
+def test_sigmoid_backward_is_sigmoid_x_times_sigmoid_minus_x():
+    """Not out*(1 - out): 1 - σ(x) is 0 in float64 from x ≈ 37, where σ'(x) ≈ 1e-16 (JAX #40385)."""
     sym = symdiff.OPS["sigmoid"].symbolic
-    assert sym.output_form == (True,)
-    assert sym.backward[0].free_symbols == {DELTA, OUT}
-    assert _symbolic_equal(sym.backward[0], DELTA * OUT * (1 - OUT))
+    (a,) = sym.args
+    assert sym.output_form == (False,)
+    assert sym.backward[0] == DELTA * Sigmoid(a) * Sigmoid(-a)
+    xs = np.array([37.5, 40.0, 700.0, -700.0])
+    with strict_numpy():
+        got = symdiff.OPS["sigmoid"].backward[0](np.ones(4), None, xs)
+    np.testing.assert_allclose(got, np.exp(-np.abs(xs)) / (1 + np.exp(-np.abs(xs))) ** 2, rtol=1e-14)
 
 
-def test_tanh_backward_is_one_minus_out_squared():
+def test_tanh_backward_keeps_its_digits_in_the_tails():
+    """Not 1 - out**2, which is 0 from |x| ≈ 19: tanh' = 4σ(2x)σ(-2x), nonzero to |x| ≈ 350."""
     sym = symdiff.OPS["tanh"].symbolic
-    assert sym.output_form == (True,)
-    assert _symbolic_equal(sym.backward[0], DELTA * (1 - OUT**2))
+    (a,) = sym.args
+    assert sym.output_form == (False,)
+    assert sym.backward[0] == 4 * DELTA * Sigmoid(2 * a) * Sigmoid(-2 * a)
+    with strict_numpy():
+        got = symdiff.OPS["tanh"].backward[0](np.ones(3), None, np.array([20.0, -37.5, 300.0]))
+    np.testing.assert_allclose(got, 4 * np.exp(-2 * np.abs([20.0, -37.5, 300.0])), rtol=1e-12)
 
 
 def test_exp_backward_is_out():
@@ -224,11 +235,11 @@ def test_hadamard_backward_is_not_in_output_form():
 
 
 def test_output_form_kernels_use_the_out_they_are_given():
-    """The sigmoid kernel really reads `out`: hand it a different `out` and the result follows."""
-    op = symdiff.OPS["sigmoid"]
+    """The exp kernel really reads `out`: hand it a different `out` and the result follows."""
+    op = symdiff.OPS["exp"]
     xs = np.array([0.3, -1.2])
     fake_out = np.array([0.25, 0.5])
-    np.testing.assert_allclose(op.backward[0](np.ones(2), fake_out, xs), fake_out * (1 - fake_out), rtol=1e-15)
+    np.testing.assert_allclose(op.backward[0](np.ones(2), fake_out, xs), fake_out, rtol=1e-15)
 
 
 def test_equivalent_naive_spellings_agree():
