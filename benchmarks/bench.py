@@ -5,7 +5,8 @@
 For each model it draws one set of initial parameters, copies them into the
 reference, checks that one epoch of SGD in both ends with the same parameters,
 then times training epochs alternately (engine, reference, engine, ...) and
-reports medians and the engine/reference ratio of the same run (for the LSTM
+reports medians and the engine/reference ratio of the same run, then the cost of
+second-order derivatives (one HVP, one JVP) relative to one gradient (for the LSTM
 also a hand-fused numpy version, ``benchmarks/handfused.py``, as a yardstick
 for what numpy allows): the machine is
 shared, so only ratios measured side by side mean anything. Start-up time,
@@ -190,6 +191,57 @@ def machine() -> dict[str, Any]:
             "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default")}
 
 
+def second_order_cost(kind: str, ds: D.Dataset, repeats: int, batch: int = 64) -> list[dict[str, Any]]:
+    """Seconds for one gradient (the trainer's path), one HVP (both modes), one JVP and one gradient
+    from the gradient graph, on one training batch; each ratio is to the gradient of the same run.
+
+    Each is timed in blocks of 4 calls (the first warms caches), blocks alternating,
+    and the median of the blocks' best is kept: on this shared machine a big HVP
+    graph run just before otherwise makes the next small call pay its page faults.
+    """
+    from symdiff import Autograd
+    from symdiff.differential import HVP, JVP, grad, wengert_for
+
+    trainer = _engine(kind, ds, "float64", dense=False)
+    model, xm = trainer.model, trainer.model.xm
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(ds.train.label_ids), size=batch, replace=False)
+    values = {**xm.inputDict(), **model.params, **model.feed(trainer.codes["train"][rows]),
+              "y": np.eye(ds.vocab.num_labels)[ds.train.label_ids[rows]]}
+    for name in ("h0", "c0"):
+        if name in values:
+            values[name] = np.zeros((batch, trainer.cfg.num_hid))
+    params = xm.params()
+    program = Autograd(xm).compile(xm.operationSequence(xm.loss))
+    vectors = {p: rng.standard_normal(np.shape(values[p])) for p in params}
+    gx = grad(xm, "loss", params)
+    graph = Autograd(gx).compile(wengert_for(gx, [f"grad_{p}" for p in params]))
+    hvp_f, hvp_r, jvp_ = HVP(xm, "loss", params), HVP(xm, "loss", params, mode="reverse"), JVP(xm, "loss", params)
+
+    def gradient() -> None:
+        v = program.forward(values, keep=("loss",))
+        program.backward(v, {"loss": np.float64(1.0)}, params_only=True)
+
+    calls = {"one gradient (training path)": gradient,
+             "one eval (forward only)": lambda: program.forward(values, keep=("loss",), backward=False),
+             "one gradient from the gradient graph": lambda: graph.forward(values),
+             "one HVP, forward-over-reverse (hvp's default)": lambda: hvp_f(vectors, values),
+             "one HVP, reverse-over-reverse": lambda: hvp_r(vectors, values),
+             "one JVP (forward mode)": lambda: jvp_(vectors, values)}
+    best: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(max(repeats, 3)):
+        for name, fn in calls.items():
+            block = []
+            for _ in range(4):
+                t0 = time.perf_counter()
+                fn()
+                block.append(time.perf_counter() - t0)
+            best[name].append(min(block[1:]))
+    base = statistics.median(best["one gradient (training path)"])
+    return [{"model": kind, "what": name, "median_s": statistics.median(ts), "ratio_to_gradient":
+             statistics.median(ts) / base} for name, ts in best.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default=str(SHARED) if Path(f"{SHARED}.train").exists() else "demo")
@@ -202,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     ds = D.load_dataset(prefix)
     report: dict[str, Any] = {"dataset": str(prefix), "machine": machine(), "repeats": args.repeats,
                               "rows": [], "agreement": {}}
+    report["second_order"] = []
     for kind in args.models:
         report["agreement"][kind] = agreement(kind, ds)
         report["rows"] += time_model(kind, ds, args.repeats)
+        report["second_order"] += second_order_cost(kind, ds, args.repeats)
     if not args.skip_processes:
         report["startup"] = startup_seconds(args.repeats)
         report["peak_rss_mb_lstm"] = peak_rss_mb(str(prefix))
@@ -226,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r["model"], r["dtype"], r["impl"], f"{r['median_s']:.3f}", f"{r['min_s']:.3f}",
                       f"{r['max_s']:.3f}", f"{r['ratio_to_reference']:.2f}")
     console.print(table)
+    cost = Table(title="second order on one training batch of 64 (median of the best of blocks of 4 calls)")
+    for col in ("model", "what", "ms", "ratio to one gradient"):
+        cost.add_column(col, justify="left" if col in ("model", "what") else "right")
+    for r in report["second_order"]:
+        cost.add_row(r["model"], r["what"], f"{1e3 * r['median_s']:.2f}", f"{r['ratio_to_gradient']:.2f}")
+    console.print(cost)
     for kind, diff in report["agreement"].items():
         console.print(f"{kind}: max |param difference| engine vs reference after one epoch: {diff:.2e}")
     if "startup" in report:

@@ -1,6 +1,7 @@
 """symdiff: reverse-mode autodiff over Wengert lists, every elementwise op declared once in SymPy.
 
 >>> from symdiff import XMan, f, Autograd, defop, grad_check
+>>> from symdiff import grad, hvp, jvp          # gradients as graphs, Hessian-vector products, forward mode
 
 Names are imported lazily (PEP 562): ``import symdiff.optim`` or a CLI's
 ``--help`` does not pay for importing SymPy and deriving the built-in ops.
@@ -14,7 +15,9 @@ _EXPORTS = {
     "Autograd": "autograd", "Program": "autograd",
     "SymdiffError": "errors", "MissingInputError": "errors", "UnknownNameError": "errors",
     "ShapeError": "errors", "GraphError": "errors", "DefopError": "errors",
-    "GradCheckReport": "gradcheck", "grad_check": "gradcheck",
+    "GradCheckReport": "gradcheck", "grad_check": "gradcheck", "check_grads": "gradcheck",
+    "grad": "differential", "hvp": "differential", "jvp": "differential", "HVP": "differential",
+    "JVP": "differential", "GradientError": "differential",
     "Register": "graph", "Step": "graph", "WengertList": "graph", "XMan": "graph", "f": "graph",
     "OneHot": "onehot",
     "OPS": "registry", "MULTI_OPS": "registry", "Op": "registry", "get_op": "registry",

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import shape_ops  # noqa: F401  (registers the ops gradient graphs are made of)
 from .autograd import Autograd, Program, SymdiffError
-from .derivative_ops import constant_like, expression_op, identity_op, partial, scale_op
+from .derivative_ops import constant_like, elementwise_op, identity_op, partial, scale_op
 from .graph import Register, Step, WengertList, XMan
 from .registry import Op, get_op
 
@@ -111,10 +111,8 @@ def _column(b: Builder, delta: Register) -> Register:
 
 
 def _xent_dp() -> Op:
-    from .derivative_ops import _CANON
-
-    p, t = _CANON[0], _CANON[1]
-    return expression_op(-t / p, (p, t), "crossEnt__dp")
+    """∂crossEnt/∂p elementwise, ``-t/p`` (summed over a row by the cross-entropy itself)."""
+    return elementwise_op(lambda p, t: -t / p, 2, "crossEnt__dp")
 
 
 PULLBACKS: dict[str, Pullback] = {
@@ -407,6 +405,16 @@ def _free_name(taken: Any, base: str) -> str:
     return name
 
 
+def _free_prefix(regs: Any, wrt: Sequence[str], base: str) -> str:
+    """``base`` (or ``base`` with a number) such that no ``prefix + name`` is a register already."""
+    k = 1
+    prefix = base
+    while any(prefix + w in regs for w in wrt):
+        k += 1
+        prefix = f"{base.rstrip('_')}{k}_"
+    return prefix
+
+
 def _check_arrays(kind: str, arrays: Mapping[str, Any], values: Mapping[str, Any], allowed: Sequence[str],
                   xm: XMan) -> dict[str, np.ndarray]:
     out = {}
@@ -505,7 +513,7 @@ class HVP:
             raise GradientError(f"hvp: mode must be 'forward' or 'reverse', got {mode!r}")
         _check_names(xm, of, wrt)
         regs = xm.registers()
-        prefix = _free_name({n[:-len(w)] for n in regs for w in wrt if n.endswith(w)}, "grad_")
+        prefix = _free_prefix(regs, wrt, "grad_")
         gx = grad(xm, of, wrt, prefix=prefix)
         taken = set(gx.registers())
         self.vector_names = {}
@@ -526,7 +534,7 @@ class HVP:
                 s = Register.operation(identity_op(), (s,))
             setattr(gx, name, s)
             gx.setup()
-            p2 = _free_name({n[:-len(w)] for n in gx.registers() for w in wrt if n.endswith(w)}, "hvp_")
+            p2 = _free_prefix(gx.registers(), wrt, "hvp_")
             hx = grad(gx, name, wrt, prefix=p2)
             self.results = [f"{p2}{w}" for w in wrt]
         else:
