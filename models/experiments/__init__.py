@@ -7,6 +7,7 @@ report section:
 * :mod:`~models.experiments.steps` — forward and backward steps of one update;
 * :mod:`~models.experiments.attention` — soft attention (a report section only);
 * :mod:`~models.experiments.init` — question 5, the tanh initialisation scale;
+* :mod:`~models.experiments.curvature` — the top Hessian eigenvalue per epoch against 2/lr;
 
 beside :mod:`~models.experiments.common` (settings, checks, storage),
 :mod:`~models.experiments.machine` (what a run ran on), :mod:`~models.experiments.plots`
@@ -23,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import attention, init, steps, timing
+from . import attention, curvature, init, steps, timing
 from .common import (BATCH_SIZES, DEFAULT_OUT, DEFAULT_REPORT, MAX_LENS, PLOTS_HINT, ExperimentError, NoProgress,
                      Progress, Settings, load, parse_int_list, parse_positive_int)
 from .common import save as _save
@@ -35,7 +36,7 @@ from .timing import run_timing
 
 #: The report's sections, in order. Those with a ``NAME`` are experiments: ``symdiff experiment NAME``
 #: runs them, saves ``NAME.json``/``.csv`` and draws their figures.
-SECTIONS = (timing, steps, attention, init)
+SECTIONS = (timing, steps, attention, init, curvature)
 _BY_NAME = {s.NAME: s for s in SECTIONS if s.NAME is not None}
 EXPERIMENTS = tuple(_BY_NAME)
 #: one line per experiment for ``symdiff experiment --help``
