@@ -17,7 +17,7 @@ _EXPORTS = {
     "ShapeError": "errors", "GraphError": "errors", "DefopError": "errors",
     "GradCheckReport": "gradcheck", "grad_check": "gradcheck", "check_grads": "gradcheck",
     "grad": "differential", "hvp": "differential", "jvp": "differential", "HVP": "differential",
-    "JVP": "differential", "GradientError": "differential",
+    "JVP": "differential", "GradientError": "errors", "DerivativeError": "errors",
     "Register": "graph", "Step": "graph", "WengertList": "graph", "XMan": "graph", "f": "graph",
     "OneHot": "onehot",
     "OPS": "registry", "MULTI_OPS": "registry", "Op": "registry", "get_op": "registry",

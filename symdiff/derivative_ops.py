@@ -21,13 +21,10 @@ from typing import Any, Callable, Sequence
 
 import sympy as sp
 
+from .errors import DerivativeError
 from .registry import OPS, Op, register
 from .declare import defop
 from .stable import refine
-
-
-class DerivativeError(TypeError):
-    """A derivative SymPy cannot turn into numpy code (names the op and the order)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -105,7 +102,7 @@ def partial(op: Op, j: int) -> Op | sp.Expr:
         return cached[1]
     sym = op.symbolic
     if sym is None:
-        raise TypeError(f"op {op.name!r} was not declared with defop: it has no SymPy expression to differentiate")
+        raise DerivativeError(f"op {op.name!r} was not declared with defop: it has no SymPy expression to differentiate")
     d = refine(sp.diff(sym.forward, sym.args[j]))
     if d.is_number:
         result: Op | sp.Expr = d

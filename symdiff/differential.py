@@ -28,16 +28,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import shape_ops  # noqa: F401  (registers the ops gradient graphs are made of)
-from .autograd import Autograd, Program, SymdiffError
+from .autograd import Autograd
+from .errors import GradientError
 from .derivative_ops import constant_like, elementwise_op, identity_op, partial, scale_op
 from .graph import Register, Step, WengertList, XMan
 from .registry import Op, get_op
 
 __all__ = ["grad", "hvp", "jvp", "HVP", "JVP", "wengert_for", "PULLBACKS", "PUSHFORWARDS", "GradientError"]
-
-
-class GradientError(SymdiffError):
-    """A request ``grad``/``hvp``/``jvp`` cannot satisfy, named precisely."""
 
 
 # --------------------------------------------------------------------------------------

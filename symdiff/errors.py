@@ -43,6 +43,14 @@ class DefopError(SymdiffError, TypeError):
     """An op declaration ``defop`` cannot turn into kernels (also a ``TypeError``, as these once were)."""
 
 
+class GradientError(SymdiffError):
+    """A request ``grad``/``hvp``/``jvp`` cannot satisfy (names the register, op or shapes)."""
+
+
+class DerivativeError(DefopError):
+    """A partial derivative SymPy cannot turn into numpy code (names the op, argument and expression)."""
+
+
 def closest(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate most like ``name`` (a likely typo), or None when none is close."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
