@@ -53,6 +53,11 @@ class RichReporter:
 
         self.console.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False)
 
+    def error(self, text: str) -> None:
+        from rich.markup import escape
+
+        self.console.print(f"[bold red]error:[/] {escape(text)}", highlight=False)
+
     def finish(self, summary: dict[str, Any]) -> None:
         from rich.table import Table
         from rich.text import Text  # values such as paths are data, never markup

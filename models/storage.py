@@ -3,9 +3,16 @@
 Each writer writes a temporary file in the destination folder, flushes it to
 disk, then ``os.replace``-s it over the destination (atomic on POSIX), so a
 killed process leaves at worst a stray ``.tmp`` file, never a truncated output.
+
+A write that fails (no space left, permission denied, the folder removed or made
+read-only, an I/O error) removes its temporary file and raises :class:`OutputWriteError`,
+whose text is one line for the user: the file, the operating system's reason, and
+whether a previous file is still there unchanged; callers catch it per output, so one
+failed output never stops the others.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -48,26 +55,69 @@ def _new_file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
+class OutputWriteError(OSError):
+    """An output could not be written; ``str()`` is the one line to show the user.
+
+    A subclass of :class:`OSError` (with the original ``errno``), so code that already
+    catches ``OSError`` keeps working.
+    """
+
+    def __init__(self, path: Path, cause: BaseException, previous: bool, stray: Path | None = None) -> None:
+        super().__init__(getattr(cause, "errno", None), os_reason(cause))
+        self.path, self.previous, self.stray = path, previous, stray
+
+    def __str__(self) -> str:
+        kept = (f"the previous {self.path.name} is unchanged" if self.previous
+                else "no file was written" if self.path.parent.is_dir()
+                else f"the folder {self.path.parent} no longer exists")
+        left = f"; a temporary file {self.stray} could not be removed" if self.stray else ""
+        return f"{self.path}: {self.strerror}; {kept}{left}"
+
+
+def os_reason(exc: BaseException) -> str:
+    """The operating system's reason for a failed write, e.g. ``No space left on device (ENOSPC)``."""
+    code = getattr(exc, "errno", None)
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return f"{text} ({errno.errorcode[code]})" if code in errno.errorcode else text
+
+
+class _Stream:
+    """Only ``write``: numpy then writes arrays through it in chunks instead of ``fwrite``-ing
+    them with ``tofile``, whose short write on a full disk loses the OS's reason
+    (``OSError: 11655 requested and 4592 written``) where ``write`` raises ``ENOSPC``."""
+
+    def __init__(self, fh: io.BufferedWriter) -> None:
+        self.write = fh.write
+
+
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], None]) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    previous = path.is_file()
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), _new_file_mode(path))
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:
+        stray = None
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:  # the folder went away with it
+                pass
+            except OSError:
+                stray = Path(tmp)
+        if isinstance(exc, OSError):
+            raise OutputWriteError(path, exc, previous and path.is_file(), stray) from exc
         raise
 
 
 def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
-    _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
+    _atomic_write(path, lambda fh: np.save(_Stream(fh), array, allow_pickle=False))
 
 
 def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:

@@ -21,11 +21,11 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from symdiff import Autograd, Program
+from symdiff import Autograd, Program, native
 from symdiff.optim import clip_grad_norm, make_optimizer, make_schedule
 
 from . import data as D
-from .storage import OutputPathError, check_output_path, save_json, save_npy, save_npz
+from .storage import (OutputPathError, OutputWriteError, check_output_path, save_json, save_npy, save_npz)
 
 MODELS = ("mlp", "lstm")
 EVAL_BATCH = 256  # rows per forward pass when evaluating: every register is kept, so this bounds memory
@@ -134,6 +134,7 @@ class Reporter(Protocol):
     def epoch(self, result: EpochResult) -> None: ...
     def info(self, text: str) -> None: ...
     def warn(self, text: str) -> None: ...
+    def error(self, text: str) -> None: ...
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
@@ -175,6 +176,9 @@ class PlainReporter:
             print(f"warning: {text}", file=sys.stderr, flush=True)
         except BrokenPipeError:
             quiet_closed_stream(sys.stderr)
+
+    def error(self, text: str) -> None:
+        print(f"error: {text}", file=sys.stderr, flush=True)
 
     def finish(self, summary: dict[str, Any]) -> None:
         for k, v in summary.items():
@@ -253,15 +257,28 @@ class Trainer:
 
     def engine(self) -> str:
         """How the program runs, for the user: passes, and numpy or compiled fused kernels."""
-        from symdiff import native
-
         passes = ", ".join(self.ad.passes) or "none"
         if not self.cfg.fuse:
             return f"unfused, numpy kernels (passes: {passes})"
         if self.ad.native:
+            built, failed, reason = native.kernel_builds()  # what really happened (see warm_up)
+            if failed and not built:
+                return f"fused, numpy kernels, compiled kernels could not be built: {reason} (passes: {passes})"
+            if failed:
+                return (f"fused, compiled C kernels except {failed} of {built + failed} that could not be built "
+                        f"and run with numpy: {reason} (passes: {passes})")
             return f"fused, compiled C kernels (passes: {passes})"
         why = "--no-native" if native.enabled() else f"native code {native.status()}"
         return f"fused, numpy kernels, {why} (passes: {passes})"
+
+    def warm_up(self) -> None:
+        """One forward and backward pass over the first training batch, no update: compiled
+        kernels are built (or fail to be) now, so :meth:`engine` can say what really runs."""
+        b = next(D.minibatches(self.codes["train"], self.ds.train.label_ids, self.model.dims["num_labels"],
+                               self.cfg.batch_size, dtype=self.model.dtype))
+        v = self.program.forward({**self.model.params, **self.model.feed(b.x, self.cfg.dense), "y": b.y},
+                                 keep=("loss",))
+        self.program.backward(v, {"loss": np.ones((), dtype=self.model.dtype)}, params_only=True)
 
     def evaluate(self, split: str) -> Evaluation:
         """Probabilities for every row (file order), loss and accuracy over rows with a known label."""
@@ -513,11 +530,13 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
     trainer = Trainer(model, ds, cfg)
     reporter.info(f"data {prefix}: {len(ds.train)} train / {len(ds.valid)} valid / {len(ds.test)} test rows, "
                   f"{ds.vocab.num_chars} characters, labels {', '.join(ds.vocab.labels)}")
+    trainer.warm_up()
     reporter.info(f"engine: {trainer.engine()}")
     flag = StopFlag()
     # Overflow on the way to a non-finite loss is detected and reported by the loop itself;
     # numpy's RuntimeWarnings about it would only bury that one clear message.
-    with stop_on_sigint(flag), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    with stop_on_sigint(flag), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+            native.on_kernel_failure(_kernel_fallback_warning(reporter)):
         result = trainer.train(reporter, flag)
     if result.message:
         (reporter.warn if result.stopped != "early-stop" else reporter.info)(result.message)
@@ -532,27 +551,71 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
         reporter.info(f"using the parameters of the best epoch so far ({result.best_epoch})")
     if test.loss is not None:
         summary.update(test_loss=test.loss, test_accuracy=test.accuracy)
-    if "output_file" in outputs:
-        save_npy(outputs["output_file"], test.probs)
-        summary["predictions"] = str(outputs["output_file"])
-    if "metrics_file" in outputs:
-        metrics = {"model": kind, "config": cfg.record(), "dataset": str(prefix),
-                   "epochs": [{"epoch": e.epoch, "train_loss": e.train_loss, "valid_loss": e.valid_loss,
-                               "valid_accuracy": e.valid_accuracy, "train_seconds": e.train_seconds}
-                              for e in result.epochs],
-                   "best_epoch": result.best_epoch, "stopped": result.stopped}
-        if test.loss is not None:
-            metrics.update(test_loss=test.loss, test_accuracy=test.accuracy)
-        save_json(outputs["metrics_file"], metrics)
-        summary["metrics"] = str(outputs["metrics_file"])
-    if "save_model" in outputs:
-        save_model(outputs["save_model"], model, ds.vocab, result.best_params)
-        summary["model"] = str(outputs["save_model"])
+    metrics = {"model": kind, "config": cfg.record(), "dataset": str(prefix),
+               "epochs": [{"epoch": e.epoch, "train_loss": e.train_loss, "valid_loss": e.valid_loss,
+                           "valid_accuracy": e.valid_accuracy, "train_seconds": e.train_seconds}
+                          for e in result.epochs],
+               "best_epoch": result.best_epoch, "stopped": result.stopped}
+    if test.loss is not None:
+        metrics.update(test_loss=test.loss, test_accuracy=test.accuracy)
+    written, failures = write_outputs(outputs, {
+        "output_file": lambda path: save_npy(path, test.probs),
+        "metrics_file": lambda path: save_json(path, metrics),
+        "save_model": lambda path: save_model(path, model, ds.vocab, result.best_params)})
+    summary.update(written)
     reporter.finish(summary)
+    for line in failures:
+        reporter.error(line)
     if result.stopped == "interrupted":
         reporter.warn("stopped by Ctrl-C: results above come from the best epoch so far (exit code 130)")
         return EXIT_INTERRUPTED
+    if failures:
+        return EXIT_FAILED
     return EXIT_FAILED if result.stopped in ("diverged", "dead-relu") and not result.epochs else EXIT_OK
+
+
+#: what each output flag holds, as the summary and the error lines name it
+OUTPUT_NAMES = {"output_file": "predictions", "metrics_file": "metrics", "save_model": "model"}
+
+
+def write_outputs(outputs: dict[str, Path], writers: dict[str, Callable[[Path], None]]
+                  ) -> tuple[dict[str, str], list[str]]:
+    """Write every requested output, each atomically, each tried even when another failed.
+
+    Returns ``{name: path}`` of the outputs written and one line per output that was not
+    (the file, the OS's reason, whether the previous file is unchanged). Why: a full disk
+    or a vanished folder must not cost the results that could still be saved; when the
+    predictions are the ones lost, their line says where the metrics and model went.
+    """
+    written: dict[str, str] = {}
+    lines: dict[str, str] = {}
+    for flag, path in outputs.items():
+        name = OUTPUT_NAMES[flag]
+        try:
+            writers[flag](path)
+        except OutputWriteError as exc:
+            lines[flag] = f"{name} (--{flag}) not written: {exc}"
+        else:
+            written[name] = str(path)
+    if "output_file" in lines:
+        kept = [f"the {name} {'were written ' if k == 0 else ''}to {path}"
+                for k, (name, path) in enumerate(written.items())]
+        lines["output_file"] += ("; " + " and ".join(kept) if kept else
+                                 "; no other output was asked for or could be written")
+    return written, list(lines.values())
+
+
+def _kernel_fallback_warning(reporter: Reporter) -> Callable[[str], None]:
+    """A listener for :func:`symdiff.native.on_kernel_failure` that says once, when it happens,
+    that a compiled kernel fell back to numpy after the ``engine:`` line was printed."""
+    said: list[str] = []
+
+    def warn(reason: str) -> None:
+        if not said:
+            said.append(reason)
+            reporter.warn(f"a compiled kernel could not be built ({reason}); it runs with numpy kernels "
+                          f"from now on (same results, slower)")
+    return warn
 
 
 def run_main(kind: str, params: dict[str, Any], reporter: Reporter | None = None) -> int:

@@ -15,6 +15,9 @@ extension built the same way, which reads array pointers for ~20 ns an array).
 
 Builds go to ``$SYMDIFF_CACHE`` (default ``~/.cache/symdiff``), named by a hash of the
 source, compiler, flags and CPU, written atomically: a second run loads in milliseconds.
+A kernel that cannot be built (no space in the cache, a read-only cache, a compiler
+error) stays numpy; :func:`kernel_builds` and :func:`on_kernel_failure` let a run say so
+instead of claiming compiled kernels it does not run.
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ import sys
 import sysconfig
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 #: ``SYMDIFF_NATIVE=0`` turns native kernels off (numpy everywhere)
 ENV_SWITCH = "SYMDIFF_NATIVE"
@@ -43,6 +47,8 @@ DISPATCH_SOURCE = Path(__file__).with_name("native_dispatch.c")
 _lock = threading.Lock()
 _state: dict[str, Any] = {"dispatch": None, "error": None, "compiler": None, "checked": False, "on": None}
 _libraries: list[Any] = []  # loaded kernels stay loaded for the life of the process
+_kernels: dict[str, Any] = {"built": 0, "failed": 0, "reason": None}  # what load_kernels really did
+_failure_listeners: list[Callable[[str], None]] = []
 
 
 def _switched_on() -> bool:
@@ -120,15 +126,18 @@ def _build(source: str, stem: str, extra: tuple[str, ...] = (), libs: tuple[str,
     target = directory / f"{stem}-{key}.so"
     if target.exists():
         return target
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        src = Path(tmp) / f"{stem}.c"
-        src.write_text(source)
-        out = Path(tmp) / "out.so"
-        cmd = [cc, *FLAGS, *extra, str(src), "-o", str(out), *libs]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:1])} failed: {done.stderr.strip()[:500]}")
-        os.replace(out, target)  # atomic: another process sees the whole library or none
+    try:
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            src = Path(tmp) / f"{stem}.c"
+            src.write_text(source)
+            out = Path(tmp) / "out.so"
+            cmd = [cc, *FLAGS, *extra, str(src), "-o", str(out), *libs]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[:1])} failed: {done.stderr.strip()[:500]}")
+            os.replace(out, target)  # atomic: another process sees the whole library or none
+    except OSError as exc:  # a full, read-only or vanished cache folder: say which, and why
+        raise RuntimeError(f"cannot write to the kernel cache {directory}: {exc.strerror or exc}") from None
     return target
 
 
@@ -175,8 +184,41 @@ def dispatcher() -> Any | None:
     return _state["dispatch"]
 
 
+def kernel_builds() -> tuple[int, int, str | None]:
+    """Kernels built or loaded by :func:`load_kernels` in this process, kernels that could not be
+    (each then runs with numpy for the rest of the process), and the first failure's reason."""
+    return _kernels["built"], _kernels["failed"], _kernels["reason"]
+
+
+@contextmanager
+def on_kernel_failure(callback: Callable[[str], None]) -> Iterator[None]:
+    """Call ``callback(reason)`` whenever a kernel fails to build while inside: the failure
+    happens lazily, at the first call big enough, so only then can a run tell its user."""
+    _failure_listeners.append(callback)
+    try:
+        yield
+    finally:
+        _failure_listeners.remove(callback)
+
+
 def load_kernels(source: str, names: tuple[str, ...], stem: str = "kernel") -> tuple[int, ...]:
     """Build ``source`` (tried with libmvec's vector math first) and return the functions' addresses."""
+    try:
+        fns = _load_kernels(source, names, stem)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        with _lock:
+            _kernels["failed"] += 1
+            _kernels["reason"] = _kernels["reason"] or reason
+        for listener in tuple(_failure_listeners):
+            listener(reason)
+        raise
+    with _lock:
+        _kernels["built"] += 1
+    return fns
+
+
+def _load_kernels(source: str, names: tuple[str, ...], stem: str) -> tuple[int, ...]:
     errors = []
     for vector_math in (True, False):
         text = ("#define SYMDIFF_VECTOR_MATH 1\n" if vector_math else "") + source
@@ -188,4 +230,4 @@ def load_kernels(source: str, names: tuple[str, ...], stem: str = "kernel") -> t
             continue
         _libraries.append(lib)
         return tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value or 0 for n in names)
-    raise RuntimeError("; ".join(errors))
+    raise RuntimeError("; ".join(dict.fromkeys(errors)))  # the same reason twice (a full disk) said once
