@@ -271,15 +271,6 @@ class Trainer:
         why = "--no-native" if native.enabled() else f"native code {native.status()}"
         return f"fused, numpy kernels, {why} (passes: {passes})"
 
-    def warm_up(self) -> None:
-        """One forward and backward pass over the first training batch, no update: compiled
-        kernels are built (or fail to be) now, so :meth:`engine` can say what really runs."""
-        b = next(D.minibatches(self.codes["train"], self.ds.train.label_ids, self.model.dims["num_labels"],
-                               self.cfg.batch_size, dtype=self.model.dtype))
-        v = self.program.forward({**self.model.params, **self.model.feed(b.x, self.cfg.dense), "y": b.y},
-                                 keep=("loss",))
-        self.program.backward(v, {"loss": np.ones((), dtype=self.model.dtype)}, params_only=True)
-
     def evaluate(self, split: str) -> Evaluation:
         """Probabilities for every row (file order), loss and accuracy over rows with a known label."""
         s = getattr(self.ds, split)
@@ -380,6 +371,21 @@ class Trainer:
                 return result
             optimizer.lr = schedule.after_epoch(epoch, vloss)
         return result
+
+    def warm_up(self) -> None:
+        """Run what an epoch runs (a full training batch forward and backward, the validation pass)
+        without changing anything.
+
+        Why: the engine compiles a fused kernel to C the first time it sees arrays big enough to
+        be worth it, so only now is it known which kernels really compiled and which could not
+        be built (a full or read-only kernel cache): :meth:`engine` reports what happened.
+        """
+        b = next(D.minibatches(self.codes["train"], self.ds.train.label_ids, self.model.dims["num_labels"],
+                               self.cfg.batch_size, dtype=self.model.dtype))
+        v = self.program.forward({**self.model.params, **self.model.feed(b.x, self.cfg.dense), "y": b.y},
+                                 keep=("loss",))
+        self.program.backward(v, {"loss": np.ones((), dtype=self.model.dtype)}, params_only=True)
+        self.evaluate("valid")
 
     def _dead_relu(self, split: str) -> bool:
         """All logits zero on the first batch of ``split``: no gradient can ever flow."""
@@ -533,10 +539,11 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
     trainer.warm_up()
     reporter.info(f"engine: {trainer.engine()}")
     flag = StopFlag()
+    fallback = _kernel_fallback_warning(reporter)  # a kernel first built (and failing) after that line
     # Overflow on the way to a non-finite loss is detected and reported by the loop itself;
     # numpy's RuntimeWarnings about it would only bury that one clear message.
     with stop_on_sigint(flag), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
-            native.on_kernel_failure(_kernel_fallback_warning(reporter)):
+            native.on_kernel_failure(fallback):
         result = trainer.train(reporter, flag)
     if result.message:
         (reporter.warn if result.stopped != "early-stop" else reporter.info)(result.message)
@@ -545,7 +552,8 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
         reporter.warn(f"{why}, so there are no parameters worth keeping: nothing was written")
         return EXIT_INTERRUPTED if result.stopped == "interrupted" else EXIT_FAILED
     model.set_params(result.best_params)
-    test = trainer.evaluate("test")
+    with native.on_kernel_failure(fallback):
+        test = trainer.evaluate("test")
     summary: dict[str, Any] = {"best_epoch": result.best_epoch}
     if result.stopped in ("interrupted", "diverged", "dead-relu"):
         reporter.info(f"using the parameters of the best epoch so far ({result.best_epoch})")

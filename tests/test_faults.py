@@ -250,13 +250,20 @@ def test_kernels_that_cannot_be_cached_are_not_claimed(tmp_path: Path, tmpfs, fa
 
 
 def test_a_kernel_that_falls_back_after_the_engine_line_says_so_then(tmp_path: Path, tmpfs) -> None:
-    # batch size 1: the training arrays are too small to compile, the first validation batch builds
+    # batch size 1 and 3 validation rows: every array before the test split is too small to be worth
+    # compiling, so the first kernel build (and its failure) happens at the test predictions
     disk, env = _cache_with_dispatcher_only(tmpfs)
     disk.fill()
-    proc = symdiff(tmp_path, "lstm", "--epochs", "1", "--num_hid", "8", "--batch_size", "1", "--output_file", "o.npy",
-                   env=env)
+    demo = REPO / "data" / "demo"
+    for split, rows in (("train", None), ("valid", 3), ("test", None)):
+        lines = Path(f"{demo}.{split}").read_text().splitlines(keepends=True)
+        (tmp_path / f"d.{split}").write_text("".join(lines[:rows]))
+    proc = symdiff(tmp_path, "lstm", "--epochs", "1", "--num_hid", "8", "--batch_size", "1", "--dataset", "d",
+                   "--output_file", "o.npy", env=env)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "engine: fused, compiled C kernels" in proc.stdout  # true then: nothing had been built yet
     warnings = [line for line in proc.stderr.splitlines() if "compiled kernel" in line]
     assert warnings == [f"warning: a compiled kernel could not be built (cannot write to the kernel cache "
                         f"{disk.path / 'cache'}: No space left on device); it runs with numpy kernels from now on "
                         f"(same results, slower)"], proc.stderr
+    assert (tmp_path / "o.npy").is_file()
