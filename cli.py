@@ -317,6 +317,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
     from rich.table import Table
@@ -351,17 +353,29 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     names = (*X.EXPERIMENTS, "report") if args.which == "all" else (args.which,)
     bar = Bar()
+    failed: list[str] = []  # one line per file not written; every other file is still written
     try:
+        if args.which != "report":
+            X.output_dir(args.out)  # a bad --out is said before minutes of measuring, not after
         for name in names:
             if name == "report":
-                path, notes = X.write_report(args.out, args.report)
+                try:
+                    path, notes = X.write_report(args.out, args.report)
+                except X.OutputsNotWritten as exc:
+                    failed += exc.lines
+                    report = Path(args.report)
+                    path, notes = (report if report in exc.written else None), []
                 for note in notes:
                     console.print(note, style="yellow", markup=False, highlight=False)
-                console.print(f"report written to {path}", markup=False, highlight=False)
+                if path is not None:
+                    console.print(f"report written to {path}", markup=False, highlight=False)
                 continue
             data = X.run(name, dataset=args.dataset, epochs=args.epochs, repeats=args.repeats, seed=args.seed,
                          batch_sizes=args.batch_sizes, max_lens=args.max_lens, draws=args.draws, progress=bar)
-            files = X.save(name, data, args.out)
+            try:
+                files = X.save(name, data, args.out)
+            except X.OutputsNotWritten as exc:
+                files, failed = exc.written, failed + exc.lines
             title, cols, rows = X.summary_table(name, data)
             table = Table(title=Text(title))  # text from data, never rich markup
             for k, col in enumerate(cols):
@@ -371,14 +385,18 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             console.print(table)
             for warning in data.get("warnings", []):
                 console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
-            plots = X.save_plots(name, data, args.out)
-            console.print(f"{name}: data written to {', '.join(str(p) for p in files)} "
-                          f"({data['meta']['wall_seconds']:.1f} s)", markup=False, highlight=False)
+            try:
+                plots = X.save_plots(name, data, args.out)
+            except X.OutputsNotWritten as exc:
+                plots, failed = exc.written, failed + exc.lines
+            if files:
+                console.print(f"{name}: data written to {', '.join(str(p) for p in files)} "
+                              f"({data['meta']['wall_seconds']:.1f} s)", markup=False, highlight=False)
             if plots is None:
                 console.print(f"{name}: plots skipped, matplotlib is not installed; to get them run "
                               f"{X.PLOTS_HINT} and then `symdiff experiment report --out {args.out}`",
                               markup=False, highlight=False)
-            else:
+            elif plots:
                 console.print(f"{name}: plots written to {', '.join(str(p) for p in plots)}", markup=False,
                               highlight=False)
         if args.which in X.EXPERIMENTS:
@@ -391,7 +409,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         return 130
     finally:
         bar.progress.stop()
-    return 0
+        for line in failed:  # also when a later step stopped the run: these files were not written
+            print(f"symdiff experiment: error: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # ---- parsing --------------------------------------------------------------------------------

@@ -267,3 +267,43 @@ def test_a_kernel_that_falls_back_after_the_engine_line_says_so_then(tmp_path: P
                         f"{disk.path / 'cache'}: No space left on device); it runs with numpy kernels from now on "
                         f"(same results, slower)"], proc.stderr
     assert (tmp_path / "o.npy").is_file()
+
+
+# ---- experiment outputs ---------------------------------------------------------------------
+def test_experiment_files_on_a_full_disk_one_line_each_the_rest_written(tmp_path: Path, tmpfs) -> None:
+    from models import experiments as X
+
+    disk = tmpfs("128k")
+    (disk.path / "init.json").write_bytes(b"previous init results\n")
+    disk.fill(leave=8192)  # room for the small CSV, not for the JSON (17 KB) or the figure (49 KB)
+    proc = symdiff(tmp_path, "experiment", "init", "--draws", "200", "--out", str(disk.path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = proc.stderr.splitlines()
+    expected = [f"symdiff experiment: error: not written: {disk.path / 'init.json'}: No space left on device "
+                "(ENOSPC); the previous init.json is unchanged"]
+    if X.plots_available():
+        expected.append(f"symdiff experiment: error: not written: {disk.path / 'init_preactivation.png'}: No space "
+                        "left on device (ENOSPC); no file was written")
+    assert errors == expected, proc.stderr
+    assert f"init: data written to {disk.path / 'init.csv'} (" in proc.stdout
+    assert (disk.path / "init.json").read_bytes() == b"previous init results\n"
+    assert (disk.path / "init.csv").read_text().startswith("case,")
+    assert disk.stray_files() == []
+
+
+def test_the_report_is_written_when_its_figures_cannot_be(tmp_path: Path, tmpfs) -> None:
+    from models import experiments as X
+
+    if not X.plots_available():
+        pytest.skip("matplotlib is not installed (pip install -e '.[plots]'): no figures to fail")
+    disk = tmpfs("1m")
+    data = X.run("init", draws=200)
+    X.save("init", data, disk.path)
+    old = {p.name: p.read_bytes() for p in disk.path.iterdir()}
+    disk.read_only()
+    with pytest.raises(X.OutputsNotWritten) as caught:
+        X.write_report(disk.path, tmp_path / "report.md")
+    assert caught.value.written == [tmp_path / "report.md"] and (tmp_path / "report.md").is_file()
+    assert caught.value.lines == [f"not written: {disk.path / 'init_preactivation.png'}: Read-only file system "
+                                  "(EROFS); no file was written"]
+    assert {p.name: p.read_bytes() for p in disk.path.iterdir()} == old  # nothing changed, no temporary

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from . import attention, curvature, init, steps, timing
 from .common import (BATCH_SIZES, DEFAULT_OUT, DEFAULT_REPORT, MAX_LENS, PLOTS_HINT, ExperimentError, NoProgress,
-                     Progress, Settings, load, parse_int_list, parse_positive_int)
+                     OutputsNotWritten, Progress, Settings, load, output_dir, parse_int_list, parse_positive_int)
 from .common import save as _save
 from .init import INIT_CASES, preactivation_moments, recommended_scale, run_init
 from .plots import plots_available, save_figures
@@ -43,8 +43,8 @@ EXPERIMENTS = tuple(_BY_NAME)
 HELP = {name: s.HELP for name, s in _BY_NAME.items()}
 
 __all__ = ["BATCH_SIZES", "CROSSENT_ONLY", "DEFAULT_OUT", "DEFAULT_REPORT", "EXPERIMENTS", "HELP", "INIT_CASES",
-           "MAX_LENS", "PLOTS_HINT", "SECTIONS", "ExperimentError", "NoProgress", "Progress", "Settings",
-           "count_update_steps", "engines", "load", "parse_int_list", "parse_positive_int", "plots_available",
+           "MAX_LENS", "PLOTS_HINT", "SECTIONS", "ExperimentError", "NoProgress", "OutputsNotWritten", "Progress", "Settings",
+           "count_update_steps", "engines", "load", "output_dir", "parse_int_list", "parse_positive_int", "plots_available",
            "preactivation_moments", "recommended_scale", "run", "run_init", "run_steps", "run_timing", "save",
            "save_plots", "summary_table", "write_report"]
 

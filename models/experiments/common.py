@@ -16,7 +16,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from ..storage import save_bytes
+from ..storage import OutputWriteError, save_bytes
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SHARED_DATASET = ROOT.parent / "shared" / "data" / "smaller"
@@ -32,6 +32,18 @@ BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"
 
 class ExperimentError(ValueError):
     """Bad settings or missing inputs; the message is one line for the user."""
+
+
+class OutputsNotWritten(ExperimentError):
+    """Some files of one step could not be written, after every one was tried.
+
+    ``lines``: one per file that failed (the file, the OS's reason, whether its previous
+    version is unchanged); ``written``: the files that were written all the same.
+    """
+
+    def __init__(self, written: list[Path], lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.written, self.lines = written, lines
 
 
 @dataclass(frozen=True)
@@ -147,12 +159,31 @@ def parse_positive_int(text: str) -> int:
 
 
 # ---- saving ---------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` completely or not at all (temporary file, then rename); errors as one line."""
+def write_files(files: Iterable[tuple[Path, bytes]]) -> list[Path]:
+    """Write each ``(path, data)`` atomically, trying every one even when another fails (a full disk
+    must not cost the files that still fit); the paths written, or :class:`OutputsNotWritten`."""
+    written: list[Path] = []
+    lines: list[str] = []
+    for path, data in files:
+        try:
+            save_bytes(path, data)
+        except OutputWriteError as exc:
+            lines.append(f"not written: {exc}")
+        else:
+            written.append(path)
+    if lines:
+        raise OutputsNotWritten(written, lines)
+    return written
+
+
+def make_dir(out: str | os.PathLike[str]) -> Path:
+    """``out``, created if missing; if it cannot be, each file's write says why (one line each)."""
+    out = Path(out)
     try:
-        save_bytes(path, data)
-    except OSError as exc:
-        raise ExperimentError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    return out
 
 
 def output_dir(out: str | os.PathLike[str]) -> Path:
@@ -171,17 +202,16 @@ def output_dir(out: str | os.PathLike[str]) -> Path:
 
 def save(name: str, data: dict[str, Any], out: str | os.PathLike[str], fields: Sequence[str],
          rows: Iterable[dict[str, Any]]) -> list[Path]:
-    """Write ``<out>/<name>.json`` (everything) and ``<out>/<name>.csv`` (the raw ``rows``, ``fields`` only)."""
-    out = output_dir(out)
-    js = out / f"{name}.json"
-    atomic_write_bytes(js, json.dumps(data, indent=1).encode() + b"\n")
+    """Write ``<out>/<name>.json`` (everything) and ``<out>/<name>.csv`` (the raw ``rows``, ``fields`` only).
+
+    Both are tried; :class:`OutputsNotWritten` names those that failed and those written."""
+    out = make_dir(out)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    path = out / f"{name}.csv"
-    atomic_write_bytes(path, buf.getvalue().encode())
-    return [js, path]
+    return write_files([(out / f"{name}.json", json.dumps(data, indent=1).encode() + b"\n"),
+                        (out / f"{name}.csv", buf.getvalue().encode())])
 
 
 def load(name: str, out: str | os.PathLike[str]) -> dict[str, Any] | None:

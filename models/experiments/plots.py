@@ -9,9 +9,9 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from .common import atomic_write_bytes, output_dir
+from .common import make_dir, write_files
 
 
 def _pyplot() -> Any | None:
@@ -36,13 +36,12 @@ def save_figures(filenames: Sequence[str], draw: Callable[[Any, dict[str, Any]],
     plt = _pyplot()
     if plt is None:
         return None
-    out = output_dir(out)
-    paths = []
-    for filename, fig in zip(filenames, draw(plt, data)):
-        path = out / filename
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
-        plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
-        paths.append(path)
-    return paths
+    out = make_dir(out)
+
+    def pngs() -> Iterator[tuple[Path, bytes]]:
+        for filename, fig in zip(filenames, draw(plt, data)):
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
+            plt.close(fig)
+            yield out / filename, buf.getvalue()
+    return write_files(pngs())  # every figure tried; OutputsNotWritten names the ones that failed

@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import (DEFAULT_OUT, DEFAULT_REPORT, PLOTS_HINT, ExperimentError, atomic_write_bytes, display_path,
-                     load, md_table)
+from .common import (DEFAULT_OUT, DEFAULT_REPORT, PLOTS_HINT, ExperimentError, OutputsNotWritten, display_path,
+                     load, md_table, write_files)
 from .plots import save_figures
 
 
@@ -20,7 +20,8 @@ def write_report(sections: Sequence[Any], out: str | os.PathLike[str] = DEFAULT_
     """Write the report from ``<out>/<experiment>.json``, ``sections`` in order; returns its path and notes.
 
     With matplotlib installed the figures are redrawn from the same JSON first,
-    so figures, tables and text always agree.
+    so figures, tables and text always agree. A figure that cannot be written does not stop
+    the others or the report: :class:`OutputsNotWritten` at the end names every file that failed.
     """
     out = Path(out)
     experiments = {s.NAME: s for s in sections if s.NAME is not None}
@@ -29,11 +30,20 @@ def write_report(sections: Sequence[Any], out: str | os.PathLike[str] = DEFAULT_
         raise ExperimentError(f"no results in {out}: run `symdiff experiment {'|'.join(experiments)} --out {out}` "
                               "first")
     notes: list[str] = []
+    written: list[Path] = []
+    failed: list[str] = []
     if replot:
         for name, d in data.items():
-            if d is not None and save_figures(experiments[name].FIGURES, experiments[name].draw, d, out) is None:
+            if d is None:
+                continue
+            try:
+                figures = save_figures(experiments[name].FIGURES, experiments[name].draw, d, out)
+            except OutputsNotWritten as exc:
+                figures, failed = exc.written, failed + exc.lines
+            if figures is None:
                 notes.append(f"figures not redrawn: matplotlib is not installed ({PLOTS_HINT})")
                 break
+            written += figures
     report = Path(report)
     try:
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -93,5 +103,10 @@ def write_report(sections: Sequence[Any], out: str | os.PathLike[str] = DEFAULT_
         else:
             L += [section.TITLE, "", f"*Not run yet: `symdiff experiment {section.NAME}`.*", ""]
     text = re.sub(r"[ \t]+\n", "\n", "\n".join(L)).rstrip() + "\n"
-    atomic_write_bytes(report, text.encode())
+    try:
+        written += write_files([(report, text.encode())])
+    except OutputsNotWritten as exc:
+        failed += exc.lines
+    if failed:
+        raise OutputsNotWritten(written, failed)
     return report, notes
