@@ -25,7 +25,7 @@ from symdiff import Autograd, Program, native
 from symdiff.optim import clip_grad_norm, make_optimizer, make_schedule
 
 from . import data as D
-from .storage import (OutputPathError, OutputWriteError, check_output_path, save_json, save_npy, save_npz)
+from .storage import OutputPathError, OutputWriteError, check_output_path, save_json, save_npy, save_npz
 
 MODELS = ("mlp", "lstm")
 EVAL_BATCH = 256  # rows per forward pass when evaluating: every register is kept, so this bounds memory
@@ -606,8 +606,7 @@ def write_outputs(outputs: dict[str, Path], writers: dict[str, Callable[[Path], 
         else:
             written[name] = str(path)
     if "output_file" in lines:
-        kept = [f"the {name} {'were written ' if k == 0 else ''}to {path}"
-                for k, (name, path) in enumerate(written.items())]
+        kept = [f"the {name} {'went ' if k == 0 else ''}to {path}" for k, (name, path) in enumerate(written.items())]
         lines["output_file"] += ("; " + " and ".join(kept) if kept else
                                  "; no other output was asked for or could be written")
     return written, list(lines.values())
