@@ -56,7 +56,7 @@ class RichReporter:
     def error(self, text: str) -> None:
         from rich.markup import escape
 
-        self.console.print(f"[bold red]error:[/] {escape(text)}", highlight=False)
+        self.console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)  # one line
 
     def finish(self, summary: dict[str, Any]) -> None:
         from rich.table import Table
