@@ -259,7 +259,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Loss, accuracy and confusion matrix of a saved model on a labelled file."""
     from models.data import DataError
     from models.inference import score
-    from models.storage import OutputPathError, check_output_path, save_json
+    from models.storage import OutputPathError, OutputWriteError, check_output_path, save_json
     from models.training import ModelFileError, load_model
 
     try:
@@ -294,7 +294,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         confusion.add_row(Text(label), *[Text(str(n), style="bold" if i == j else "") for j, n in enumerate(row)])
     console.print(confusion)
     if metrics_path is not None:
-        save_json(metrics_path, result.as_json(args.model, model.kind))
+        try:
+            save_json(metrics_path, result.as_json(args.model, model.kind))
+        except OutputWriteError as exc:  # the scores are shown above; only the file is lost
+            return _fail("symdiff evaluate", f"metrics (--metrics_file) not written: {exc}", code=1)
         console.print(Text(f"metrics written to {metrics_path}"))
     return 0
 
@@ -302,7 +305,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     """Training curves of one or more --metrics_file runs, on one figure."""
     from models.curves import CurvesError, load_run, plot_runs
-    from models.storage import OutputPathError, check_output_path
+    from models.storage import OutputPathError, OutputWriteError, check_output_path
 
     try:
         out = check_output_path(args.out, "--out")
@@ -312,6 +315,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return _fail("symdiff plot", str(exc), code=1 if "matplotlib" in str(exc) else 2)
     except OutputPathError as exc:
         return _fail("symdiff plot", str(exc))
+    except OutputWriteError as exc:
+        return _fail("symdiff plot", f"figure (--out) not written: {exc}", code=1)
     print(f"curves of {len(runs)} run(s) written to {out}")
     return 0
 

@@ -307,3 +307,33 @@ def test_the_report_is_written_when_its_figures_cannot_be(tmp_path: Path, tmpfs)
     assert caught.value.lines == [f"not written: {disk.path / 'init_preactivation.png'}: Read-only file system "
                                   "(EROFS); no file was written"]
     assert {p.name: p.read_bytes() for p in disk.path.iterdir()} == old  # nothing changed, no temporary
+
+
+# ---- evaluate and plot: one file each -------------------------------------------------------
+def test_evaluate_and_plot_on_a_full_disk_one_line_exit_1(tmp_path: Path, tmpfs) -> None:
+    trained = symdiff(tmp_path, "mlp", "--epochs", "1", "--num_hid", "8", "--save_model", "m.npz",
+                      "--metrics_file", "m.json", "--output_file", "o.npy")
+    assert trained.returncode == 0, trained.stderr
+    disk = tmpfs("128k")
+    (disk.path / "ev.json").write_bytes(b"previous scores\n")
+    (disk.path / "c.png").write_bytes(b"previous figure\n")
+    disk.fill()
+    commands = [(("evaluate", "--model", "m.npz", "--dataset", "demo", "--metrics_file", str(disk.path / "ev.json")),
+                 f"symdiff evaluate: error: metrics (--metrics_file) not written: {disk.path / 'ev.json'}: No space "
+                 "left on device (ENOSPC); the previous ev.json is unchanged")]
+    if _has_matplotlib():
+        commands.append((("plot", "m.json", "--out", str(disk.path / "c.png")),
+                         f"symdiff plot: error: figure (--out) not written: {disk.path / 'c.png'}: No space left on "
+                         "device (ENOSPC); the previous c.png is unchanged"))
+    for args, line in commands:
+        proc = symdiff(tmp_path, *args)
+        assert proc.returncode == 1 and proc.stderr.splitlines() == [line], proc.stderr
+    assert (disk.path / "ev.json").read_bytes() == b"previous scores\n"
+    assert (disk.path / "c.png").read_bytes() == b"previous figure\n"
+    assert disk.stray_files() == []
+
+
+def _has_matplotlib() -> bool:
+    from models import experiments as X
+
+    return X.plots_available()
