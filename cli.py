@@ -206,8 +206,8 @@ def _print_fused(kind: str) -> None:
         kernel = MULTI_OPS[name]
         fwd, bwd = kernel.display()
         users = [s for s in program.steps if s.op == name]
-        console.print(f"\n[bold]{escape(name)}[/]  (in_j: inputs, rK: results, deltaK: gradient arriving at result K)",
-                      highlight=False)
+        console.print(f"\n[bold]{escape(name)}[/]  (in_j: inputs, rK: results, deltaK: gradient arriving at result K)"
+                      f"\n  runs as: {escape(kernel.runs_as())}", highlight=False)
         # the kernel's own names, in the model's registers: the first step that runs it
         where = f"in the step computing {', '.join(users[0].outputs)}"
         if len(users) > 1:

@@ -63,6 +63,22 @@ class _CPrinter(C99CodePrinter):
         return nest_calls(f"sd_min{self._suffix}", [self._print(a) for a in e.args])
 
 
+def c_missing(outputs: Sequence[sp.Expr]) -> tuple[str, ...]:
+    """The functions in ``outputs`` that C99's math library lacks (Bessel functions, polygamma, ...).
+
+    A kernel using one cannot be compiled; it runs with numpy/SciPy instead (see :mod:`symdiff.fusion`).
+    """
+    printer = _CPrinter(False)
+    missing: dict[str, None] = {}
+    for e in outputs:
+        for fn in sp.sympify(e).atoms(sp.Function):
+            try:
+                printer.doprint(fn)
+            except Exception:  # noqa: BLE001 - SymPy's C printer refuses what C has no function for
+                missing[fn.func.__name__] = None
+    return tuple(missing)
+
+
 def c_source(name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr]) -> str:
     """C for ``outputs[i] = f(operands)`` over an (R, K) loop, as ``{name}_f64`` and ``{name}_f32``.
 

@@ -29,17 +29,19 @@ passes, native) runs on numpy alone.
 from __future__ import annotations
 
 import keyword
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import sympy as sp
 from sympy.core.function import AppliedUndef
-from sympy.printing.numpy import NumPyPrinter
+from sympy.printing.numpy import SciPyPrinter
 
 from .errors import DefopError
 from .registry import Op, register, sum_to_shape
-from .stable import NUMPY_HELPERS, Sigmoid, refine, stabilise
+from .stable import NUMPY_HELPERS, STABLE_FUNCTIONS, Sigmoid, refine, stabilise
 
 
 @dataclass(frozen=True)
@@ -100,12 +102,17 @@ def _validate(name: Any, expr: Any, args: Any) -> tuple[sp.Expr, tuple[sp.Symbol
     return expr, tuple(args)
 
 
-class _NumPyPrinter(NumPyPrinter):
-    """SymPy's numpy printer, but ``And``/``Or`` broadcast their operands.
+class _NumPyPrinter(SciPyPrinter):
+    """SymPy's numpy printer (its SciPy flavour: special functions print as ``scipy.special``
+    names), but ``And``/``Or`` broadcast their operands.
 
     SymPy prints ``(x > 0) & (y > 0)`` as ``logical_and.reduce((x > 0, y > 0))``,
     which stacks the operands and fails when x and y broadcast, e.g. (5, 3) with (3,).
+    Special functions need SciPy only when an expression uses one (:func:`special_functions`).
     """
+
+    def _print_expint(self, expr: Any) -> str:  # SymPy's E_nu(x); SciPy names it expn (integer order)
+        return f"{self._module_format('scipy.special.expn')}({self._print(expr.args[0])}, {self._print(expr.args[1])})"
 
     def _print_And(self, expr: Any) -> str:
         return nest_calls(self._module_format(f"{self._module}.logical_and"), [self._print(a) for a in expr.args])
@@ -122,18 +129,91 @@ def nest_calls(fn: str, args: Sequence[str]) -> str:
     return out
 
 
+def _printer() -> _NumPyPrinter:
+    return _NumPyPrinter({"fully_qualified_modules": False, "inline": True, "allow_unknown_functions": True,
+                          "user_functions": {k: k for k in NUMPY_HELPERS}})  # lambdify's own settings
+
+
+class MissingExtraError(DefopError):
+    """An op needs an optional dependency that is not installed (the message names the extra)."""
+
+
+def _scipy_special() -> Any:
+    """``scipy.special``, or None when SciPy (the ``special`` extra) is not installed."""
+    try:
+        import scipy.special
+    except ImportError:
+        return None
+    return scipy.special
+
+
+def _functions(expr: Any) -> list[sp.Expr]:
+    exprs = expr if isinstance(expr, (list, tuple)) else [expr]
+    found: dict[sp.Expr, None] = {}
+    for e in exprs:
+        for fn in sp.sympify(e).atoms(sp.Function):
+            if not isinstance(fn, (*STABLE_FUNCTIONS, sp.Piecewise)):
+                found[fn] = None
+    return list(found)
+
+
+def special_functions(expr: Any) -> dict[str, str]:
+    """The functions in ``expr`` that numpy lacks: SymPy name -> the ``scipy.special`` name printed.
+
+    Raises ``TypeError`` naming a function that neither numpy nor SciPy can
+    evaluate (an unevaluated ``Derivative``, a Meijer G function, ...).
+    """
+    printer = _printer()
+    needed: dict[str, str] = {}
+    exprs = expr if isinstance(expr, (list, tuple)) else [expr]
+    for e in exprs:
+        for kind in (sp.Derivative, sp.Subs, sp.Integral):
+            for bad in sp.sympify(e).atoms(kind):
+                raise TypeError(f"it holds an unevaluated {kind.__name__}, which neither numpy nor SciPy can "
+                                f"evaluate")
+    for fn in _functions(expr):
+        try:
+            text = printer.doprint(fn)
+        except Exception:  # noqa: BLE001 - SymPy's printers refuse functions they have no code for
+            raise TypeError(f"{fn.func.__name__} has no numpy or scipy.special counterpart") from None
+        head = re.match(r"[\w.]+", text)
+        name = head.group(0).removeprefix("numpy.").removeprefix("scipy.special.") if head else ""
+        if not name or hasattr(np, name) or name in NUMPY_HELPERS:
+            continue
+        needed[fn.func.__name__] = name
+    return needed
+
+
+def _namespace(expr: Any) -> dict[str, Any]:
+    """The ``scipy.special`` functions ``expr`` needs, by printed name (empty: numpy suffices)."""
+    needed = special_functions(expr)
+    if not needed:
+        return {}
+    special = _scipy_special()
+    if special is None:
+        fn, name = next(iter(needed.items()))
+        raise MissingExtraError(f"{fn} is computed by scipy.special.{name}, and SciPy is not installed: "
+                                f"pip install 'symdiff[special]'")
+    missing = [fn for fn, name in needed.items() if not hasattr(special, name)]
+    if missing:
+        raise TypeError(f"neither numpy nor scipy.special has a function for {', '.join(missing)}")
+    return {name: getattr(special, name) for name in needed.values()}
+
+
 def lambdify_numpy(params: Sequence[sp.Symbol], expr: Any) -> tuple[Callable[..., Any], str]:
-    """A numpy kernel for ``expr`` (CSE'd, stable functions as their templates) and its source."""
+    """A numpy kernel for ``expr`` (CSE'd, stable functions as their templates) and its source.
+
+    Special functions numpy lacks are taken from ``scipy.special`` (the ``special``
+    extra); without SciPy this raises :class:`MissingExtraError` naming the function.
+    """
     import inspect
 
-    printer = _NumPyPrinter({"fully_qualified_modules": False, "inline": True, "allow_unknown_functions": True,
-                             "user_functions": {k: k for k in NUMPY_HELPERS}})  # lambdify's own settings
-    fn = sp.lambdify(list(params), expr, modules=[NUMPY_HELPERS, "numpy"], printer=printer, cse=True,
-                     docstring_limit=0)
+    fn = sp.lambdify(list(params), expr, modules=[NUMPY_HELPERS, _namespace(expr), "numpy"], printer=_printer(),
+                     cse=True, docstring_limit=0)
     return fn, inspect.getsource(fn)
 
 
-SUPPORTED = "use functions numpy supports (exp, log, sin, tanh, sqrt, Max, Abs, ...)"
+SUPPORTED = "use functions numpy or scipy.special supports (exp, log, tanh, sqrt, Max, Abs, erf, gamma, besselj, ...)"
 
 
 def _evaluates(params: Sequence[sp.Symbol], expr: Any) -> bool:
@@ -159,31 +239,38 @@ def _culprit(expr: Any) -> Any:
     return None
 
 
-def declaration_error(name: str, what: str, expr: Any, exc: BaseException | None) -> DefopError:
-    """One line: which op, which function SymPy or numpy could not handle, and what to do."""
+def declaration_error(name: str, what: str, expr: Any, exc: BaseException | None,
+                      arg: sp.Symbol | None = None) -> DefopError:
+    """One line: which op, which function SymPy or numpy could not handle, and what to do.
+
+    ``arg``: the argument a failing derivative is taken with respect to (it may be declared nondiff).
+    """
     bad = _culprit(expr)
     if bad is not None:  # in the user's own symbol names, not the real-valued stand-ins
         bad = bad.xreplace({d: sp.Symbol(d.name) for d in bad.atoms(sp.Dummy)})
     if isinstance(bad, sp.Derivative):
+        nondiff = (f"; if {arg} needs no gradient (an order, a fixed parameter), declare it nondiff=[{arg}]"
+                   if arg is not None else "")
         return DefopError(f"defop({name!r}): SymPy cannot differentiate {bad.expr} (the {what} stays "
                           f"{bad}); declare an expression with a derivative (floor, ceiling, frac, ... have none "
-                          f"that numpy could use), or write the op by hand as a structural op")
+                          f"that numpy could use), or write the op by hand as a structural op{nondiff}")
     if isinstance(bad, sp.Integral):
         return DefopError(f"defop({name!r}): the {what} holds the unevaluated integral {bad}, which numpy cannot "
                           f"compute; give a closed form (try sympy.integrate(...).doit()) instead")
     if bad is not None:
         func = bad.func.__name__ if isinstance(bad, sp.Basic) else str(bad)
-        return DefopError(f"defop({name!r}): the {what} uses {func} (in {bad}), which numpy cannot evaluate; "
-                          f"{SUPPORTED}")
+        return DefopError(f"defop({name!r}): the {what} uses {func} (in {bad}), which neither numpy nor "
+                          f"scipy.special can evaluate; {SUPPORTED}")
     detail = f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})" if exc is not None else ""
-    return DefopError(f"defop({name!r}): the {what} could not be evaluated with numpy{detail}; {SUPPORTED}")
+    return DefopError(f"defop({name!r}): the {what} could not be evaluated with numpy or SciPy{detail}; {SUPPORTED}")
 
 
 def _smoke_test(name: str, fn: Callable[..., Any], n_args: int, what: str, expr: Any) -> None:
     """Evaluate once on a small array so an unprintable function fails at declaration."""
     probe = [np.linspace(0.1 + 0.05 * k, 0.9, 4) for k in range(n_args)]
     try:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy.special's own warnings (an order truncated to an integer)
             np.asarray(fn(*probe), dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - re-raised as one line naming the function
         raise declaration_error(name, what, expr, exc) from exc
@@ -228,10 +315,14 @@ def _cancels(e: sp.Expr) -> bool:
     return any(OUT in a.free_symbols for a in e.atoms(sp.Add))
 
 
-def derive(expr: sp.Expr, args: Sequence[sp.Symbol]) -> tuple[sp.Expr, tuple[sp.Expr, ...], tuple[sp.Expr, ...], tuple[bool, ...]]:
-    """Stabilised forward expression, input-form derivatives, backward expressions, output-form flags."""
+def derive(expr: sp.Expr, args: Sequence[sp.Symbol], nondiff: Sequence[sp.Symbol] = ()
+           ) -> tuple[sp.Expr, tuple[sp.Expr, ...], tuple[sp.Expr, ...], tuple[bool, ...]]:
+    """Stabilised forward expression, input-form derivatives, backward expressions, output-form flags.
+
+    Arguments in ``nondiff`` get the derivative 0: they are never differentiated.
+    """
     fwd = stabilise(expr)
-    derivs = tuple(refine(sp.diff(fwd, a)) for a in args)
+    derivs = tuple(sp.S.Zero if a in nondiff else refine(sp.diff(fwd, a)) for a in args)
     backward, output_form = [], []
     for d in derivs:
         in_out = d.subs(fwd, OUT) if fwd not in args else d
@@ -271,41 +362,54 @@ def training_backward(op: Op) -> tuple[Callable[..., Any], tuple[bool, bool]]:
     return kernel
 
 
-def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, replace: bool = False,
-          doc: str = "") -> Op:
-    """Declare an elementwise op from one SymPy expression; SymPy derives its gradient.
+def _no_gradient(delta: Any, out: Any, *inputs: Any) -> Any:
+    raise TypeError("this input is declared nondiff: it has no gradient")
 
-    >>> x = sympy.Symbol("x")
-    >>> softplus = defop("softplus", sympy.log(1 + sympy.exp(x)), args=[x])
 
-    The op is registered (``f.softplus`` works) and returned (``softplus(reg)``
-    builds the same register). Inputs broadcast like numpy; gradients are
-    summed back to each input's shape.
+def declare(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Sequence[sp.Symbol] = (),
+            doc: str = "") -> Op:
+    """:func:`defop` without registering: the op, derived, stabilised and smoke-tested.
+
+    Used for ops made on demand (a number times a register, ``r ** 0.5``), which
+    are found by name but are not primitives of their own.
     """
     expr, args = _validate(name, expr, args)
+    if isinstance(nondiff, sp.Symbol) or not isinstance(nondiff, (list, tuple)):
+        raise DefopError(f"defop({name!r}): nondiff must be a list of argument symbols, e.g. nondiff=[nu]")
+    for a in nondiff:
+        if a not in args:
+            raise DefopError(f"defop({name!r}): nondiff argument {a!r} is not one of args={list(args)}")
     # real-valued stand-ins: derivatives of Abs, sign, ... are then the real ones
     real = tuple(sp.Dummy(a.name, real=True) for a in args)
+    frozen = tuple(r for a, r in zip(args, real) if a in nondiff)
     expr = expr.xreplace(dict(zip(args, real)))
     try:
-        fwd, derivs, backward, output_form = derive(expr, real)
+        fwd, derivs, backward, output_form = derive(expr, real, frozen)
     except Exception as exc:  # noqa: BLE001 - SymPy failing deep inside: one line naming the op
         raise DefopError(f"defop({name!r}): SymPy could not differentiate or simplify {expr} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                          f"{SUPPORTED}") from exc
 
     # a failure is diagnosed on the input-form expression (the output form may hide f(x) as `out`)
-    def kernel(params: Sequence[sp.Symbol], e: Any, what: str, shown: Any) -> tuple[Callable[..., Any], str]:
+    def kernel(params: Sequence[sp.Symbol], e: Any, what: str, shown: Any,
+               arg: sp.Symbol | None = None) -> tuple[Callable[..., Any], str]:
         try:
             return lambdify_numpy(params, e)
+        except MissingExtraError as exc:  # SciPy not installed: the function and the extra, nothing else
+            raise MissingExtraError(f"defop({name!r}): {exc}") from None
         except Exception as exc:  # noqa: BLE001 - e.g. PrintMethodNotImplementedError, 14 frames deep
-            raise declaration_error(name, what, shown, exc) from exc
+            raise declaration_error(name, what, shown, exc, arg) from exc
 
     forward_fn, forward_src = kernel(real, fwd, "forward expression", fwd)
     _smoke_test(name, forward_fn, len(real), "forward expression", fwd)
     bp_fns, bp_srcs = [], []
     for j, b in enumerate(backward):
+        if real[j] in frozen:
+            bp_fns.append(_no_gradient)
+            bp_srcs.append("")
+            continue
         what = f"derivative wrt {args[j]}"
-        raw, src = kernel((DELTA, OUT, *real), b, what, derivs[j])
+        raw, src = kernel((DELTA, OUT, *real), b, what, derivs[j], args[j])
         _smoke_test(name, lambda *xs, raw=raw: raw(xs[0], xs[0], *xs), len(real), what, derivs[j])
         bp_fns.append(_backward_kernel(raw, j))
         bp_srcs.append(src)
@@ -319,7 +423,24 @@ def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, replace: bool 
 
     symbolic = Symbolic(expr, real, fwd, derivs, backward, output_form, forward_src, tuple(bp_srcs))
     used = set().union(*(b.free_symbols for b in backward))
-    op = Op(name=name, arity=len(real), forward=forward, backward=tuple(bp_fns), elementwise=True,
-            doc=doc or f"{name}({', '.join(a.name for a in args)}) = {expr}", symbolic=symbolic,
-            backward_reads=((OUT in used,), tuple(a in used for a in real)))
-    return register(op, replace=replace)
+    return Op(name=name, arity=len(real), forward=forward, backward=tuple(bp_fns), elementwise=True,
+              doc=doc or f"{name}({', '.join(a.name for a in args)}) = {expr}", symbolic=symbolic,
+              backward_reads=((OUT in used,), tuple(a in used for a in real)),
+              nondifferentiable=tuple(j for j, r in enumerate(real) if r in frozen))
+
+
+def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Sequence[sp.Symbol] = (),
+          replace: bool = False, doc: str = "") -> Op:
+    """Declare an elementwise op from one SymPy expression; SymPy derives its gradient.
+
+    >>> x = sympy.Symbol("x")
+    >>> softplus = defop("softplus", sympy.log(1 + sympy.exp(x)), args=[x])
+
+    The op is registered (``f.softplus`` works) and returned (``softplus(reg)``
+    builds the same register). Inputs broadcast like numpy; gradients are
+    summed back to each input's shape. Special functions numpy lacks (erf,
+    gamma, Bessel functions, ...) are evaluated by ``scipy.special`` (the
+    ``special`` extra). Arguments listed in ``nondiff`` (an integer order, a
+    fixed shape parameter) are never differentiated: they get no gradient.
+    """
+    return register(declare(name, expr, args, nondiff=nondiff, doc=doc), replace=replace)

@@ -20,7 +20,7 @@ import numpy as np
 import sympy as sp
 
 from . import native
-from .cprint import c_source
+from .cprint import c_missing, c_source
 from .declare import keeps_float32, lambdify_numpy
 from .registry import MULTI_OPS, get_op, sum_to_shape
 from .stable import Relu, Sigmoid, Step, stabilise
@@ -38,6 +38,9 @@ class _Native:
         self.fns: tuple[int, int] | None = None
         self.error: str | None = None
         self.source = ""
+        lacking = c_missing(self.outputs)
+        if lacking:  # e.g. a Bessel function: C99 has none, so numpy/SciPy it is, from the start
+            self.error = f"C99 has no {', '.join(lacking)}: runs with numpy/SciPy"
 
     def ready(self, arrays: Sequence[Any]) -> tuple[int, int] | None:
         """The compiled kernels' addresses (float64, float32), built now if these arrays are
@@ -294,6 +297,14 @@ class FusedKernel:
             fn, src = lambdify_numpy((*self.delta_symbols, *self.result_symbols, *self.inputs), list(grads))
             self._backward[needed] = (fn, src, grads)
         return self._backward[needed][0]
+
+    def runs_as(self) -> str:
+        """How the kernel runs (for ``symdiff ops --fused``): compiled C, or numpy/SciPy and why."""
+        kernels = [self.native_forward, *(plan.native for plan in self._native_backward.values())]
+        lacking = [k.error for k in kernels if k.error and k.error.startswith("C99")]
+        if lacking:
+            return lacking[0]
+        return "compiled C where the arrays fit" if native.enabled() else f"numpy (native kernels {native.status()})"
 
     def display(self) -> tuple[list[str], list[str]]:
         """Composite expressions of the results and the generated gradients, as text."""

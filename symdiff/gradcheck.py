@@ -139,14 +139,14 @@ def check_op(op: Op, shapes: Sequence[tuple[int, ...]] | None = None, *, rng: np
     """Max relative error of ``op``'s backward kernels against central differences.
 
     Inputs are drawn uniformly from ``[low, high]`` with the given (possibly
-    broadcasting) shapes, or taken from ``inputs`` (copied to float64) for ops
+    broadcasting) shapes, or taken from ``inputs`` (copied to float64; boolean masks kept) for ops
     that need particular values, e.g. probabilities. The check contracts the
     output with a random ``delta`` so every element of every input gradient is
     tested. Each difference ``f(x+eps) - f(x-eps)`` is taken before the
     contraction, so outputs the perturbed element does not touch cancel exactly.
     """
-    if inputs is not None:
-        xs = [np.array(x, dtype=np.float64) for x in inputs]
+    if inputs is not None:  # floats in float64; a boolean mask stays as it is
+        xs = [np.array(x) if np.asarray(x).dtype == bool else np.array(x, dtype=np.float64) for x in inputs]
     elif shapes is not None:
         xs = [rng.uniform(low, high, size=s) for s in shapes]
     else:
@@ -155,6 +155,8 @@ def check_op(op: Op, shapes: Sequence[tuple[int, ...]] | None = None, *, rng: np
     delta = rng.standard_normal(np.shape(out))
     worst = 0.0
     for j, x in enumerate(xs):
+        if j in op.nondifferentiable:  # a mask, an order: no gradient to check
+            continue
         ana = op.backward[j](delta, out, *xs)
         if np.shape(ana) != np.shape(x):
             raise AssertionError(f"{op.name}: gradient wrt input {j} has shape {np.shape(ana)}, input has {np.shape(x)}")

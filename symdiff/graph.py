@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterator, NamedTuple, Sequence
 
 from .errors import GraphError, SymdiffError, UnknownNameError, did_you_mean
-from .registry import OPS, Op, get_op, set_register_builder
+from .registry import FAMILIES, OPS, Op, get_op, set_register_builder
 
 INPUT, PARAM, OPERATION = "input", "param", "operationOutput"
 
@@ -20,7 +20,9 @@ class Register:
 
     ``role`` is ``"input"`` (data fed at each step), ``"param"`` (trained) or
     ``"operationOutput"``. Operators build operations the way the seed did:
-    ``+`` add, ``-`` subtract, ``*`` and ``@`` the matrix product.
+    ``+`` add, ``-`` subtract, ``*`` and ``@`` the matrix product; ``/`` divides
+    elementwise. With a number (``2 * r``, ``1 - r``, ``r ** 0.5``) every operator
+    is elementwise and the number a constant folded into the op.
     """
 
     __slots__ = ("name", "role", "default", "op", "inputs")
@@ -55,17 +57,74 @@ class Register:
     def isOperationOutput(self) -> bool:
         return self.role == OPERATION
 
-    # seed-style operator overloading
-    def __add__(self, other: "Register") -> "Register":
-        return Register.operation(get_op("add"), (self, other))
+    # seed-style operator overloading, plus numbers (constants folded into an op: nothing to feed)
+    __array_ufunc__ = None  # numpy scalars on the left defer to the reflected operators below
 
-    def __sub__(self, other: "Register") -> "Register":
-        return Register.operation(get_op("subtract"), (self, other))
+    def _with(self, kind: str, c: Any, op_name: str | None = None, other: Any = None) -> "Register":
+        if isinstance(other, Register) and op_name is not None:
+            return Register.operation(get_op(op_name), (self, other))
+        scalar = FAMILIES.get("scalar")
+        if scalar is None or isinstance(c, Register):
+            return NotImplemented
+        if not _is_number(c):
+            what = "an array" if hasattr(c, "shape") else f"a {type(c).__name__}"
+            raise GraphError(f"cannot combine register {self.name or '?'} with {what} ({kind}): only numbers and "
+                             f"registers combine with registers; wrap arrays with f.input(name=..., default=value)")
+        return Register.operation(scalar(kind, c), (self,))
 
-    def __mul__(self, other: "Register") -> "Register":
+    def __add__(self, other: Any) -> "Register":
+        return self._with("add", other, "add", other)
+
+    def __radd__(self, other: Any) -> "Register":
+        return self._with("add", other)
+
+    def __sub__(self, other: Any) -> "Register":
+        if isinstance(other, Register):
+            return Register.operation(get_op("subtract"), (self, other))
+        return self._with("add", -other if _is_number(other) else other)
+
+    def __rsub__(self, other: Any) -> "Register":
+        return self._with("rsub", other)
+
+    def __mul__(self, other: Any) -> "Register":
+        """Between registers the matrix product (the seed's meaning); with a number, elementwise."""
+        return self._with("mul", other, "mul", other)
+
+    def __rmul__(self, other: Any) -> "Register":
+        return self._with("mul", other)
+
+    def __matmul__(self, other: Any) -> "Register":
+        if not isinstance(other, Register):
+            raise GraphError("'@' is the matrix product of two registers; for a number use '*'")
         return Register.operation(get_op("mul"), (self, other))
 
-    __matmul__ = __mul__
+    def __truediv__(self, other: Any) -> "Register":
+        """Elementwise division, by a register or a number."""
+        return self._with("div", other, "divide", other)
+
+    def __rtruediv__(self, other: Any) -> "Register":
+        return self._with("rdiv", other)
+
+    def __pow__(self, other: Any) -> "Register":
+        if isinstance(other, Register):
+            raise GraphError("a register to the power of a register is not an op; write f.exp(b * f.log(a))")
+        return self._with("pow", other)
+
+    def __rpow__(self, other: Any) -> "Register":
+        return self._with("rpow", other)
+
+    def __neg__(self) -> "Register":
+        return Register.operation(get_op("negate"), (self,))
+
+    def __pos__(self) -> "Register":
+        return self
+
+    def __getitem__(self, index: Any) -> "Register":
+        """``x[...]``: ints, slices, None, Ellipsis and integer arrays (a gather), numpy's rules."""
+        return FAMILIES["getitem"](self, index)
+
+    def __iter__(self) -> Any:  # __getitem__ must not make registers iterable (an endless gather loop)
+        raise GraphError("a register is not iterable; index it (x[0], x[:, 1]) or use f.sum/f.stack")
 
     def __repr__(self) -> str:
         what = self.op.name if self.op is not None else self.role
@@ -86,10 +145,11 @@ class _Builder:
     def __getattr__(self, opname: str) -> Any:
         if opname.startswith("__"):
             raise AttributeError(opname)
-        return get_op(opname)
+        family = FAMILIES.get(opname)  # ops with static arguments: f.sum(x, axis=1)
+        return family if family is not None and opname != "scalar" else get_op(opname)
 
     def __dir__(self) -> list[str]:
-        return ["input", "param", *OPS]
+        return ["input", "param", *OPS, *(n for n in FAMILIES if n != "scalar")]
 
 
 f = _Builder()
@@ -227,6 +287,12 @@ class XMan:
             if r.role == OPERATION:
                 steps.append(Step(r.name, r.op.name, tuple(i.name for i in r.inputs)))
         return steps
+
+
+def _is_number(value: Any) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
 
 
 def _walk(root: Register) -> Iterator[Register]:

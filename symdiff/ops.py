@@ -33,6 +33,7 @@ defop("exp", sp.exp(x), args=[x], doc="exponential")
 defop("log", sp.log(x), args=[x], doc="natural logarithm (x > 0)")
 defop("square", x**2, args=[x], doc="x squared")
 defop("negate", -x, args=[x], doc="-x")
+defop("divide", x / y, args=[x, y], doc="x / y, elementwise (also written x / y between registers)")
 
 
 # ---- structural: hand-written ------------------------------------------------------------
@@ -61,14 +62,14 @@ def _mul_db(delta: np.ndarray, out: Any, a: Any, b: np.ndarray) -> Any:
 
 
 def _softmax(o: np.ndarray) -> np.ndarray:
-    z = o - o.max(axis=1, keepdims=True)
+    z = o - o.max(axis=-1, keepdims=True)
     np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
+    z /= z.sum(axis=-1, keepdims=True)
     return z
 
 
 def _softmax_back(delta: np.ndarray, p: np.ndarray, o: np.ndarray) -> np.ndarray:
-    return p * (delta - (delta * p).sum(axis=1, keepdims=True))
+    return p * (delta - (delta * p).sum(axis=-1, keepdims=True))
 
 
 def _log_softmax(o: np.ndarray) -> np.ndarray:
@@ -127,8 +128,9 @@ STRUCTURAL = (
        formula="a @ b (matrix product; one-hot a gathers rows of b)",
        derivative_formulas=("delta @ b.T", "a.T @ delta (scatter-add for one-hot a)"),
        backward_reads=((False,), (True, True)), doc="matrix product, also written a * b and a @ b"),
-    Op("softMax", 1, _softmax, (_softmax_back,), formula="exp(o - max o) / sum exp(o - max o), row-wise",
-       derivative_formulas=("out * (delta - sum(delta * out, axis=1))",), backward_reads=((True,), (False,)), doc="row-wise softmax"),
+    Op("softMax", 1, _softmax, (_softmax_back,), formula="exp(o - max o) / sum exp(o - max o), along the last axis",
+       derivative_formulas=("out * (delta - sum(delta * out, axis=-1))",), backward_reads=((True,), (False,)),
+       doc="softmax along the last axis (row-wise for a matrix); f.softMax(x, axis=k) for another"),
     Op("crossEnt", 2, _crossent, (_crossent_dp, _crossent_dt), formula="-sum(t * log p, axis=1)",
        derivative_formulas=("-delta * t / p", "-delta * log p"), backward_reads=((False,), (True, True)), doc="per-row cross-entropy of probabilities p against targets t"),
     Op("crossEnt-softMax", 2, _crossent_softmax, (_crossent_softmax_do, _crossent_softmax_dt),
@@ -498,6 +500,10 @@ def block_op(kind: str, arg: Any) -> Any:
         return known
     MULTI_OPS[op.name] = op  # new, or an op it uses was redefined with replace=True
     return op
+
+
+# ---- numbers with registers, and ops with static arguments (f.sum(x, axis=1), x[1:], ...) -----------
+from . import array_ops, scalar_ops  # noqa: E402,F401  (install FAMILIES["scalar"], f.sum, f.reshape, ...)
 
 
 # ---- the structural ops gradient graphs are built from (symdiff.grad) ----------------------

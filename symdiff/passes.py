@@ -223,8 +223,8 @@ def _fuse_blocks_round(steps: list[Step], keep: set[str]) -> list[Step] | None:
 
 
 def _fusable(op_name: str) -> bool:
-    op = get_op(op_name)
-    return op.elementwise and op.symbolic is not None
+    op = get_op(op_name)  # (an op with a nondiff argument stays alone: a fused gradient would differentiate it)
+    return op.elementwise and op.symbolic is not None and not op.nondifferentiable
 
 
 def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = (),

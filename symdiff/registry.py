@@ -46,6 +46,12 @@ class Op:
     # whose *values* the backward kernels read: ((out,), (input 0, input 1, ...)); None = all of them.
     # Anything else only lends its shape and dtype, so a training loop may release it early.
     backward_reads: tuple[tuple[bool, ...], tuple[bool, ...]] | None = None
+    # inputs that get no gradient (a where-mask, a Bessel function's order): bprop never asks for one
+    nondifferentiable: tuple[int, ...] = ()
+    # an instance of an op family with static arguments (``f.sum(x, axis=1)``): the family's name and
+    # the arguments, validated when the graph was built (see symdiff.array_ops)
+    family: str = ""
+    static: tuple[tuple[str, Any], ...] = ()
 
     def __call__(self, *inputs: Any) -> Any:
         """Build a register computed by this op: ``gate(a, b)`` is ``f.gate(a, b)``."""
@@ -60,6 +66,13 @@ class Op:
 
 
 OPS: dict[str, Op] = {}
+
+#: ops made on demand, one per set of static arguments or constant (``sum[axis=1]``, ``mul_by_2``):
+#: found by name like any op, but not listed as primitives (their families are, in ``FAMILIES``)
+INSTANCES: dict[str, Op] = {}
+
+#: op families with static arguments, by the name ``f.<name>`` uses: callables building registers
+FAMILIES: dict[str, Any] = {}
 
 #: how ``op(*inputs)`` builds a register; installed by :mod:`symdiff.graph` on import
 _build_register: Callable[[Op, Sequence[Any]], Any] | None = None
@@ -94,6 +107,9 @@ def get_op(name: str) -> Op:
     try:
         return OPS[name]
     except KeyError:
+        made = INSTANCES.get(name)
+        if made is not None:
+            return made
         close = difflib.get_close_matches(name, OPS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UnknownNameError(
@@ -125,3 +141,11 @@ def sum_to_shape(grad: Any, shape: Sequence[int], dtype: Any) -> np.ndarray:
     if g.shape != shape:  # the derivative did not depend on a broadcast axis
         g = np.broadcast_to(g, shape).copy()
     return g if g.dtype == dtype else g.astype(dtype)
+
+
+def instance(name: str, make: Callable[[], Op]) -> Op:
+    """The on-demand op called ``name``, made by ``make()`` the first time it is asked for."""
+    op = INSTANCES.get(name)
+    if op is None:
+        op = INSTANCES[name] = make()
+    return op
