@@ -154,6 +154,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
             bwd = "\n".join(f"input {j}: {d}" for j, d in enumerate(op.derivative_formulas))
         table.add_row(name, kind, fwd, bwd)
     _console().print(table)
+    _print_vocabulary()
     if args.order:
         _print_orders(args.order)
     if args.wengert:
@@ -166,6 +167,40 @@ def cmd_ops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_vocabulary() -> None:
+    """Ops with static arguments (one op per set of arguments, made when the graph is built) and numbers."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from symdiff.array_ops import SIGNATURES
+    from symdiff.scalar_ops import KINDS
+
+    table = Table(title="ops with static arguments (checked when the graph is built; NumPy semantics)")
+    for col in ("call", "gradient"):
+        table.add_column(col)
+    for family, call in SIGNATURES.items():
+        table.add_row(escape(call), escape(_FAMILY_GRADIENTS[family]))
+    _console().print(table)
+    numbers = Table(title="numbers with registers (the number is a constant folded into an elementwise op)")
+    for col in ("written", "op made"):
+        numbers.add_column(col)
+    for kind, (prefix, _, written) in KINDS.items():
+        numbers.add_row(written, f"{prefix}_<c>, e.g. {prefix}_2")
+    _console().print(numbers)
+
+
+_FAMILY_GRADIENTS = {
+    "sum": "delta broadcast back over the summed axes",
+    "mean": "delta / count, broadcast back over the averaged axes",
+    "max": "delta to the maxima; tied maxima share it equally",
+    "logsumexp": "delta * softmax(x) over the axes",
+    "log_softmax": "delta - softmax(x) * sum(delta, axis)",
+    "where": "delta where mask to a, elsewhere to b (summed to their shapes); none to the mask",
+    "softMax": "out * (delta - sum(delta * out, axis))",
+    "reshape": "delta reshaped to x's shape", "transpose": "delta transposed back (inverse permutation)",
+    "concat": "each part gets its slice of delta", "stack": "each part gets delta taken at its index",
+    "getitem": "delta scatter-added into zeros of x's shape (repeated indices add up)",
+}
 def _print_orders(order: int) -> None:
     """Each elementwise op's derivatives up to ``order``, as SymPy derived and symdiff stabilised them."""
     from rich.table import Table

@@ -666,10 +666,11 @@ FIXED = (
        doc="a where the boolean mask is true, else b (broadcasting)", family="where"),
     Op("reshape_like", 2, _reshape_like, (lambda d, o, x, ref: np.reshape(d, np.shape(x)), _zero_for_ref),
        formula="d reshaped to ref's shape", derivative_formulas=("delta reshaped to d's shape", "0 (lends its shape)"),
-       backward_reads=((False,), (False, False)), nondifferentiable=(1,), doc="reshape to another register's shape"),
+       backward_reads=((False,), (False, False)), nondifferentiable=(1,), doc="reshape to another register's shape",
+       family="reshape_like"),
     Op("zeros_like", 1, _zeros_like, (lambda d, o, ref: np.zeros(np.shape(ref), np.result_type(ref, 1.0)),),
        formula="zeros of ref's shape", derivative_formulas=("0",), backward_reads=((False,), (False,)),
-       nondifferentiable=(0,), doc="zeros in a register's shape"),
+       nondifferentiable=(0,), doc="zeros in a register's shape", family="zeros_like"),
 )
 for _op in FIXED:
     if _op.name not in OPS:
@@ -752,3 +753,165 @@ SIGNATURES = {
 
 # the default forms are primitives of their own (f.sum(x) is `sum`), verified like every registered op
 sum_op(), max_op(), logsumexp_op(), log_softmax_op()
+
+
+# --------------------------------------------------------------------------------------
+# graph rules (symdiff.differential): pullbacks (b, delta, out, inputs, needed) -> one register
+# (or None) per input, forward rules (b, out, inputs, tangents) -> a register or None; keyed by
+# family, every op they build has rules here or among the built-ins in turn
+# --------------------------------------------------------------------------------------
+def _static(out: Any) -> dict[str, Any]:
+    return dict(out.op.static)
+
+
+def _zeros(b: Any, like: Any) -> Any:
+    return b(OPS["zeros_like"], like)
+
+
+def _tangents(b: Any, ins: Sequence[Any], dots: Sequence[Any]) -> list[Any]:
+    """Each input's tangent, zeros in its shape where it has none."""
+    return [d if d is not None else _zeros(b, x) for x, d in zip(ins, dots)]
+
+
+def _pull_reduce(reduce: Callable[..., Op], mean: bool) -> Callable[..., list[Any]]:
+    def pull(b: Any, d: Any, out: Any, ins: Sequence[Any], need: Sequence[bool]) -> list[Any]:
+        s = _static(out)
+        return [b(expand_op(s["axis"], s["keepdims"], mean), d, ins[0])]
+
+    return pull
+
+
+def _push_reduce(reduce: Callable[..., Op]) -> Callable[..., Any]:
+    def push(b: Any, out: Any, ins: Sequence[Any], dots: Sequence[Any]) -> Any:
+        s = _static(out)
+        return None if dots[0] is None else b(reduce(s["axis"], s["keepdims"]), dots[0])
+
+    return push
+
+
+def _weighted(b: Any, out: Any, a: Any) -> Any:
+    """Where a reduction's gradient goes, per element of its input: max's tie weights, logsumexp's softmax."""
+    s = _static(out)
+    if out.op.family == "max":
+        return b(max_weights_op(s["axis"]), a)
+    return b("exp", b("subtract", a, b(expand_op(s["axis"], s["keepdims"]), out, a)))
+
+
+def _pull_weighted(b: Any, d: Any, out: Any, ins: Sequence[Any], need: Sequence[bool]) -> list[Any]:
+    s = _static(out)
+    return [b("hadamard", b(expand_op(s["axis"], s["keepdims"]), d, ins[0]), _weighted(b, out, ins[0]))]
+
+
+def _push_weighted(b: Any, out: Any, ins: Sequence[Any], dots: Sequence[Any]) -> Any:
+    s = _static(out)
+    if dots[0] is None:
+        return None
+    return b(sum_op(s["axis"], s["keepdims"]), b("hadamard", _weighted(b, out, ins[0]), dots[0]))
+
+
+def _pull_expand(b: Any, d: Any, out: Any, ins: Sequence[Any], need: Sequence[bool]) -> list[Any]:
+    s = _static(out)
+    reduce = mean_op if s["mean"] else sum_op
+    return [need[0] and b(reduce(s["axis"], s["keepdims"]), d), None]
+
+
+def _axis_sum(b: Any, out: Any, x: Any) -> Any:
+    return b(sum_op(_static(out).get("axis", -1), True), x)
+
+
+def _pull_softmax(b: Any, d: Any, out: Any, ins: Sequence[Any], need: Sequence[bool]) -> list[Any]:
+    return [b("hadamard", out, b("subtract", d, _axis_sum(b, out, b("hadamard", d, out))))]
+
+
+def _push_softmax(b: Any, out: Any, ins: Sequence[Any], dots: Sequence[Any]) -> Any:
+    if dots[0] is None:
+        return None
+    return b("hadamard", out, b("subtract", dots[0], _axis_sum(b, out, b("hadamard", out, dots[0]))))
+
+
+def _softmax_of(b: Any, out: Any, a: Any) -> Any:
+    return b(softmax_op(_static(out)["axis"]), a)
+
+
+def _pull_log_softmax(b: Any, d: Any, out: Any, ins: Sequence[Any], need: Sequence[bool]) -> list[Any]:
+    return [b("subtract", d, b("hadamard", _softmax_of(b, out, ins[0]), _axis_sum(b, out, d)))]
+
+
+def _push_log_softmax(b: Any, out: Any, ins: Sequence[Any], dots: Sequence[Any]) -> Any:
+    if dots[0] is None:
+        return None
+    return b("subtract", dots[0], _axis_sum(b, out, b("hadamard", _softmax_of(b, out, ins[0]), dots[0])))
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    n = len(perm)
+    return tuple(int(k) for k in np.argsort([p % n for p in perm]))
+
+
+def _pull_concat(b: Any, d: Any, out: Any, ins: Sequence[Any], need: Sequence[bool]) -> list[Any]:
+    s = _static(out)
+    return [need[j] and b(concat_part_op(s["k"], s["axis"], j), d, *ins) for j in range(len(ins))]
+
+
+def _pull_concat_part(b: Any, d: Any, out: Any, ins: Sequence[Any], need: Sequence[bool]) -> list[Any]:
+    s = _static(out)
+    parts = [d if i == s["j"] else _zeros(b, p) for i, p in enumerate(ins[1:])]
+    return [need[0] and b(concat_op(s["k"], s["axis"]), *parts)] + [None] * s["k"]
+
+
+def _pull_where(b: Any, d: Any, out: Any, ins: Sequence[Any], need: Sequence[bool]) -> list[Any]:
+    mask, a, c = ins
+    zero = _zeros(b, d)
+    return [None, need[1] and b("sum_like", b(OPS["where"], mask, d, zero), a),
+            need[2] and b("sum_like", b(OPS["where"], mask, zero, d), c)]
+
+
+def _push_where(b: Any, out: Any, ins: Sequence[Any], dots: Sequence[Any]) -> Any:
+    if dots[1] is None and dots[2] is None:
+        return None
+    a, c = _tangents(b, ins[1:], dots[1:])
+    return b("broadcast_like", b(OPS["where"], ins[0], a, c), out)
+
+
+PULLBACKS: dict[str, Callable[..., list[Any]]] = {
+    "sum": _pull_reduce(sum_op, False),
+    "mean": _pull_reduce(mean_op, True),
+    "max": _pull_weighted,
+    "logsumexp": _pull_weighted,
+    "max_weights": lambda b, d, out, ins, need: [None],
+    "expand": _pull_expand,
+    "softMax": _pull_softmax,
+    "log_softmax": _pull_log_softmax,
+    "reshape": lambda b, d, out, ins, need: [b(OPS["reshape_like"], d, ins[0])],
+    "reshape_like": lambda b, d, out, ins, need: [need[0] and b(OPS["reshape_like"], d, ins[0]), None],
+    "transpose": lambda b, d, out, ins, need: [b(transpose_op(_inverse(_static(out)["axes"])), d)],
+    "concat": _pull_concat,
+    "concat_part": _pull_concat_part,
+    "stack": lambda b, d, out, ins, need: [
+        need[j] and b(getitem_op(_unstack_index(_static(out)["axis"], j)), d) for j in range(len(ins))],
+    "getitem": lambda b, d, out, ins, need: [b(scatter_op(_static(out)["index"]), d, ins[0])],
+    "scatter": lambda b, d, out, ins, need: [need[0] and b(getitem_op(_static(out)["index"]), d), None],
+    "where": _pull_where,
+    "zeros_like": lambda b, d, out, ins, need: [None],
+}
+
+PUSHFORWARDS: dict[str, Callable[..., Any]] = {
+    "sum": _push_reduce(sum_op),
+    "mean": _push_reduce(mean_op),
+    "max": _push_weighted,
+    "logsumexp": _push_weighted,
+    "max_weights": lambda b, out, ins, dots: None,
+    "expand": lambda b, out, ins, dots: None if dots[0] is None else b(out.op, dots[0], ins[1]),
+    "softMax": _push_softmax,
+    "log_softmax": _push_log_softmax,
+    "reshape": lambda b, out, ins, dots: None if dots[0] is None else b(out.op, dots[0]),
+    "reshape_like": lambda b, out, ins, dots: None if dots[0] is None else b(out.op, dots[0], ins[1]),
+    "transpose": lambda b, out, ins, dots: None if dots[0] is None else b(out.op, dots[0]),
+    "concat": lambda b, out, ins, dots: b(out.op, *_tangents(b, ins, dots)),
+    "concat_part": lambda b, out, ins, dots: None if dots[0] is None else b(out.op, dots[0], *ins[1:]),
+    "stack": lambda b, out, ins, dots: b(out.op, *_tangents(b, ins, dots)),
+    "getitem": lambda b, out, ins, dots: None if dots[0] is None else b(out.op, dots[0]),
+    "scatter": lambda b, out, ins, dots: None if dots[0] is None else b(out.op, dots[0], ins[1]),
+    "where": _push_where,
+    "zeros_like": lambda b, out, ins, dots: None,
+}

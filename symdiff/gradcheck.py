@@ -160,6 +160,8 @@ def check_op(op: Op, shapes: Sequence[tuple[int, ...]] | None = None, *, rng: np
         ana = op.backward[j](delta, out, *xs)
         if np.shape(ana) != np.shape(x):
             raise AssertionError(f"{op.name}: gradient wrt input {j} has shape {np.shape(ana)}, input has {np.shape(x)}")
+        if x.size == 0:  # an empty part (a concat's): its gradient is right once its shape is
+            continue
         num = np.zeros_like(x)
         for i in range(x.size):
             orig = x.flat[i]
