@@ -72,8 +72,8 @@ def c_missing(outputs: Sequence[sp.Expr]) -> tuple[str, ...]:
     missing: dict[str, None] = {}
     for e in outputs:
         for fn in sp.sympify(e).atoms(sp.Function):
-            try:
-                printer.doprint(fn)
+            try:  # the function alone, on plain arguments (tanh(polygamma(..)) is polygamma's fault)
+                printer.doprint(fn.func(*(sp.Symbol(f"a{k}", real=True) for k in range(len(fn.args)))))
             except Exception:  # noqa: BLE001 - SymPy's C printer refuses what C has no function for
                 missing[fn.func.__name__] = None
     return tuple(missing)

@@ -6,7 +6,7 @@ import ast
 import pathlib
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "symdiff"
-SYMPY_SIDE = {"stable", "declare", "cprint", "fusion", "ops", "derivative_ops"}
+SYMPY_SIDE = {"stable", "declare", "cprint", "fusion", "ops", "derivative_ops", "scalar_ops"}
 
 
 def _imports(path: pathlib.Path, modules: set[str]) -> tuple[set[str], set[str]]:
@@ -71,7 +71,8 @@ def test_no_import_cycle_between_engine_modules() -> None:
 def test_cycle_finder_finds_a_planted_cycle() -> None:
     graph = _graph()
     graph["registry"] = graph["registry"] | {"graph"}  # the circle this layout removed
-    assert _cycle(graph) == ["graph", "registry", "graph"]
+    cycle = _cycle(graph)  # found from whichever of the two the search reaches first
+    assert cycle in (["graph", "registry", "graph"], ["registry", "graph", "registry"])
 
 
 def test_only_the_sympy_side_imports_sympy() -> None:
