@@ -498,3 +498,34 @@ def test_fusion_never_joins_two_groups_that_feed_each_other_through_a_third():
         g1 = ad.bprop(w, ad.eval(w, xm.inputDict()), loss=np.float64(1.0))
         for name in ("q", "W"):
             np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12)
+
+
+def test_fusion_never_merges_two_groups_that_a_third_group_connects():
+    # the shape of a Hessian-vector product through logsumexp: the groups {z7, z8} and {z20, z22, ...}
+    # are joined only through other fused groups and structural steps; merging them made a cycle
+    from symdiff.graph import Step
+    from symdiff.passes import fuse_elementwise
+
+    e = "expand[axis=(1,2), keepdims=False, mean=False]"
+    from symdiff.array_ops import expand_op, sum_op
+    from symdiff.scalar_ops import scalar_op
+
+    expand_op((1, 2), False), sum_op((1, 2), False), scalar_op("mul", 2)  # the ops, made by name
+    s = "sum[axis=(1,2), keepdims=False]"
+    steps = [Step(*t) for t in [
+        ("z1", "times_2", ("x",)), ("z2", "logsumexp", ("z1",)), ("z6", e, ("z2", "z1")),
+        ("z7", "subtract", ("z1", "z6")), ("z8", "exp", ("z7",)), ("z9", "times_2", ("v",)),
+        ("z10", "hadamard", ("z8", "z9")), ("z11", s, ("z10",)), ("z12", "times_2", ("z11",)),
+        ("z3", "square", ("z2",)), ("loss", "sum", ("z3",)), ("gl", "exp", ("loss",)),
+        ("g3", "reshape_like", ("gl", "z3")), ("z4", "times_2", ("z2",)), ("z13", "hadamard", ("g3", "z4")),
+        ("z14", "hadamard", ("z12", "z13")), ("z15", e, ("z14", "z1")), ("g2", "hadamard", ("g3", "z4")),
+        ("z5", e, ("g2", "z1")), ("z16", "hadamard", ("z5", "z8")), ("z17", "hadamard", ("z15", "z16")),
+        ("z18", e, ("z11", "z1")), ("z19", "negate", ("z18",)), ("z20", "add", ("z9", "z19")),
+        ("z21", "reshape_like", ("z20", "z7")), ("z22", "hadamard", ("z21", "z8")),
+        ("z23", "hadamard", ("z5", "z8")), ("z24", "hadamard", ("z22", "z23")), ("z25", "add", ("z17", "z24")),
+        ("out", "times_2", ("z25",))]]
+    fused = fuse_elementwise(steps, keep={"out"})
+    made: set[str] = {"x", "v"}
+    for step in fused:  # a valid order: every input computed before its use
+        assert all(i in made for i in step.inputs), step
+        made.update(step.outputs)
