@@ -246,3 +246,41 @@ def test_symdiff_ops_lists_the_new_ops_with_their_arguments(capsys, monkeypatch)
                  "x[i, 1:3, None, ..., [0, 0, 2]]", "f.where(mask, a, b)", "c - r", "r ** c", "divide",
                  "tied maxima share it equally"):
         assert call in out, call
+
+
+# the per-op auto-verification, for special functions: central differences with broadcasting shapes in
+# each function's domain, and values and derivatives at the domain's extremes without numpy warnings
+SPECIAL_OPS = [  # expression, args, nondiff, domain of the differentiated argument, extremes
+    (0.5 * x * (1 + sp.erf(x / sp.sqrt(2))), [x], [], (-3, 3), [-1e3, -40.0, 40.0, 1e3]),
+    (sp.erfc(x), [x], [], (-3, 3), [-1e3, 30.0, 1e3]),
+    (sp.erfinv(x), [x], [], (-0.9, 0.9), [-0.999999, 0.999999]),
+    (sp.loggamma(x), [x], [], (0.2, 5), [1e-300, 1e300]),
+    (sp.digamma(x), [x], [], (0.2, 5), [1e-5, 1e100]),
+    (sp.polygamma(n, x), [n, x], [n], (0.2, 5), [1e-3, 1e100]),
+    (sp.besselj(nu, x), [nu, x], [nu], (0.2, 8), [1e-3, 1e5]),
+    (sp.besselk(nu, x), [nu, x], [nu], (0.2, 8), [1e-3, 700.0]),
+    (sp.Ei(x), [x], [], (0.2, 3), [-700.0, 1e-8, 700.0]),
+]
+
+
+@pytest.mark.parametrize("k", range(len(SPECIAL_OPS)))
+def test_special_ops_pass_the_auto_verification(k):
+    expr, args, nondiff, (low, high), extremes = SPECIAL_OPS[k]
+    op = defop(f"voc_special_{k}", expr, args=args, nondiff=nondiff)
+    rng = np.random.default_rng(k)
+    shape_sets = [[(5, 3)], [(4,)]] if op.arity == 1 else [[(5, 1), (5, 3)], [(3,), (5, 3)], [(4,), (4,)]]
+    for shapes in shape_sets:
+        xs = [rng.integers(0, 3, s).astype(float) if j in op.nondifferentiable else rng.uniform(low, high, s)
+              for j, s in enumerate(shapes)]
+        assert np.shape(op.forward(*xs)) == np.broadcast_shapes(*shapes)
+        err = check_op(op, rng=rng, inputs=xs)
+        assert err < 1e-6, f"{expr}: relative error {err:.1e} at shapes {shapes}"
+    import warnings
+
+    with np.errstate(over="raise", invalid="raise", divide="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        u = np.array(extremes)
+        xs = [np.ones_like(u)] * (op.arity - 1) + [u]
+        out = op.forward(*xs)
+        grad = op.backward[-1](np.ones_like(u), out, *xs)
+    assert not np.isnan(out).any() and not np.isnan(grad).any(), (out, grad)
