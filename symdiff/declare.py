@@ -249,11 +249,11 @@ def declaration_error(name: str, what: str, expr: Any, exc: BaseException | None
     if bad is not None:  # in the user's own symbol names, not the real-valued stand-ins
         bad = bad.xreplace({d: sp.Symbol(d.name) for d in bad.atoms(sp.Dummy)})
     if isinstance(bad, sp.Derivative):
-        nondiff = (f"; if {arg} needs no gradient (an order, a fixed parameter), declare it nondiff=[{arg}]"
-                   if arg is not None else "")
+        nondiff = (f"if {arg} needs no gradient (an order, a fixed parameter), declare it nondiff=[{arg}]; "
+                   f"otherwise " if arg is not None else "")
         return DefopError(f"defop({name!r}): SymPy cannot differentiate {bad.expr} (the {what} stays "
-                          f"{bad}); declare an expression with a derivative (floor, ceiling, frac, ... have none "
-                          f"that numpy could use), or write the op by hand as a structural op{nondiff}")
+                          f"{bad}); {nondiff}declare an expression with a derivative (floor, ceiling, frac, ... "
+                          f"have none that numpy could use), or write the op by hand as a structural op")
     if isinstance(bad, sp.Integral):
         return DefopError(f"defop({name!r}): the {what} holds the unevaluated integral {bad}, which numpy cannot "
                           f"compute; give a closed form (try sympy.integrate(...).doit()) instead")
