@@ -95,3 +95,19 @@ def test_jvp_through_indexing_and_reductions():
     eps = 1e-6
     num = (ad.eval(wl, xm.inputDict(x=X + eps * t))["y"] - ad.eval(wl, xm.inputDict(x=X - eps * t))["y"]) / (2 * eps)
     np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-8)
+
+
+def test_second_order_gradients_through_a_special_function_with_a_nondiff_order():
+    import sympy as sp
+
+    from symdiff import defop
+
+    nu, x = sp.symbols("nu x")
+    defop("grad_jv", sp.besselj(nu, x), args=[nu, x], nondiff=[nu])  # its partials keep nu nondiff
+    xm = XMan()
+    xm.nu = f.input(name="nu", default=np.array([[0.0], [1.0], [2.5]]))
+    xm.x = f.param(name="x", default=np.linspace(0.5, 6, 4))
+    xm.loss = f.sum(f.square(f.grad_jv(xm.nu, xm.x)))
+    xm.setup()
+    for check in check_grads(xm, "loss", ["x"], order=3, rtol=2e-5, atol=1e-7):
+        assert check.ok, f"order {check.order}: max relative error {check.max_rel:.2e}"
