@@ -300,3 +300,16 @@ def test_the_same_static_arguments_make_the_same_op():
     assert f.sum(x).op.name == "sum" and f.mean(x).op.name == "mean" and f.transpose(x).op.name == "transpose"
     assert x[[0, 1]].op is x[np.array([0, 1])].op
     assert x[1:3].op is not x[1:4].op
+
+
+@pytest.mark.parametrize("make", [
+    lambda: A.sum_op(1), lambda: A.mean_op((0, 1), True), lambda: A.max_op(-1), lambda: A.logsumexp_op(0),
+    lambda: A.softmax_op(0), lambda: A.log_softmax_op(), lambda: A.reshape_op((-1,)), lambda: A.transpose_op((1, 0)),
+    lambda: A.getitem_op((slice(None, None, -1), [0, 0])), lambda: A.concat_op(1, 1), lambda: A.stack_op(1, -1),
+])
+def test_float32_stays_float32_forward_and_backward(make):
+    op = make()
+    x = np.random.default_rng(5).normal(size=(3, 4)).astype(np.float32)
+    out = op.forward(x)
+    g = op.backward[0](np.ones_like(out), out, x)
+    assert out.dtype == np.float32 and g.dtype == np.float32 and g.shape == x.shape
