@@ -632,7 +632,7 @@ def scatter_op(index: Any) -> Op:
 
 
 # --------------------------------------------------------------------------------------
-# where, zeros_like, reshape_like: fixed ops
+# where, zeros_of, reshape_like: fixed ops
 # --------------------------------------------------------------------------------------
 def _where(mask: Any, a: Any, b: Any) -> np.ndarray:
     mask = np.asarray(mask)
@@ -668,9 +668,9 @@ FIXED = (
        formula="d reshaped to ref's shape", derivative_formulas=("delta reshaped to d's shape", "0 (lends its shape)"),
        backward_reads=((False,), (False, False)), nondifferentiable=(1,), doc="reshape to another register's shape",
        family="reshape_like"),
-    Op("zeros_like", 1, _zeros_like, (lambda d, o, ref: np.zeros(np.shape(ref), np.result_type(ref, 1.0)),),
+    Op("zeros_of", 1, _zeros_like, (lambda d, o, ref: np.zeros(np.shape(ref), np.result_type(ref, 1.0)),),
        formula="zeros of ref's shape", derivative_formulas=("0",), backward_reads=((False,), (False,)),
-       nondifferentiable=(0,), doc="zeros in a register's shape", family="zeros_like"),
+       nondifferentiable=(0,), doc="zeros in a register's shape", family="zeros_of"),
 )
 for _op in FIXED:
     if _op.name not in OPS:
@@ -765,7 +765,7 @@ def _static(out: Any) -> dict[str, Any]:
 
 
 def _zeros(b: Any, like: Any) -> Any:
-    return b(OPS["zeros_like"], like)
+    return b(OPS["zeros_of"], like)
 
 
 def _tangents(b: Any, ins: Sequence[Any], dots: Sequence[Any]) -> list[Any]:
@@ -892,7 +892,7 @@ PULLBACKS: dict[str, Callable[..., list[Any]]] = {
     "getitem": lambda b, d, out, ins, need: [b(scatter_op(_static(out)["index"]), d, ins[0])],
     "scatter": lambda b, d, out, ins, need: [need[0] and b(getitem_op(_static(out)["index"]), d), None],
     "where": _pull_where,
-    "zeros_like": lambda b, d, out, ins, need: [None],
+    "zeros_of": lambda b, d, out, ins, need: [None],
 }
 
 PUSHFORWARDS: dict[str, Callable[..., Any]] = {
@@ -913,5 +913,5 @@ PUSHFORWARDS: dict[str, Callable[..., Any]] = {
     "getitem": lambda b, out, ins, dots: None if dots[0] is None else b(out.op, dots[0]),
     "scatter": lambda b, out, ins, dots: None if dots[0] is None else b(out.op, dots[0], ins[1]),
     "where": _push_where,
-    "zeros_like": lambda b, out, ins, dots: None,
+    "zeros_of": lambda b, out, ins, dots: None,
 }

@@ -78,7 +78,7 @@ INPUTS = {
     "where": lambda rng: [(rng.random((4, 3)) < 0.5, _uniform(rng, (4, 3)), _uniform(rng, (3,))),
                           (rng.random((4, 1)) < 0.5, _uniform(rng, (4, 3)), _uniform(rng, (4, 3)))],
     "reshape_like": lambda rng: [(_uniform(rng, (4, 3)), _uniform(rng, (2, 6))), (_uniform(rng, (6,)), _uniform(rng, (3, 2)))],
-    "zeros_like": lambda rng: [(_uniform(rng, (4, 3)),)],
+    "zeros_of": lambda rng: [(_uniform(rng, (4, 3)),)],
     # the ops gradient graphs are built from (symdiff/shape_ops.py); a reference input lends only its shape
     "rowsum": lambda rng: [(_uniform(rng, (4, 3)),), (_uniform(rng, (2, 1)),)],
     "sum_like": lambda rng: [(_uniform(rng, (4, 3)), _uniform(rng, (3,))), (_uniform(rng, (4, 3)), _uniform(rng, (4, 1))),
