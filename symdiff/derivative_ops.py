@@ -72,7 +72,7 @@ def _op_key(op: Op) -> tuple[int, str]:
     return known[1]
 
 
-def expression_op(expr: sp.Expr, args: Sequence[sp.Symbol], name: str) -> Op:
+def expression_op(expr: sp.Expr, args: Sequence[sp.Symbol], name: str, nondiff: Sequence[int] = ()) -> Op:
     """The op computing ``expr`` of ``args`` elementwise: an existing one with that expression, or
     a new one declared as ``name`` (with a number appended if that name is taken)."""
     expr = refine(sp.sympify(expr))
@@ -85,7 +85,7 @@ def expression_op(expr: sp.Expr, args: Sequence[sp.Symbol], name: str) -> Op:
         k += 1
         name = f"{base}_{k}"
     plain = [sp.Symbol(a.name) for a in args]
-    op = defop(name, expr.xreplace(dict(zip(args, plain))), args=plain,
+    op = defop(name, expr.xreplace(dict(zip(args, plain))), args=plain, nondiff=[plain[i] for i in nondiff],
                doc=f"{name}({', '.join(map(str, plain))}) = {expr.xreplace(dict(zip(args, plain)))}")
     _BY_EXPR[key] = op
     return op
@@ -108,7 +108,8 @@ def partial(op: Op, j: int) -> Op | sp.Expr:
         result: Op | sp.Expr = d
     else:
         try:
-            result = expression_op(d, sym.args, f"{op.name}__d{sym.args[j].name}")
+            # an argument the op does not differentiate (a Bessel order) is not differentiated in its partials
+            result = expression_op(d, sym.args, f"{op.name}__d{sym.args[j].name}", op.nondifferentiable)
         except (TypeError, ValueError) as exc:
             raise DerivativeError(
                 f"cannot declare the derivative of op {op.name!r} with respect to {sym.args[j].name!r}, "

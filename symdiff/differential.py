@@ -30,6 +30,7 @@ import numpy as np
 from . import shape_ops  # noqa: F401  (registers the ops gradient graphs are made of)
 from .autograd import Autograd
 from .errors import GradientError
+from .array_ops import PULLBACKS as FAMILY_PULLBACKS, PUSHFORWARDS as FAMILY_PUSHFORWARDS
 from .derivative_ops import constant_like, elementwise_op, identity_op, partial, scale_op
 from .graph import Register, Step, WengertList, XMan
 from .registry import Op, get_op
@@ -94,7 +95,7 @@ def _pull_elementwise(op: Op) -> Pullback:
              needed: tuple[bool, ...]) -> list[Register | None]:
         grads: list[Register | None] = []
         for j, x in enumerate(ins):
-            g = b.times_partial(op, j, ins, delta) if needed[j] else None
+            g = b.times_partial(op, j, ins, delta) if needed[j] and j not in op.nondifferentiable else None
             if g is not None and op.arity > 1:  # the input may have been broadcast: sum back
                 g = b("sum_like", g, x)
             grads.append(g)
@@ -146,7 +147,7 @@ def _push_elementwise(op: Op) -> Pushforward:
     def push(b: Builder, out: Register, ins: tuple[Register, ...], dots: tuple[Register | None, ...]) -> Register | None:
         terms, full = [], False
         for j, dx in enumerate(dots):
-            if dx is not None:
+            if dx is not None and j not in op.nondifferentiable:
                 p = partial(op, j)
                 full = full or isinstance(p, Op)  # a partial-derivative op's value has the output's shape
                 t = b.times_partial(op, j, ins, dx)
@@ -231,7 +232,7 @@ PUSHFORWARDS: dict[str, Pushforward] = {
 def _pullback(op: Op) -> Pullback:
     if op.elementwise and op.symbolic is not None:
         return _pull_elementwise(op)
-    rule = PULLBACKS.get(op.name)
+    rule = PULLBACKS.get(op.name) or FAMILY_PULLBACKS.get(op.family)  # f.sum(x, axis=1), x[...], ...
     if rule is None:
         raise GradientError(
             f"op {op.name!r} has no graph pullback, so its gradient cannot be built as a graph; "
@@ -242,7 +243,7 @@ def _pullback(op: Op) -> Pullback:
 def _pushforward(op: Op) -> Pushforward:
     if op.elementwise and op.symbolic is not None:
         return _push_elementwise(op)
-    rule = PUSHFORWARDS.get(op.name)
+    rule = PUSHFORWARDS.get(op.name) or FAMILY_PUSHFORWARDS.get(op.family)
     if rule is None:
         raise GradientError(
             f"op {op.name!r} has no forward rule, so its directional derivative cannot be built as a graph; "

@@ -285,7 +285,8 @@ def test_every_op_passes_check_grads_to_order_three(name):
         low, high = DOMAINS.get(name, (-2.0, 2.0))
         xs = tuple(np.where(np.abs(x) < 0.05, 0.5, x) if low < 0 else x for x in xs)
     xm = XMan()
-    args = [f.param(name=f"p{j}", default=np.array(x, dtype=float)) for j, x in enumerate(xs)]
+    args = [f.input(name=f"p{j}", default=x) if j in op.nondifferentiable  # a mask stays boolean
+            else f.param(name=f"p{j}", default=np.array(x, dtype=float)) for j, x in enumerate(xs)]
     out = op(*args)
     probe = XMan()
     probe.out = out
@@ -295,7 +296,9 @@ def test_every_op_passes_check_grads_to_order_three(name):
     xm.w = f.input(name="w", default=rng.standard_normal(shape))
     xm.loss = f.sum(f.hadamard(xm.out, xm.w))
     xm.setup()
-    wrt = [f"p{j}" for j in range(op.arity) if j not in REFERENCE_INPUTS.get(name, ())]
+    wrt = [f"p{j}" for j in range(op.arity) if j not in REFERENCE_INPUTS.get(name, ()) and j not in op.nondifferentiable]
+    if not wrt:
+        pytest.skip(f"op {name!r} has no differentiable input")
     for check in check_grads(xm, "loss", wrt, order=3, rtol=2e-5, atol=1e-7):
         assert check.ok, f"{name}: order {check.order}: max relative error {check.max_rel:.2e}"
 
@@ -341,7 +344,7 @@ def test_check_grads_fails_on_a_wrong_second_derivative():
 
     real = op.symbolic.args[0]
     wrong = derivative_ops.expression_op(3 * real**2 + 0 * real, (real,), "cg_wrong_cube__dx")
-    assert wrong.name == "cg_wrong_cube__dx"
+    assert derivative_ops.partial(op, 0) is wrong  # (an op of that expression may exist already: x ** 3's)
     # plant: d/dx x^3 claimed as 3x^2 (right), but its own derivative claimed as 7x (wrong)
     bad = derivative_ops.expression_op(7 * real, (real,), "cg_wrong_7x")
     derivative_ops._PARTIALS[(id(wrong), 0)] = (wrong, bad)
