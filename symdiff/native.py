@@ -41,7 +41,13 @@ ENV_SWITCH = "SYMDIFF_NATIVE"
 #: so tests on tiny random graphs do not compile a kernel each; ``SYMDIFF_NATIVE_MIN`` overrides
 MIN_ELEMENTS = int(os.environ.get("SYMDIFF_NATIVE_MIN", "1024"))
 
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared")
+#: ``SYMDIFF_MARCH=x86-64-v3`` builds for another instruction-set level than this CPU's (default
+#: ``native``): e.g. to time on an AVX-512 machine what an AVX2-only one would run (see benchmarks/bench.py)
+MARCH_SWITCH = "SYMDIFF_MARCH"
+#: compiler flags besides ``-march``. ``-fno-trapping-math``: no kernel reads the floating-point
+#: exception flags, and without it gcc does not if-convert a select such as ``u >= 0 ? r : e*r``
+#: below AVX-512 (it may not compute ``e*r`` where the C code would not), so the loop stays scalar
+BASE_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared")
 DISPATCH_SOURCE = Path(__file__).with_name("native_dispatch.c")
 
 _lock = threading.Lock()
@@ -49,6 +55,23 @@ _state: dict[str, Any] = {"dispatch": None, "error": None, "compiler": None, "ch
 _libraries: list[Any] = []  # loaded kernels stay loaded for the life of the process
 _kernels: dict[str, Any] = {"built": 0, "failed": 0, "reason": None}  # what load_kernels really did
 _failure_listeners: list[Callable[[str], None]] = []
+
+
+def march() -> str:
+    """The ``-march`` target kernels are built for: ``$SYMDIFF_MARCH``, else ``native``.
+
+    Refused (ValueError, one line) when it is not a plain target name: it goes on a command line.
+    """
+    value = os.environ.get(MARCH_SWITCH, "").strip() or "native"
+    if not all(ch.isalnum() or ch in "-_.+" for ch in value) or value.startswith("-"):
+        raise ValueError(f"{MARCH_SWITCH}={value!r} is not a compiler target name; use e.g. "
+                         f"{MARCH_SWITCH}=x86-64-v3 (AVX2), x86-64-v4 (AVX-512) or native")
+    return value
+
+
+def flags() -> tuple[str, ...]:
+    """The compiler flags of every build (part of the cache key)."""
+    return (BASE_FLAGS[0], f"-march={march()}", *BASE_FLAGS[1:])
 
 
 def _switched_on() -> bool:
@@ -84,7 +107,7 @@ def status() -> str:
         return f"off ({ENV_SWITCH}=0 or switched off)"
     if dispatcher() is None:
         return f"off ({_state['error']})"
-    return f"on ({_state['compiler']}, {' '.join(FLAGS[:3])})"
+    return f"on ({_state['compiler']}, {' '.join(flags()[:3])})"
 
 
 def _compiler() -> str | None:
@@ -121,7 +144,8 @@ def _build(source: str, stem: str, extra: tuple[str, ...] = (), libs: tuple[str,
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     _state["compiler"] = cc
-    key = hashlib.sha256("\0".join((source, cc, *FLAGS, *extra, *libs, _cpu(), sys.version)).encode()).hexdigest()[:20]
+    cflags = flags()
+    key = hashlib.sha256("\0".join((source, cc, *cflags, *extra, *libs, _cpu(), sys.version)).encode()).hexdigest()[:20]
     directory = _private_dir(cache_dir())
     target = directory / f"{stem}-{key}.so"
     if target.exists():
@@ -131,7 +155,7 @@ def _build(source: str, stem: str, extra: tuple[str, ...] = (), libs: tuple[str,
             src = Path(tmp) / f"{stem}.c"
             src.write_text(source)
             out = Path(tmp) / "out.so"
-            cmd = [cc, *FLAGS, *extra, str(src), "-o", str(out), *libs]
+            cmd = [cc, *cflags, *extra, str(src), "-o", str(out), *libs]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd[:1])} failed: {done.stderr.strip()[:500]}")

@@ -370,3 +370,25 @@ def test_a_cache_folder_others_may_write_is_not_used(tmp_path):
     assert chosen.stat().st_uid == os.getuid() and not chosen.stat().st_mode & 0o022
     mine = tmp_path / "mine"
     assert native._private_dir(mine) == mine and (mine.stat().st_mode & 0o777) == 0o700
+
+
+@needs_compiler
+def test_the_target_level_is_an_environment_variable_and_part_of_the_cache_key(tmp_path):
+    """SYMDIFF_MARCH builds for another instruction-set level (e.g. AVX2 on an AVX-512 machine)
+    into libraries of their own; a value that is no target name turns native code off, saying why."""
+    if not native.flags()[1].startswith("-march=") or os.uname().machine != "x86_64":
+        pytest.skip("x86-64 target names")
+    cache = tmp_path / "cache"
+    runs = {}
+    for march in ("", "x86-64-v3"):
+        done = _python(TRAIN_A_LITTLE, {"SYMDIFF_CACHE": str(cache), "SYMDIFF_MARCH": march}, tmp_path)
+        assert done.returncode == 0, done.stderr
+        runs[march] = (done.stdout.splitlines(), {p.name for p in cache.glob("*.so")})
+    assert "-march=native" in runs[""][0][0] and "-march=x86-64-v3" in runs["x86-64-v3"][0][0]
+    assert runs["x86-64-v3"][1] > runs[""][1]  # built again, beside the native builds
+    np.testing.assert_allclose(float(runs[""][0][1].split()[1]), float(runs["x86-64-v3"][0][1].split()[1]),
+                               rtol=1e-12)
+    bad = _python(TRAIN_A_LITTLE, {"SYMDIFF_CACHE": str(cache), "SYMDIFF_MARCH": "native -O0"}, tmp_path)
+    assert bad.returncode == 0, bad.stderr
+    status, result = bad.stdout.splitlines()
+    assert status.startswith("off (") and "SYMDIFF_MARCH" in status and result.startswith("numpy ")
