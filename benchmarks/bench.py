@@ -1,6 +1,7 @@
 """Benchmark: the engine against the hand-written numpy reference, in the same process.
 
     python -m benchmarks.bench [--dataset PREFIX] [--repeats 3] [--models mlp lstm] [--json]
+                               [--isa native|avx2|both]
 
 For each model it draws one set of initial parameters, copies them into the
 reference, checks that one epoch of SGD in both ends with the same parameters,
@@ -11,6 +12,12 @@ also a hand-fused numpy version, ``benchmarks/handfused.py``, as a yardstick
 for what numpy allows): the machine is
 shared, so only ratios measured side by side mean anything. Start-up time,
 ``--help`` time and the LSTM run's peak RSS are measured in subprocesses.
+
+``--isa avx2`` times, on a machine with AVX-512, what an AVX2-only machine would run: the
+benchmark re-runs itself in a child process with :data:`AVX2_ENV` (compiled kernels built with
+``-march=x86-64-v3``, numpy's AVX-512 loops and OpenBLAS's AVX-512 kernels switched off);
+``--isa both`` runs it both ways. Every report names the CPU model and the instruction-set level
+each part ran at.
 """
 from __future__ import annotations
 
@@ -34,6 +41,10 @@ from models import data as D
 from models.training import DEFAULT_LR, StopFlag, Trainer, TrainConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
+#: what makes this process run as an AVX2-only x86-64 machine would (all three are read at start-up)
+AVX2_ENV = {"SYMDIFF_MARCH": "x86-64-v3",                           # compiled kernels: AVX2 + FMA
+            "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",  # numpy's own SIMD loops
+            "OPENBLAS_CORETYPE": "Haswell"}                             # the BLAS's product kernels
 SHARED = REPO.parent / "shared" / "data" / "smaller"
 
 
@@ -178,6 +189,59 @@ def native_build_seconds() -> dict[str, float]:
     return {"cold_cache_s": times[0], "warm_cache_s": times[1]}
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _x86_level(has: Any) -> str:
+    if has("avx512f"):
+        return "x86-64-v4 (AVX-512)"
+    if has("avx2"):
+        return "x86-64-v3 (AVX2)"
+    return "x86-64-v2 or lower (no AVX2)"
+
+
+def isa_levels() -> dict[str, str]:
+    """The instruction-set level of the CPU, and the one each part of this process runs at.
+
+    The CPU's from /proc/cpuinfo; numpy's from its runtime dispatch (``NPY_DISABLE_CPU_FEATURES``
+    lowers it); the compiled kernels' from their ``-march`` (``SYMDIFF_MARCH``); the BLAS's kernel.
+    """
+    arch = platform.machine()
+    flags = _cpu_flags()
+    if arch not in ("x86_64", "AMD64"):
+        return {"cpu": arch, "numpy": arch, "kernels": f"-march={native.march()}", "blas": _blas_core()}
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as feats
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as feats
+    numpy_level = _x86_level(lambda f: feats.get("X86_V4" if f == "avx512f" else "X86_V3", False))
+    return {"cpu": _x86_level(lambda f: f in flags), "numpy": numpy_level,
+            "kernels": f"-march={native.march()}", "blas": _blas_core()}
+
+
+def _blas_core() -> str:
+    """OpenBLAS's kernel family (``Haswell``: AVX2, ``SkylakeX``/``SapphireRapids``: AVX-512)."""
+    import ctypes
+    import glob
+
+    libs = glob.glob(str(Path(np.__file__).parent.parent / "numpy.libs" / "*openblas*"))
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return "unknown"
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -187,7 +251,9 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+    emulated = {k: os.environ[k] for k in AVX2_ENV if os.environ.get(k)}
+    return {"cpu": cpu, "isa": isa_levels(), "emulation": emulated, "cores": os.cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__,
             "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default")}
 
 
@@ -242,6 +308,14 @@ def second_order_cost(kind: str, ds: D.Dataset, repeats: int, batch: int = 64) -
              statistics.median(ts) / base} for name, ts in best.items()]
 
 
+def _rerun(isa: str, argv: list[str]) -> int:
+    """Run this benchmark again in a child process at instruction-set level ``isa``."""
+    env = {**os.environ, **AVX2_ENV} if isa == "avx2" else {k: v for k, v in os.environ.items() if k not in AVX2_ENV}
+    rest = [a for i, a in enumerate(argv) if a != "--isa" and (i == 0 or argv[i - 1] != "--isa")]
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench", *rest, "--isa", "here"], env=env,
+                          cwd=REPO).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default=str(SHARED) if Path(f"{SHARED}.train").exists() else "demo")
@@ -249,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["mlp", "lstm"], choices=["mlp", "lstm"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--skip_processes", action="store_true", help="skip start-up and memory measurements")
+    p.add_argument("--isa", choices=["native", "avx2", "both", "here"], default="here",
+                   help="native: this CPU's own level; avx2: emulate an AVX2-only machine (see AVX2_ENV); "
+                        "both: one after the other; here (default): as this process's environment says")
     args = p.parse_args(argv)
+    if args.isa != "here":
+        argv = sys.argv[1:] if argv is None else argv
+        codes = [_rerun(isa, argv) for isa in (("native", "avx2") if args.isa == "both" else (args.isa,))]
+        return max(codes)
     prefix = D.resolve_dataset(args.dataset)
     ds = D.load_dataset(prefix)
     report: dict[str, Any] = {"dataset": str(prefix), "machine": machine(), "repeats": args.repeats,
@@ -272,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     m = report["machine"]
+    isa = m["isa"]
+    console.print(f"CPU: {m['cpu']}, {isa['cpu']};  running at: numpy {isa['numpy']}, compiled kernels "
+                  f"{isa['kernels']}, BLAS {isa['blas']}"
+                  + (f"  [emulated: {' '.join(f'{k}={v}' for k, v in m['emulation'].items())}]" if m["emulation"] else ""))
     table = Table(title=f"seconds per training epoch on {prefix.name} (median of {args.repeats}; {m['cores']} cores, "
                         f"{m['cpu']}, numpy {m['numpy']}, BLAS threads {m['blas_threads']})")
     for col in ("model", "dtype", "implementation", "median s/epoch", "min", "max", "ratio to reference"):
