@@ -11,6 +11,7 @@ passes, native) runs on numpy alone.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import sympy as sp
@@ -21,9 +22,15 @@ from .declare import nest_calls
 from .stable import STABLE_FUNCTIONS
 
 
-#: vector variants glibc's libmvec provides (declared ``simd`` so gcc calls them 4-8 lanes at a time)
-_VECTOR_MATH = ("exp", "log", "tanh", "log1p", "expm1", "sin", "cos", "tan", "sinh", "cosh", "asin", "acos",
-                "atan", "asinh", "acosh", "atanh", "exp2", "log2", "log10", "cbrt", "erf", "erfc")
+#: written out in ``sd_math.h`` as straight-line C that vectorises on any target (SSE2, AVX2, AVX-512, NEON):
+#: the C names the printer maps to ``sd_<name>``, as SymPy's classes are named
+INLINE_MATH = ("exp", "expm1", "log", "log1p", "tanh")
+#: other functions with vector variants in glibc's libmvec (declared ``simd`` so gcc calls them 4-8 lanes
+#: at a time where libmvec is found; scalar libm otherwise)
+_VECTOR_MATH = ("sin", "cos", "tan", "sinh", "cosh", "asin", "acos", "atan", "asinh", "acosh", "atanh", "exp2",
+                "log2", "log10", "cbrt", "erf", "erfc")
+#: the vectorisable elementary functions (shipped beside this module; their accuracy: README "Performance")
+SD_MATH = (Path(__file__).with_name("sd_math.h")).read_text()
 
 C_PRELUDE = "\n".join([
     "#include <math.h>",
@@ -32,14 +39,8 @@ C_PRELUDE = "\n".join([
     *(f"double {f}(double) SD_SIMD; float {f}f(float) SD_SIMD;" for f in _VECTOR_MATH),
     "double pow(double, double) SD_SIMD; float powf(float, float) SD_SIMD;",
     "#endif",
-    # the stable functions, as their numpy templates define them (NaN passes through)
-    *(f"static inline {t} sd_sigmoid{x}({t} u) {{ {t} e = exp{x}(-fabs{x}(u)); {t} r = 1 / (1 + e); "
-      f"return u >= 0 ? r : e * r; }}\n"
-      f"static inline {t} sd_softplus{x}({t} u) {{ return (u > 0 ? u : 0) + log1p{x}(exp{x}(-fabs{x}(u))); }}\n"
-      f"static inline {t} sd_relu{x}({t} u) {{ return u > 0 ? u : (u == u ? 0 : u); }}\n"  # +0 for -0, as numpy
-      # tanh from expm1 (accurate near 0, no overflow): libmvec's expm1 is ~1.7x its tanh
-      f"static inline {t} sd_tanh{x}({t} u) {{ {t} e = expm1{x}(-2 * fabs{x}(u)); "
-      f"return copysign{x}(-e / (e + 2), u); }}\n"
+    SD_MATH,  # sd_exp, sd_expm1, sd_log, sd_log1p, sd_tanh, sd_sigmoid, sd_softplus (and ...f)
+    *(f"static inline {t} sd_relu{x}({t} u) {{ return u > 0 ? u : (u == u ? 0 : u); }}\n"  # +0 for -0, as numpy
       f"static inline {t} sd_step{x}({t} u) {{ return u > 0 ? 1 : (u <= 0 ? 0 : u); }}\n"
       # numpy.maximum/minimum keep a NaN; C's fmax/fmin drop it
       f"static inline {t} sd_max{x}({t} a, {t} b) {{ return a != a || b != b ? a + b : (a > b ? a : b); }}\n"
@@ -49,11 +50,13 @@ C_PRELUDE = "\n".join([
 
 
 class _CPrinter(C99CodePrinter):
-    """SymPy's C99 printer; the stable functions, tanh, Max and Min call the prelude's helpers."""
+    """SymPy's C99 printer; the stable functions, exp, expm1, log, log1p, tanh, Max and Min call the
+    prelude's helpers."""
 
     def __init__(self, single: bool) -> None:
         self._suffix = "f" if single else ""
-        helpers = {f.__name__: f"sd_{f.__name__.lower()}{self._suffix}" for f in (*STABLE_FUNCTIONS, sp.tanh)}
+        helpers = {f.__name__: f"sd_{f.__name__.lower()}{self._suffix}" for f in STABLE_FUNCTIONS}
+        helpers.update({name: f"sd_{name}{self._suffix}" for name in INLINE_MATH})
         super().__init__({"type_aliases": {real: float32 if single else float64}, "user_functions": helpers})
 
     def _print_Max(self, e: sp.Expr) -> str:
@@ -92,6 +95,7 @@ def c_source(name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr
     exprs = [sp.sympify(e).xreplace(dict(zip(operands, plain))) for e in outputs]
     temps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("t"), optimizations="basic")
     used = set().union(*(e.free_symbols for _, e in temps), *(e.free_symbols for e in reduced))
+    calls = sum(len(e.atoms(sp.Function)) for e in (*(e for _, e in temps), *reduced))  # elementary functions
     parts = []
     for t, single in (("double", False), ("float", True)):
         printer = _CPrinter(single)
@@ -108,12 +112,14 @@ def c_source(name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr
         # Whole vectors only: a row's last, partial vector is done as the last full one, overlapping
         # the one before (same values written twice). A scalar tail would call scalar libm per
         # element: with K = 50 that tail cost as much as the 48 vectorised elements.
+        split = calls >= 2 and temps
+        chunk = (_split_loops(t, lanes, plain, temps, reduced, printer) if split else
+                 ["#pragma omp simd", f"for (long k = k0; k < k0 + {lanes}; k++)", *inner])
         body += [f"        if (K >= {lanes}) {{",
+                 *([f"            {t} {', '.join(f'{s}_[{lanes}]' for s, _ in temps)};"] if split else []),
                  "            for (long k0 = 0;; k0 += %d) {" % lanes,
                  f"                if (k0 + {lanes} > K) k0 = K - {lanes};",
-                 "                #pragma omp simd",
-                 f"                for (long k = k0; k < k0 + {lanes}; k++)",
-                 *("                " + line for line in inner),
+                 *("                " + line for line in chunk),
                  f"                if (k0 + {lanes} >= K) break;",
                  "            }",
                  "        } else {",
@@ -123,3 +129,31 @@ def c_source(name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr
                  "        }", "    }", "}"]
         parts.append("\n".join(body))
     return C_PRELUDE + "\n\n" + "\n\n".join(parts) + "\n"
+
+
+def _split_loops(t: str, lanes: int, plain: Sequence[sp.Symbol], temps: Sequence[tuple[sp.Symbol, sp.Expr]],
+                 reduced: Sequence[sp.Expr], printer: _CPrinter) -> list[str]:
+    """One chunk of ``lanes`` elements as one loop per common subexpression (into ``t<i>_``
+    arrays on the stack, in L1), then one per output.
+
+    Why: inlined exp and tanh are ~30 instructions each; with five of them in one loop body
+    (an LSTM cell) the compiler runs out of vector registers below AVX-512 (16 on AVX2) and
+    spills. Loops of one function each keep their values in registers, and the arrays
+    between them stay in the first-level cache.
+    """
+    names = {s for s, _ in temps}
+    index = {s: j for j, s in enumerate(plain)}
+
+    def loop(target: str, e: sp.Expr) -> list[str]:
+        free = sorted(e.free_symbols, key=str)
+        lines = [f"    const {t} {s} = a{index[s]}[k];" for s in free if s in index]
+        lines += [f"    const {t} {s} = {s}_[k - k0];" for s in free if s in names]
+        return ["#pragma omp simd", f"for (long k = k0; k < k0 + {lanes}; k++) {{", *lines,
+                f"    {target} = {printer.doprint(e)};", "}"]
+
+    out: list[str] = []
+    for s, e in temps:
+        out += loop(f"{s}_[k - k0]", e)
+    for i, e in enumerate(reduced):
+        out += loop(f"o{i}[k]", e)
+    return out
