@@ -125,7 +125,6 @@ class Program:
         self._releases: dict[tuple[frozenset[str], bool], list[tuple[int, ...]]] = {}
         self._backward_plans: dict[tuple[str, ...], tuple[list[tuple[Any, int]], int]] = {}
         self._drops: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
-        self._stacked: dict[tuple[str, ...], tuple[_SharedRightOperand, ...]] = {}
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, inputs: Mapping[str, Any], keep: Iterable[str] | None = None,
@@ -221,7 +220,6 @@ class Program:
         written = set(key)  # registers a gradient reaches, walking back from the seeds
         plan: list[tuple[Any, int]] = []
         count = 0
-        shared = self._shared_right_operands()
         for k in range(len(self.steps) - 1, -1, -1):
             s = self.steps[k]
             outs = s.outputs
@@ -239,42 +237,15 @@ class Program:
             if isinstance(s.output, tuple):
                 plan.append((_fused_backward(self.ops[k], needed, o, ins, targets, tuple(accumulate), self.native), k))
             else:
-                group = shared.get(s.inputs[1]) if len(s.inputs) == 2 else None  # all of B's users are its products
                 for j, (t, acc) in zip((j for j, n in enumerate(needed) if n), zip(targets, accumulate)):
-                    if group is not None:
-                        plan.append((group.member(j, o, ins, t, acc), k))
-                    else:
-                        plan.append((_single_backward(self.ops[k].backward[j], o, ins, t, acc), k))
+                    plan.append((_single_backward(self.ops[k].backward[j], o, ins, t, acc), k))
             count += len(targets)
-        for group in shared.values():
-            group.close()
         self._backward_plans[key] = (plan, count)
-        self._stacked[key] = tuple(shared.values())
         # for params_only: after a step's last closure, its outputs' gradients and values are spent
         # (their consumers ran before it; outputs are never params, which are leaves)
         self._drops[key] = [self._outputs_of(k) if j + 1 == len(plan) or plan[j + 1][1] != k else ()
                             for j, (_, k) in enumerate(plan)]
         return plan, count
-
-    def _shared_right_operands(self) -> dict[str, "_SharedRightOperand"]:
-        """Products ``a_t @ B`` that share their right operand ``B``, by ``B``'s name: two or more,
-        and nothing else uses ``B`` (an LSTM's recurrent weights at every step).
-
-        Their weight gradient ``sum_t a_tᵀ delta_t`` is then one product of the stacked ``a_t``
-        and ``delta_t`` (one BLAS call with an inner dimension of ``M * batch`` instead of ``M``
-        calls of ``batch``), and ``Bᵀ`` is laid out once per backward pass instead of once per step.
-        """
-        mul = get_op("mul")
-        users: dict[str, list[int]] = {}
-        for k, s in enumerate(self.steps):
-            for name in set(s.inputs):
-                users.setdefault(name, []).append(k)
-        groups = {}
-        for name, ks in users.items():
-            if len(ks) >= 2 and all(self.ops[k] is mul and self.steps[k].inputs[1] == name
-                                    and self.steps[k].inputs[0] != name for k in ks):
-                groups[name] = _SharedRightOperand(mul, set(ks))
-        return groups
 
     def _outputs_of(self, k: int) -> tuple[int, ...]:
         o = self.forward_plan[k][1]
@@ -290,8 +261,6 @@ class Program:
         ~10% off an LSTM epoch on this machine.
         """
         plan, count = self.backward_plan(list(seeds))
-        for group in self._stacked[tuple(sorted(seeds))]:
-            group.reset()  # nothing left over from a backward pass that failed half-way
         g: list[Any] = [None] * len(self.names)
         for name, value in seeds.items():
             k = self.slot[name]
@@ -389,76 +358,6 @@ def _single_backward(bp: Any, o: int, ins: tuple[int, ...], target: int, accumul
         def run(g: list[Any], v: list[Any]) -> None:
             g[target] = bp(g[o], v[o], *[v[i] for i in ins])
     return run
-
-
-class _SharedRightOperand:
-    """The backward of several products ``a_t @ B`` with one ``B`` (see Program._shared_right_operands).
-
-    ``member`` hands out each product's closures in plan order. The ``a``-gradients
-    ``delta_t Bᵀ`` read one contiguous ``Bᵀ`` made at the first of them; the ``B``-gradient
-    closures only collect ``(a_t, delta_t)``, and the last one multiplies the stacked pairs
-    at once. Anything but plain 2-D arrays (a one-hot ``a``, a vector) falls back to the
-    products one by one, summed.
-    """
-
-    def __init__(self, op: Any, steps: set[int]) -> None:
-        self.op, self.steps = op, steps
-        self.n_collect = 0
-        self.pending: list[tuple[Any, Any]] = []
-        self.bt: Any = None
-        self.bt_users = 0
-        self.bt_left = 0
-
-    def member(self, j: int, o: int, ins: tuple[int, ...], target: int, accumulate: bool) -> Any:
-        if j == 0:
-            self.bt_users += 1
-            da = self.op.backward[0]
-
-            def run_a(g: list[Any], v: list[Any]) -> None:
-                b = v[ins[1]]
-                if self.bt is None:  # OpenBLAS is faster with Bᵀ laid out than transposed (see ops._mul_da)
-                    self.bt = np.ascontiguousarray(b.T) if type(b) is np.ndarray and b.ndim == 2 \
-                        and b.size <= 1 << 22 else False
-                    self.bt_left = self.bt_users
-                d = g[o] @ self.bt if self.bt is not False and type(g[o]) is np.ndarray \
-                    and g[o].ndim == 2 else da(g[o], v[o], v[ins[0]], b)
-                self.bt_left -= 1
-                if not self.bt_left:
-                    self.bt = None  # B changes between batches: never reuse its layout
-                g[target] = g[target] + d if accumulate else d
-
-            return run_a
-        self.n_collect += 1  # B's gradient is written by the last of these alone (nothing else uses B)
-
-        def run_b(g: list[Any], v: list[Any]) -> None:
-            self.pending.append((v[ins[0]], g[o]))
-            if len(self.pending) == self.n_collect:
-                g[target] = self._weight_gradient(v[ins[1]])
-
-        return run_b
-
-    def _weight_gradient(self, b: Any) -> Any:
-        pairs, self.pending = self.pending, []
-        if all(type(a) is np.ndarray and a.ndim == 2 and type(d) is np.ndarray and d.ndim == 2 for a, d in pairs):
-            if len(pairs) == 1:
-                return pairs[0][0].T @ pairs[0][1]
-            # in forward order (the plan runs backward), as the unstacked sum would add them
-            return np.concatenate([a for a, _ in reversed(pairs)]).T @ np.concatenate([d for _, d in reversed(pairs)])
-        db = self.op.backward[1]
-        total = None
-        for a, d in reversed(pairs):
-            part = db(d, None, a, b)
-            total = part if total is None else total + part
-        return total
-
-    def close(self) -> None:
-        """The plan is complete: ``n_collect`` B-gradient closures will run per backward pass."""
-        self.reset()
-
-    def reset(self) -> None:
-        self.pending = []
-        self.bt = None
-        self.bt_left = 0
 
 
 def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, ...], ins: tuple[int, ...],
