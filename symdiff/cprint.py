@@ -22,14 +22,14 @@ from .declare import nest_calls
 from .stable import STABLE_FUNCTIONS
 
 
-#: written out in ``sd_math.h`` as straight-line C that vectorises on any target (SSE2, AVX2, AVX-512, NEON):
-#: the C names the printer maps to ``sd_<name>``, as SymPy's classes are named
+#: the functions ``sd_math.h`` provides (glibc's libmvec where found, else its own straight-line C; either
+#: way the loops vectorise): SymPy's class names, which the printer maps to ``sd_<name>``
 INLINE_MATH = ("exp", "expm1", "log", "log1p", "tanh")
 #: other functions with vector variants in glibc's libmvec (declared ``simd`` so gcc calls them 4-8 lanes
 #: at a time where libmvec is found; scalar libm otherwise)
 _VECTOR_MATH = ("sin", "cos", "tan", "sinh", "cosh", "asin", "acos", "atan", "asinh", "acosh", "atanh", "exp2",
                 "log2", "log10", "cbrt", "erf", "erfc")
-#: the vectorisable elementary functions (shipped beside this module; their accuracy: README "Performance")
+#: the elementary functions' C (shipped beside this module; their accuracy: README "Performance")
 SD_MATH = (Path(__file__).with_name("sd_math.h")).read_text()
 
 C_PRELUDE = "\n".join([
@@ -95,7 +95,6 @@ def c_source(name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr
     exprs = [sp.sympify(e).xreplace(dict(zip(operands, plain))) for e in outputs]
     temps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("t"), optimizations="basic")
     used = set().union(*(e.free_symbols for _, e in temps), *(e.free_symbols for e in reduced))
-    calls = sum(len(e.atoms(sp.Function)) for e in (*(e for _, e in temps), *reduced))  # elementary functions
     parts = []
     for t, single in (("double", False), ("float", True)):
         printer = _CPrinter(single)
@@ -112,14 +111,12 @@ def c_source(name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr
         # Whole vectors only: a row's last, partial vector is done as the last full one, overlapping
         # the one before (same values written twice). A scalar tail would call scalar libm per
         # element: with K = 50 that tail cost as much as the 48 vectorised elements.
-        split = calls >= 2 and temps
-        chunk = (_split_loops(t, lanes, plain, temps, reduced, printer) if split else
-                 ["#pragma omp simd", f"for (long k = k0; k < k0 + {lanes}; k++)", *inner])
         body += [f"        if (K >= {lanes}) {{",
-                 *([f"            {t} {', '.join(f'{s}_[{lanes}]' for s, _ in temps)};"] if split else []),
                  "            for (long k0 = 0;; k0 += %d) {" % lanes,
                  f"                if (k0 + {lanes} > K) k0 = K - {lanes};",
-                 *("                " + line for line in chunk),
+                 "                #pragma omp simd",
+                 f"                for (long k = k0; k < k0 + {lanes}; k++)",
+                 *("                " + line for line in inner),
                  f"                if (k0 + {lanes} >= K) break;",
                  "            }",
                  "        } else {",
@@ -129,31 +126,3 @@ def c_source(name: str, operands: Sequence[sp.Symbol], outputs: Sequence[sp.Expr
                  "        }", "    }", "}"]
         parts.append("\n".join(body))
     return C_PRELUDE + "\n\n" + "\n\n".join(parts) + "\n"
-
-
-def _split_loops(t: str, lanes: int, plain: Sequence[sp.Symbol], temps: Sequence[tuple[sp.Symbol, sp.Expr]],
-                 reduced: Sequence[sp.Expr], printer: _CPrinter) -> list[str]:
-    """One chunk of ``lanes`` elements as one loop per common subexpression (into ``t<i>_``
-    arrays on the stack, in L1), then one per output.
-
-    Why: inlined exp and tanh are ~30 instructions each; with five of them in one loop body
-    (an LSTM cell) the compiler runs out of vector registers below AVX-512 (16 on AVX2) and
-    spills. Loops of one function each keep their values in registers, and the arrays
-    between them stay in the first-level cache.
-    """
-    names = {s for s, _ in temps}
-    index = {s: j for j, s in enumerate(plain)}
-
-    def loop(target: str, e: sp.Expr) -> list[str]:
-        free = sorted(e.free_symbols, key=str)
-        lines = [f"    const {t} {s} = a{index[s]}[k];" for s in free if s in index]
-        lines += [f"    const {t} {s} = {s}_[k - k0];" for s in free if s in names]
-        return ["#pragma omp simd", f"for (long k = k0; k < k0 + {lanes}; k++) {{", *lines,
-                f"    {target} = {printer.doprint(e)};", "}"]
-
-    out: list[str] = []
-    for s, e in temps:
-        out += loop(f"{s}_[k - k0]", e)
-    for i, e in enumerate(reduced):
-        out += loop(f"o{i}[k]", e)
-    return out
