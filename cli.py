@@ -102,9 +102,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         finally:
             if isinstance(reporter, RichReporter):
                 reporter.close()
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops training cleanly), or one during start-up
-        return _fail(f"symdiff {args.command}", "interrupted: stopped at once; every output file is either "
-                     "complete or untouched (the writes are atomic)", code=130)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C or SIGTERM (the first stops training cleanly), or start-up
+        from models.training import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, stop_at_once_message
+
+        return _fail(f"symdiff {args.command}", stop_at_once_message(exc),
+                     code=EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:

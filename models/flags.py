@@ -123,6 +123,9 @@ def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help="seed for initialisation and shuffling (default 0)")
     p.add_argument("--metrics_file", default=None, help="write per-epoch metrics as JSON here")
     p.add_argument("--save_model", default=None, help="save the best parameters (.npz) for `symdiff predict`")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="save everything needed to go on (.npz) here after every epoch; if PATH exists, "
+                        "continue from it (same results, bit for bit, as a run never stopped)")
     p.add_argument("--dtype", action=_Given, choices=("float64", "float32"), default="float64",
                    help="float precision")
     p.add_argument("--dense", action="store_true",

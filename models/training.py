@@ -25,6 +25,7 @@ from symdiff import Autograd, Program, native
 from symdiff.optim import clip_grad_norm, make_optimizer, make_schedule
 
 from . import data as D
+from .checkpoint import Checkpoint, CheckpointError, TrainState, data_fingerprint, identity
 from .storage import OutputPathError, OutputWriteError, check_output_path, save_json, save_npy, save_npz
 
 MODELS = ("mlp", "lstm")
@@ -124,7 +125,7 @@ class TrainResult:
     epochs: list[EpochResult] = field(default_factory=list)
     best_epoch: int | None = None
     best_params: dict[str, np.ndarray] | None = None
-    stopped: str | None = None     # "interrupted", "diverged", "dead-relu", "early-stop"
+    stopped: str | None = None     # "interrupted", "terminated", "diverged", "dead-relu", "early-stop"
     message: str | None = None
 
 
@@ -203,28 +204,44 @@ def quiet_closed_stream(stream: Any) -> None:
 
 # ---- interruption ---------------------------------------------------------------------------
 class StopFlag:
-    """Set by SIGINT; the loop checks it after every batch and stops cleanly."""
+    """Set by SIGINT (Ctrl-C) or SIGTERM (what schedulers and preemptible machines send before they
+    kill a job); the loop checks it after every batch and stops cleanly. ``reason`` says which."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.reason = "interrupted"   # or "terminated" (SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """A second SIGTERM: stop at once (exit code 143), as a second Ctrl-C does (130)."""
+
+
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 
 
 @contextmanager
-def stop_on_sigint(flag: StopFlag) -> Iterator[StopFlag]:
+def stop_on_signals(flag: StopFlag) -> Iterator[StopFlag]:
+    """SIGINT and SIGTERM set ``flag`` (a second one stops at once); the previous handlers come back."""
     def handler(signum: int, frame: Any) -> None:
-        if flag.requested:  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
-        flag.requested = True
+        if flag.requested:  # a second signal: the user (or the scheduler) really wants out
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        flag.requested, flag.reason = True, STOP_SIGNALS[signum]
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: no handler, plain KeyboardInterrupt
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+stop_on_sigint = stop_on_signals  # the name it had when only Ctrl-C was handled
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -291,7 +308,8 @@ class Trainer:
         acc = float((probs[known].argmax(axis=1) == labels[known]).mean())
         return Evaluation(probs, loss, acc, int(known.sum()))
 
-    def train(self, reporter: Reporter, stop: StopFlag) -> TrainResult:
+    def train(self, reporter: Reporter, stop: StopFlag, checkpoint: Checkpoint | None = None) -> TrainResult:
+        """Train from scratch, or from ``checkpoint.resume``; save ``checkpoint`` after every epoch."""
         cfg, model = self.cfg, self.model
         params = model.params
         C = model.dims["num_labels"]
@@ -307,11 +325,29 @@ class Trainer:
         one = np.ones((), dtype=model.dtype)
         program, loss_slot, param_slots = self.program, self.loss_slot, self.param_slots
         reporter.start(model.kind, cfg.epochs, batches)
-        if self._dead_relu("train"):
+        first = 1
+        state = checkpoint.resume if checkpoint is not None else None
+        if state is not None:  # everything the uninterrupted run would have at this point
+            model.set_params(state.params)
+            optimizer.load_state_dict(state.optimizer)
+            schedule.load_state_dict(state.schedule)
+            rng.bit_generator.state = state.rng
+            best_loss, since_best = state.best_loss, state.since_best
+            result.best_epoch, result.best_params = state.best_epoch, state.best_params
+            result.epochs = [EpochResult(**e) for e in state.epochs]
+            first = state.epoch + 1
+            self.warm_up()
+            reporter.info(f"resuming from {checkpoint.path}: {state.epoch} of {cfg.epochs} epochs done")
+            for er in result.epochs:
+                reporter.epoch(er)
+            if state.stopped:
+                result.stopped, result.message = state.stopped, state.message
+                return result
+        elif self._dead_relu("train"):
             result.stopped = "dead-relu"
             result.message = self._dead_message() + " (at initialisation)"
             return result
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(first, cfg.epochs + 1):
             t0 = time.perf_counter()
             total, seen = 0.0, 0
             for k, b in enumerate(D.minibatches(self.codes["train"], self.ds.train.label_ids, C,
@@ -335,9 +371,9 @@ class Trainer:
                 if stop.requested:
                     break
             train_seconds = time.perf_counter() - t0
-            if stop.requested and seen < n_train:
-                result.stopped = "interrupted"
-                result.message = f"interrupted during epoch {epoch} (batch {k + 1} of {batches})"
+            if stop.requested and seen < n_train:  # the checkpoint keeps the last finished epoch
+                result.stopped = stop.reason
+                result.message = f"{stop.reason} during epoch {epoch} (batch {k + 1} of {batches})"
                 return result
             ev = self.evaluate("valid")
             vloss = ev.loss if ev.loss is not None else math.nan
@@ -355,21 +391,27 @@ class Trainer:
             if not math.isfinite(vloss):
                 result.stopped = "diverged"
                 result.message = f"the validation loss became {vloss} after epoch {epoch}: training diverged"
-                return result
-            if np.ptp(ev.probs, axis=1).max(initial=0.0) == 0.0:
+            elif np.ptp(ev.probs, axis=1).max(initial=0.0) == 0.0:
                 result.stopped = "dead-relu"
                 result.message = self._dead_message() + f" (after epoch {epoch})"
-                return result
-            if stop.requested:
-                result.stopped = "interrupted"
-                result.message = f"interrupted after epoch {epoch}"
-                return result
-            if cfg.patience is not None and since_best >= cfg.patience:
+            elif cfg.patience is not None and since_best >= cfg.patience:
                 result.stopped = "early-stop"
                 result.message = (f"early stop after epoch {epoch}: validation loss has not improved for "
                                   f"{cfg.patience} epoch(s)")
+            else:
+                optimizer.lr = schedule.after_epoch(epoch, vloss)
+            if checkpoint is not None:
+                checkpoint.save(TrainState(
+                    epoch=epoch, params=params, best_params=result.best_params, best_epoch=result.best_epoch,
+                    best_loss=best_loss, since_best=since_best, optimizer=optimizer.state_dict(),
+                    schedule=schedule.state_dict(), rng=rng.bit_generator.state,
+                    epochs=[asdict(e) for e in result.epochs], stopped=result.stopped, message=result.message))
+            if result.stopped:
                 return result
-            optimizer.lr = schedule.after_epoch(epoch, vloss)
+            if stop.requested:
+                result.stopped = stop.reason
+                result.message = f"{stop.reason} after epoch {epoch}"
+                return result
         return result
 
     def warm_up(self) -> None:
@@ -378,7 +420,10 @@ class Trainer:
 
         Why: the engine compiles a fused kernel to C the first time it sees arrays big enough to
         be worth it, so only now is it known which kernels really compiled and which could not
-        be built (a full or read-only kernel cache): :meth:`engine` reports what happened.
+        be built (a full or read-only kernel cache): :meth:`engine` reports what happened. And the
+        compiled kernels and numpy agree only up to rounding: a run resumed from a checkpoint must
+        start with the kernels a finished epoch has built to go on bit for bit (``train`` calls
+        this when it resumes, for callers such as ``symdiff tune`` that do not call it first).
         """
         b = next(D.minibatches(self.codes["train"], self.ds.train.label_ids, self.model.dims["num_labels"],
                                self.cfg.batch_size, dtype=self.model.dtype))
@@ -494,7 +539,9 @@ class UsageError(ValueError):
     """Bad flags or paths: reported as one line, exit code 2."""
 
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+STOP_EXIT = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}
+STOP_CAUSE = {"interrupted": "Ctrl-C", "terminated": "SIGTERM"}
 
 
 def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
@@ -518,7 +565,7 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
                          f"{exc}; change one of these flags") from None
     outputs = {}
     try:
-        for flag in ("output_file", "metrics_file", "save_model"):
+        for flag in ("output_file", "metrics_file", "save_model", "checkpoint"):
             if params.get(flag):
                 outputs[flag] = check_output_path(params[flag], f"--{flag}")
         prefix = D.resolve_dataset(params.get("dataset") or D.DEFAULT_DATASET)
@@ -534,6 +581,12 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
                 num_labels=ds.vocab.num_labels)
     model = build_model(kind, dims, seed=cfg.seed, dtype=cfg.dtype)
     trainer = Trainer(model, ds, cfg)
+    checkpoint = None
+    if "checkpoint" in outputs:  # read and checked before training: a wrong one is refused up front
+        try:
+            checkpoint = open_checkpoint(outputs["checkpoint"], kind, cfg, model, ds)
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from None
     reporter.info(f"data {prefix}: {len(ds.train)} train / {len(ds.valid)} valid / {len(ds.test)} test rows, "
                   f"{ds.vocab.num_chars} characters, labels {', '.join(ds.vocab.labels)}")
     trainer.warm_up()
@@ -542,20 +595,20 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
     fallback = _kernel_fallback_warning(reporter)  # a kernel first built (and failing) after that line
     # Overflow on the way to a non-finite loss is detected and reported by the loop itself;
     # numpy's RuntimeWarnings about it would only bury that one clear message.
-    with stop_on_sigint(flag), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+    with stop_on_signals(flag), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
             native.on_kernel_failure(fallback):
-        result = trainer.train(reporter, flag)
+        result = trainer.train(reporter, flag, checkpoint)
     if result.message:
         (reporter.warn if result.stopped != "early-stop" else reporter.info)(result.message)
     if result.best_params is None:
         why = "no epoch completed" if not result.epochs else "no epoch reached a finite validation loss"
         reporter.warn(f"{why}, so there are no parameters worth keeping: nothing was written")
-        return EXIT_INTERRUPTED if result.stopped == "interrupted" else EXIT_FAILED
+        return STOP_EXIT.get(result.stopped or "", EXIT_FAILED)
     model.set_params(result.best_params)
     with native.on_kernel_failure(fallback):
         test = trainer.evaluate("test")
     summary: dict[str, Any] = {"best_epoch": result.best_epoch}
-    if result.stopped in ("interrupted", "diverged", "dead-relu"):
+    if result.stopped in ("interrupted", "terminated", "diverged", "dead-relu"):
         reporter.info(f"using the parameters of the best epoch so far ({result.best_epoch})")
     if test.loss is not None:
         summary.update(test_loss=test.loss, test_accuracy=test.accuracy)
@@ -574,9 +627,12 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
     reporter.finish(summary)
     for line in failures:
         reporter.error(line)
-    if result.stopped == "interrupted":
-        reporter.warn("stopped by Ctrl-C: results above come from the best epoch so far (exit code 130)")
-        return EXIT_INTERRUPTED
+    if result.stopped in STOP_EXIT:
+        again = (f"; run the same command again to continue from {checkpoint.path}" if checkpoint is not None
+                 else "")
+        reporter.warn(f"stopped by {STOP_CAUSE[result.stopped]}: results above come from the best epoch so far "
+                      f"(exit code {STOP_EXIT[result.stopped]}){again}")
+        return STOP_EXIT[result.stopped]
     if failures:
         return EXIT_FAILED
     return EXIT_FAILED if result.stopped in ("diverged", "dead-relu") and not result.epochs else EXIT_OK
@@ -632,7 +688,19 @@ def run_main(kind: str, params: dict[str, Any], reporter: Reporter | None = None
     except UsageError as exc:
         print(f"symdiff {kind}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # a second Ctrl-C: the first one stops training cleanly
-        print(f"symdiff {kind}: error: interrupted: stopped at once; every output file is either complete "
-              f"or untouched (the writes are atomic)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # a second Ctrl-C or SIGTERM: the first one stops training cleanly
+        print(f"symdiff {kind}: error: {stop_at_once_message(exc)}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+def stop_at_once_message(exc: KeyboardInterrupt) -> str:
+    """What a second Ctrl-C or SIGTERM did (the first one stops training cleanly)."""
+    what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+    return f"{what}: stopped at once; every output file is either complete or untouched (the writes are atomic)"
+
+
+def open_checkpoint(path: str | Path, kind: str, cfg: TrainConfig, model: CharModel, ds: D.Dataset) -> Checkpoint:
+    """The run's checkpoint at ``path``: its state is read and checked against this run's settings now."""
+    fingerprint = data_fingerprint([(ds.train.titles, ds.train.label_ids), (ds.valid.titles, ds.valid.label_ids)])
+    ident = identity(kind, asdict(cfg), model.dims, fingerprint)
+    return Checkpoint(path, ident, {n: a.shape for n, a in model.params.items()})
