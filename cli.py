@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
-from models.flags import add_train_arguments, one_line_errors, positive_float, positive_int, seed_int
+from models.flags import add_train_arguments, add_tune_arguments, one_line_errors, positive_float, positive_int, seed_int
 
 
 # ---- presentation ---------------------------------------------------------------------------
@@ -456,6 +457,113 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rich.live import Live
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    from models import tune as TU
+
+    prog = "symdiff tune"
+    console = _console()
+    spec = TU.TuneSpec(kind=args.model, storage=TU.StorageSpec(args.storage or str(TU.DEFAULT_JOURNAL),
+                                                               heartbeat=args.heartbeat),
+                       study=args.study or args.model, dataset=args.dataset, epochs=args.epochs,
+                       trials=args.trials, workers=args.workers, seed=args.seed, timeout=args.timeout,
+                       checkpoints=args.checkpoints or str(TU.DEFAULT_CHECKPOINTS))
+    try:
+        TU.require_optuna()
+        if args.show:
+            return _show_study(console, spec, Path(args.out))
+        if args.storage is None:
+            TU.DEFAULT_JOURNAL.parent.mkdir(exist_ok=True)
+        from models.data import DataError, load_dataset, resolve_dataset
+
+        try:  # a bad dataset is one line now, not one failure per worker
+            load_dataset(resolve_dataset(args.dataset))
+        except DataError as exc:
+            return _fail(prog, str(exc))
+
+        def view(snap: Any) -> Table:
+            table = Table(title=Text(f"study {spec.study} ({spec.kind}) in {spec.storage.shown()}"), show_header=False)
+            table.add_column("")
+            table.add_column("", justify="right")
+            for state in ("complete", "pruned", "fail", "running", "waiting"):
+                table.add_row(state, str(snap.counts.get(state, 0)))
+            table.add_row("workers alive", str(snap.workers_alive))
+            if snap.best_value is not None:
+                table.add_row("best valid loss", f"{snap.best_value:.4f} (trial {snap.best_number})")
+                table.add_row("best params", Text(", ".join(f"{k}={_fmt(v)}" for k, v in snap.best_params.items())))
+            return table
+
+        last: list[Any] = []
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            def update(snap: Any) -> None:
+                if console.is_terminal:
+                    live.update(view(snap), refresh=True)
+                elif not last or snap.counts != last[0].counts:
+                    console.print(", ".join(f"{k} {v}" for k, v in sorted(snap.counts.items())), highlight=False)
+                last[:] = [snap]
+
+            code, final, warnings = TU.run_study(spec, update)
+        if not console.is_terminal:
+            console.print(view(final))
+        for w in warnings:
+            console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
+        if final.best_value is not None:
+            console.print("train with the best parameters:", style="bold")
+            console.print(TU.train_command(spec.kind, spec.dataset, spec.epochs, final.best_params),
+                          markup=False, highlight=False, soft_wrap=True)
+        if code:
+            console.print(f"[bold yellow]stopped by {'SIGTERM' if code == 143 else 'Ctrl-C'}[/]: workers ended "
+                          f"their trials (exit code {code})")
+        return code
+    except TU.TuneError as exc:
+        return _fail(prog, str(exc))
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _show_study(console: Any, spec: Any, out: Path) -> int:
+    from rich.table import Table
+    from rich.text import Text
+
+    from models import tune as TU
+
+    study = TU.open_study(spec, create=False)
+    rows = TU.trial_rows(study)
+    if not console.is_terminal:  # a log or a pipe: wide enough for every column
+        from rich.console import Console
+
+        console = Console(width=220)
+    keys = list(TU.SEARCH_SPACES[spec.kind])
+    table = Table(title=Text(f"study {spec.study} ({study.user_attrs.get('model', '?')}, "
+                             f"{study.user_attrs.get('dataset', '?')}) in {spec.storage.shown()}"))
+    for col in ("#", "state", "valid loss", "epochs", "s", "pid", *keys, "note"):
+        table.add_column(col, justify="left" if col in ("state", "note", "optimizer", "schedule") else "right")
+    for r in rows:
+        table.add_row(str(r["number"]), r["state"], "" if r["value"] is None else f"{r['value']:.4f}",
+                      str(r["epochs"]), "" if r["seconds"] is None else f"{r['seconds']:.1f}", str(r["pid"] or ""),
+                      *[_fmt(r["params"].get(k, "")) for k in keys], Text(r["note"]))
+    console.print(table)
+    done = [r for r in rows if r["state"] == "complete"]
+    if done:
+        best = min(done, key=lambda r: r["value"])
+        console.print(f"best: trial {best['number']}, valid loss {best['value']:.4f}; train with:", style="bold")
+        console.print(TU.train_command(spec.kind, study.user_attrs.get("dataset", spec.dataset),
+                                       study.user_attrs.get("epochs", spec.epochs), best["params"]),
+                      markup=False, highlight=False, soft_wrap=True)
+    written, notes = TU.write_figures(study, out)
+    for note in notes:
+        console.print(note, style="yellow", markup=False, highlight=False)
+    if written:
+        console.print("figures: " + ", ".join(str(p) for p in written), markup=False, highlight=False)
+    return 0
+
+
 # ---- parsing --------------------------------------------------------------------------------
 def _version() -> str:
     import symdiff
@@ -538,6 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("metrics", nargs="+", metavar="METRICS.json", help="metrics files, one run each")
     pl.add_argument("--out", default="curves.png", help="image to write (format from its suffix)")
     pl.set_defaults(func=cmd_plot)
+    tu = sub.add_parser("tune", help="search hyperparameters with Optuna (needs symdiff[tune]); "
+                                     "several processes or machines can share one study")
+    add_tune_arguments(tu)
+    tu.set_defaults(func=cmd_tune)
     from models.experiments import EXPERIMENTS, HELP
     from models.experiments import parse_int_list as _experiment_ints, parse_positive_int as _experiment_int
 

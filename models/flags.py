@@ -156,3 +156,30 @@ def parse_args(kind: str, argv: list[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog=f"python -m models.{kind}", description=f"Train the {kind} classifier.")
     add_train_arguments(p, kind)
     return vars(p.parse_args(argv))
+
+
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    """``symdiff tune``'s flags (the study logic is in models/tune.py)."""
+    one_line_errors(p)
+    p.add_argument("model", choices=("mlp", "lstm"))
+    p.add_argument("--trials", type=positive_int, default=20,
+                   help="trials this command runs, split over its workers (default 20)")
+    p.add_argument("--storage", default=None, metavar="URL_OR_PATH",
+                   help="a journal file (default runs/tune.journal; several processes on one machine) or a "
+                        "SQLAlchemy URL such as postgresql+psycopg://USER:PASSWORD@HOST/DB (several machines)")
+    p.add_argument("--study", default=None, metavar="NAME", help="study name (default: the model's name)")
+    p.add_argument("--workers", type=positive_int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--timeout", type=positive_float, default=None, metavar="S",
+                   help="each worker starts no new trial after S seconds")
+    p.add_argument("--dataset", default=DEFAULT_DATASET,
+                   help="path prefix or shipped name; trials read its train and valid splits only")
+    p.add_argument("--epochs", type=positive_int, default=20, help="epochs per trial at most (default 20)")
+    p.add_argument("--seed", type=seed_int, default=0, help="worker i samples with seed SEED+i (default 0)")
+    p.add_argument("--checkpoints", default=None, metavar="DIR",
+                   help="each trial's checkpoint (default runs/checkpoints); share it between machines so "
+                        "that a retried trial continues where its dead worker stopped")
+    p.add_argument("--heartbeat", type=positive_int, default=10, metavar="S",
+                   help="with a database: workers beat every S seconds; a trial silent for 3*S is retried")
+    p.add_argument("--show", action="store_true",
+                   help="print the study's trials and write its figures (PNG) instead of running trials")
+    p.add_argument("--out", default="runs", metavar="DIR", help="folder for --show's figures (default runs)")

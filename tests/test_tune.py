@@ -1,0 +1,129 @@
+"""`symdiff tune` on Optuna with the real parts: worker processes sharing a journal file, pruning,
+the errors (one line, exit code 2, nothing written), and --show.
+
+Studies are tiny (the shipped demo set, a few trials of 2-3 epochs) so these stay fast.
+The PostgreSQL tests are in test_tune_postgres.py.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna", reason="Optuna (the `tune` extra) is not installed: pip install -e '.[tune]'")
+
+from models import tune as TU  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+
+
+def tune(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", "tune", *args], cwd=cwd, env=env or ENV, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def journal(path: Path) -> optuna.storages.JournalStorage:
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def test_two_workers_share_one_journal(tmp_path: Path) -> None:
+    proc = tune(tmp_path, "mlp", "--trials", "4", "--workers", "2", "--epochs", "2", "--dataset", "demo",
+                "--storage", str(tmp_path / "j.journal"), "--study", "s", "--checkpoints", str(tmp_path / "ck"))
+    assert proc.returncode == 0, proc.stderr
+    trials = optuna.load_study(study_name="s", storage=journal(tmp_path / "j.journal")).get_trials()
+    assert len(trials) == 4 and len({t.number for t in trials}) == 4
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)      # nothing left RUNNING
+    pids = [t.user_attrs["pid"] for t in trials]
+    assert len(set(pids)) == 2 and all(pids.count(p) == 2 for p in pids)     # k = 2 trials each
+    assert os.getpid() not in pids                                           # real worker processes
+    seeds = {t.user_attrs["pid"]: t.user_attrs["sampler_seed"] for t in trials}
+    assert sorted(seeds.values()) == [0, 1]                                  # base + index, recorded
+    baselines = [t for t in trials if t.user_attrs.get("baseline")]
+    assert len(baselines) == 1 and baselines[0].params == TU.baseline("mlp")
+    assert sum(t.params == TU.baseline("mlp") for t in trials) == 1
+    assert "train with the best parameters" in proc.stdout and "symdiff mlp --dataset demo" in proc.stdout
+    assert not list((tmp_path / "ck").iterdir())  # finished trials leave no checkpoint behind
+
+    # a second command joins the study: the baseline is not enqueued again
+    again = tune(tmp_path, "mlp", "--trials", "1", "--epochs", "2", "--dataset", "demo",
+                 "--storage", str(tmp_path / "j.journal"), "--study", "s", "--checkpoints", str(tmp_path / "ck"))
+    assert again.returncode == 0, again.stderr
+    trials = optuna.load_study(study_name="s", storage=journal(tmp_path / "j.journal")).get_trials()
+    assert len(trials) == 5 and sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1
+
+    show = tune(tmp_path, "mlp", "--show", "--storage", str(tmp_path / "j.journal"), "--study", "s",
+                "--out", str(tmp_path / "fig"))
+    assert show.returncode == 0, show.stderr
+    assert "baseline" in show.stdout and "train with" in show.stdout
+    for name in ("history", "importances"):
+        assert (tmp_path / "fig" / f"s-{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_hopeless_trial_is_pruned_early(tmp_path: Path) -> None:
+    storage = journal(tmp_path / "j.journal")
+    study = optuna.create_study(study_name="p", storage=storage, direction="minimize")
+    study.set_user_attr("model", "mlp")
+    dists = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for k in range(4):  # finished trials that reached a low validation loss at every epoch
+        study.add_trial(optuna.trial.create_trial(value=0.1, params={"x": 0.5}, distributions=dists,
+                                                  intermediate_values={e: 0.1 for e in range(1, 6)}))
+    hopeless = {**TU.baseline("mlp"), "optimizer": "momentum", "init_lr": 0.001}
+    study.enqueue_trial(hopeless)
+    spec = TU.TuneSpec(kind="mlp", storage=TU.StorageSpec(str(tmp_path / "j.journal")), study="p",
+                       dataset="demo", epochs=5, trials=1)
+    TU.worker_main(spec, 0)
+    last = optuna.load_study(study_name="p", storage=storage).get_trials()[-1]
+    assert last.params == hopeless
+    assert last.state.name == "PRUNED"
+    assert 1 <= len(last.intermediate_values) < 5
+
+
+def refused(proc: subprocess.CompletedProcess[str], *words: str) -> str:
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert err.count("\n") == 0, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_errors_are_one_line_and_write_nothing(tmp_path: Path) -> None:
+    refused(tune(tmp_path, "mlp", "--workers", "0"), "--workers")
+    bad = tune(tmp_path, "mlp", "--storage", "postgresql+psycopg://me:s3cret@127.0.0.1:notaport/db")
+    assert "s3cret" not in bad.stderr + bad.stdout
+    refused(bad, "--storage", "me:***@")
+    down = tune(tmp_path, "mlp", "--storage", "postgresql+psycopg://me:s3cret@127.0.0.1:1/db")
+    assert "s3cret" not in down.stderr + down.stdout
+    refused(down, "cannot open the database", "me:***@127.0.0.1:1")
+    refused(tune(tmp_path, "mlp", "--storage", str(tmp_path / "no" / "j.journal")), "does not exist")
+    assert sorted(os.listdir(tmp_path)) == []
+
+    # a study name that exists for another model: refused before anything is added to it
+    (tmp_path / "j").mkdir()
+    storage = str(tmp_path / "j" / "j.journal")
+    study = optuna.create_study(study_name="s", storage=journal(Path(storage)))
+    study.set_user_attr("model", "mlp")
+    before = Path(storage).read_bytes()
+    refused(tune(tmp_path, "lstm", "--storage", storage, "--study", "s", "--trials", "1"), "mlp", "--study")
+    assert Path(storage).read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["j"]
+
+
+def test_without_optuna_one_line_names_the_extra(tmp_path: Path) -> None:
+    fake = tmp_path / "fake"
+    (fake / "optuna").mkdir(parents=True)
+    (fake / "optuna" / "__init__.py").write_text("raise ImportError('No module named optuna')\n")
+    env = {**ENV, "PYTHONPATH": f"{fake}{os.pathsep}{REPO}"}
+    refused(tune(tmp_path, "mlp", "--trials", "1", env=env), "symdiff[tune]")
+    assert sorted(os.listdir(tmp_path)) == ["fake"]
+
+
+def test_mask_url() -> None:
+    assert TU.mask_url("postgresql+psycopg://u:p%40ss@h:5/d") == "postgresql+psycopg://u:***@h:5/d"
+    assert TU.mask_url("error at sqlite:///x.db") == "error at sqlite:///x.db"
