@@ -471,7 +471,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                                                heartbeat=args.heartbeat),
                        study=args.study or args.model, dataset=args.dataset, epochs=args.epochs,
                        trials=args.trials, workers=args.workers, seed=args.seed, timeout=args.timeout,
-                       checkpoints=args.checkpoints or str(TU.DEFAULT_CHECKPOINTS))
+                       checkpoints=args.checkpoints or str(TU.DEFAULT_CHECKPOINTS), pruner=args.pruner)
     try:
         TU.require_optuna()
         if args.show:

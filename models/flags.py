@@ -53,7 +53,7 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # The hyperparameters a preset sets; each is also a flag, and a flag given on the command line wins.
 PRESET_KEYS = ("max_len", "num_hid", "batch_size", "epochs", "init_lr", "dtype", "optimizer", "momentum",
                "weight_decay", "clip", "schedule", "patience")
-# Chosen on the validation split of ../shared/data/smaller with benchmarks/sweep.py (docs/tuning.md).
+# Chosen on the validation split of ../shared/data/smaller; checked by a `symdiff tune` study (docs/tuning.md).
 # Keys left out keep the seed's defaults. "seed" itself is no table: it is the parser's defaults.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "best": {
@@ -158,6 +158,9 @@ def parse_args(kind: str, argv: list[str]) -> dict[str, Any]:
     return vars(p.parse_args(argv))
 
 
+TUNE_PRUNERS = ("median", "halving", "none")  # models/tune.py's make_pruner builds them
+
+
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     """``symdiff tune``'s flags (the study logic is in models/tune.py)."""
     one_line_errors(p)
@@ -180,6 +183,9 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                         "that a retried trial continues where its dead worker stopped")
     p.add_argument("--heartbeat", type=positive_int, default=10, metavar="S",
                    help="with a database: workers beat every S seconds; a trial silent for 3*S is retried")
+    p.add_argument("--pruner", choices=TUNE_PRUNERS, default="median",
+                   help="stop hopeless trials early on their validation loss per epoch (default median; "
+                        "docs/tuning.md says why)")
     p.add_argument("--show", action="store_true",
                    help="print the study's trials and write its figures (PNG) instead of running trials")
     p.add_argument("--out", default="runs", metavar="DIR", help="folder for --show's figures (default runs)")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .flags import PRESETS
+from .flags import PRESETS, TUNE_PRUNERS as PRUNERS  # noqa: F401  (the --pruner names)
 
 DEFAULT_JOURNAL = Path("runs") / "tune.journal"
 DEFAULT_CHECKPOINTS = Path("runs") / "checkpoints"
@@ -172,12 +172,19 @@ class TuneSpec:
     seed: int = 0
     timeout: float | None = None
     checkpoints: str | None = None
+    pruner: str = "median"
 
 
-def make_pruner(optuna: Any) -> Any:
-    """Median of the finished trials at the same epoch, after 4 of them and from epoch 2 on
-    (docs/tuning.md: the measurement behind this choice)."""
-    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+def make_pruner(optuna: Any, name: str = "median") -> Any:
+    """``median`` (the default): prune a trial whose validation loss at an epoch is worse than the
+    median of the finished trials at that epoch, once 4 trials have finished, from epoch 2 on;
+    ``halving``: asynchronous successive halving; ``none``. docs/tuning.md has the measurement
+    behind the default (the pruners replayed on a study's recorded curves)."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
 
 
 def open_study(spec: TuneSpec, *, create: bool, sampler: Any = None) -> Any:
@@ -185,13 +192,13 @@ def open_study(spec: TuneSpec, *, create: bool, sampler: Any = None) -> Any:
     optuna = require_optuna()
     storage = spec.storage.open()
     try:
-        study = optuna.load_study(study_name=spec.study, storage=storage, pruner=make_pruner(optuna), sampler=sampler)
+        study = optuna.load_study(study_name=spec.study, storage=storage, pruner=make_pruner(optuna, spec.pruner), sampler=sampler)
     except KeyError:
         if not create:
             raise TuneError(f"no study {spec.study!r} in {spec.storage.shown()}; run symdiff tune without --show first") from None
         try:
             study = optuna.create_study(study_name=spec.study, storage=storage, direction="minimize",
-                                        pruner=make_pruner(optuna))
+                                        pruner=make_pruner(optuna, spec.pruner))
         except optuna.exceptions.DuplicatedStudyError:  # another process created it just now
             return open_study(spec, create=False, sampler=sampler)
         study.set_user_attr("model", spec.kind)

@@ -102,27 +102,3 @@ def test_preset_best_runs_end_to_end_on_the_demo_set(kind: str, tmp_path: Path) 
         expected["momentum"] = None
     assert {k: config[k] for k in PRESET_KEYS} == expected
     assert (tmp_path / "p.npy").exists()
-
-
-def test_the_sweep_records_validation_numbers_and_never_evaluates_test(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from benchmarks import sweep
-    from models import training as T
-
-    evaluate = T.Trainer.evaluate
-
-    def validation_only(self: T.Trainer, split: str):  # type: ignore[no-untyped-def]
-        assert split != "test", "the sweep must not evaluate the test split"
-        return evaluate(self, split)
-
-    monkeypatch.setattr(T.Trainer, "evaluate", validation_only)
-    out = tmp_path / "s.jsonl"
-    argv = ["--model", "mlp", "--dataset", "demo", "--set", "epochs=1", "--set", "num_hid=4",
-            "--grid", "init_lr=0.01,0.02", "--out", str(out)]
-    assert sweep.main(argv) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["config"]["init_lr"] for r in rows] == [0.01, 0.02]
-    assert all(r["epochs_run"] == 1 and 0 < r["valid_loss"] < 10 and r["seconds"] >= 0 for r in rows)
-    assert (tmp_path / "s.csv").read_text().count("\n") == 3
-    assert sweep.main(argv) == 0  # resumes: both configurations are skipped
-    assert len(out.read_text().splitlines()) == 2

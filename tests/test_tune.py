@@ -65,7 +65,18 @@ def test_two_workers_share_one_journal(tmp_path: Path) -> None:
         assert (tmp_path / "fig" / f"s-{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_hopeless_trial_is_pruned_early(tmp_path: Path) -> None:
+def test_a_hopeless_trial_is_pruned_early_and_test_is_never_evaluated(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import training as T
+
+    evaluate, splits = T.Trainer.evaluate, []
+
+    def validation_only(self: T.Trainer, split: str):  # type: ignore[no-untyped-def]
+        splits.append(split)
+        assert split != "test", "a trial must not evaluate the test split"
+        return evaluate(self, split)
+
+    monkeypatch.setattr(T.Trainer, "evaluate", validation_only)
     storage = journal(tmp_path / "j.journal")
     study = optuna.create_study(study_name="p", storage=storage, direction="minimize")
     study.set_user_attr("model", "mlp")
@@ -82,6 +93,7 @@ def test_a_hopeless_trial_is_pruned_early(tmp_path: Path) -> None:
     assert last.params == hopeless
     assert last.state.name == "PRUNED"
     assert 1 <= len(last.intermediate_values) < 5
+    assert splits and set(splits) == {"valid"}
 
 
 def refused(proc: subprocess.CompletedProcess[str], *words: str) -> str:
