@@ -222,8 +222,12 @@ class WorkerStopped(KeyboardInterrupt):
 
 
 def retry_root(optuna: Any, trial: Any) -> int:
-    """The number of the first trial in a chain of retries (whose checkpoint a retry resumes)."""
+    """The number of the first trial in a chain of retries (whose checkpoint a retry resumes):
+    a retry enqueued by a stopped worker names it (``retry_of``), one made by the heartbeat
+    callback has Optuna's retry history."""
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    if "retry_of" in frozen.user_attrs:
+        return int(frozen.user_attrs["retry_of"])
     history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
     return history[0] if history else trial.number
 
@@ -287,6 +291,10 @@ def worker_main(spec: TuneSpec, index: int) -> None:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             result = trainer.train(TrialReporter(trial), flag, checkpoint)
         if result.stopped in ("interrupted", "terminated"):
+            # this trial ends as failed; the same trial goes back to the queue, so that the next
+            # `symdiff tune` on this study continues it from its checkpoint
+            if checkpoint is not None:
+                trial.study.enqueue_trial(hp, user_attrs={"retry_of": retry_root(optuna, trial)})
             raise WorkerStopped(result.stopped)
         if checkpoint is not None:
             checkpoint.path.unlink(missing_ok=True)
@@ -306,6 +314,11 @@ def worker_main(spec: TuneSpec, index: int) -> None:
                 drain(optuna, study, objective, spec.storage.heartbeat)
         except WorkerStopped:
             sys.exit(143 if flag.reason == "terminated" else 130)
+        except Exception as exc:  # noqa: BLE001 - one line (password masked), not a traceback with a URL in it
+            first = (str(exc).strip().splitlines() or [""])[0]
+            print(f"symdiff tune: worker {index}: error: {type(exc).__name__}: {mask_url(first)[:300]}",
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
 
 
 def drain(optuna: Any, study: Any, objective: Callable[[Any], float], heartbeat: int) -> None:

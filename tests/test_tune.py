@@ -139,3 +139,37 @@ def test_without_optuna_one_line_names_the_extra(tmp_path: Path) -> None:
 def test_mask_url() -> None:
     assert TU.mask_url("postgresql+psycopg://u:p%40ss@h:5/d") == "postgresql+psycopg://u:***@h:5/d"
     assert TU.mask_url("error at sqlite:///x.db") == "error at sqlite:///x.db"
+
+
+def test_sigterm_mid_trial_and_the_next_run_continues_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preemption of a tuning worker: its trial ends, goes back to the queue, and the next run
+    resumes it from the checkpoint it had written."""
+    import signal
+
+    from models import checkpoint as C
+
+    spec = TU.TuneSpec(kind="lstm", storage=TU.StorageSpec(str(tmp_path / "j.journal")), study="t",
+                       dataset="demo", epochs=4, trials=1, checkpoints=str(tmp_path / "ck"))
+    study = optuna.create_study(study_name="t", storage=journal(tmp_path / "j.journal"))
+    study.set_user_attr("model", "lstm")
+    small = {**TU.baseline("lstm"), "num_hid": 32, "max_len": 10}  # the preset's max_len 30 takes longer to build
+    study.enqueue_trial(small)
+    (tmp_path / "ck").mkdir()
+    save = C.Checkpoint.save
+
+    def save_then_sigterm(self: C.Checkpoint, state: C.TrainState) -> None:
+        save(self, state)
+        if state.epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(C.Checkpoint, "save", save_then_sigterm)
+    with pytest.raises(SystemExit) as stopped:
+        TU.worker_main(spec, 0)
+    assert stopped.value.code == 143
+    monkeypatch.setattr(C.Checkpoint, "save", save)
+    TU.worker_main(spec, 0)
+    first, retry = optuna.load_study(study_name="t", storage=journal(tmp_path / "j.journal")).get_trials()
+    assert first.state.name == "FAIL" and first.params == small
+    assert retry.state.name == "COMPLETE" and retry.params == first.params
+    assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["resumed_from_epoch"] == 1
+    assert not list((tmp_path / "ck").iterdir())

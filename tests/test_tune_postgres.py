@@ -76,11 +76,18 @@ def postgres_url() -> Iterator[str]:
 
 def test_a_killed_workers_trial_is_retried_from_its_checkpoint(tmp_path: Path, postgres_url: str) -> None:
     ck = tmp_path / "ck"
+    storage = optuna.storages.RDBStorage(postgres_url)
+    # the study made beforehand with two small trials queued, one per worker (quick to build, so the
+    # test stays fast); workers joining an existing study is what a second machine does
+    study = optuna.create_study(study_name="pg", storage=storage)
+    study.set_user_attr("model", "lstm")
+    for hid in (32, 64):
+        study.enqueue_trial({"optimizer": "adam", "init_lr": 0.01, "weight_decay": 0.0, "num_hid": hid,
+                             "max_len": 10, "batch_size": 32, "schedule": "constant"})
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "tune", "lstm", "--storage", postgres_url, "--study", "pg", "--workers", "2",
-         "--trials", "2", "--epochs", "5", "--dataset", "demo", "--checkpoints", str(ck), "--heartbeat", "1"],
+         "--trials", "2", "--epochs", "6", "--dataset", "demo", "--checkpoints", str(ck), "--heartbeat", "1"],
         cwd=tmp_path, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    storage = optuna.storages.RDBStorage(postgres_url)
     victim = None
     deadline = time.monotonic() + 120
     try:
