@@ -476,14 +476,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
         TU.require_optuna()
         if args.show:
             return _show_study(console, spec, Path(args.out))
-        if args.storage is None:
-            TU.DEFAULT_JOURNAL.parent.mkdir(exist_ok=True)
         from models.data import DataError, load_dataset, resolve_dataset
 
         try:  # a bad dataset is one line now, not one failure per worker
             load_dataset(resolve_dataset(args.dataset))
         except DataError as exc:
             return _fail(prog, str(exc))
+        if args.storage is None:
+            TU.DEFAULT_JOURNAL.parent.mkdir(exist_ok=True)
 
         def view(snap: Any) -> Table:
             table = Table(title=Text(f"study {spec.study} ({spec.kind}) in {spec.storage.shown()}"), show_header=False)

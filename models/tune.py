@@ -424,9 +424,10 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
                      "epochs": t.user_attrs.get("epochs_run", len(t.intermediate_values)), "seconds": seconds,
                      "pid": t.user_attrs.get("pid"), "params": dict(t.params),
-                     "note": "baseline" if t.user_attrs.get("baseline") else
-                     (f"retry of {t.user_attrs['retry_of']} from epoch {t.user_attrs['resumed_from_epoch']}"
-                      if "resumed_from_epoch" in t.user_attrs else "")})
+                     "note": "; ".join(
+                         (["baseline"] if t.user_attrs.get("baseline") else [])
+                         + ([f"retry of {t.user_attrs['retry_of']} from epoch {t.user_attrs['resumed_from_epoch']}"]
+                            if "resumed_from_epoch" in t.user_attrs else []))})
     return rows
 
 
