@@ -34,7 +34,7 @@ def candidates() -> dict[str, Any]:
 
 def replay(trials: list[Any], make: Any) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(direction="minimize", pruner=make())
+    study = optuna.create_study(study_name="replay", direction="minimize", pruner=make())  # fixed name: Hyperband's brackets hash it
     epochs_run, seconds, pruned = 0, 0.0, set()
     for t in trials:
         live = study.ask()

@@ -241,6 +241,9 @@ def worker_main(spec: TuneSpec, index: int) -> None:
     from .training import DEFAULT_LR, StopFlag, Trainer, TrainConfig, build_model, stop_on_signals
 
     optuna = require_optuna()
+    # a worker's failed trials are counted in the live view and listed by --show; Optuna's own
+    # warning with a traceback for each (and for a trial ended by Ctrl-C/SIGTERM) would bury it
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(spec, create=False, sampler=optuna.samplers.TPESampler(seed=spec.seed + index))
     ds = D.load_dataset(D.resolve_dataset(spec.dataset))
     fingerprint = data_fingerprint([(ds.train.titles, ds.train.label_ids), (ds.valid.titles, ds.valid.label_ids)])
@@ -284,6 +287,7 @@ def worker_main(spec: TuneSpec, index: int) -> None:
                                         identity(spec.kind, asdict(cfg), model.dims, fingerprint),
                                         {n: a.shape for n, a in model.params.items()}, flag="--checkpoints")
             except CheckpointError as exc:
+                trial.set_user_attr("error", str(exc))
                 raise TrainingFailed(str(exc)) from None
             if checkpoint.resume is not None:
                 trial.set_user_attr("resumed_from_epoch", checkpoint.resume.epoch)
@@ -295,6 +299,7 @@ def worker_main(spec: TuneSpec, index: int) -> None:
             # `symdiff tune` on this study continues it from its checkpoint
             if checkpoint is not None:
                 trial.study.enqueue_trial(hp, user_attrs={"retry_of": retry_root(optuna, trial)})
+            trial.set_user_attr("error", f"worker {result.stopped} (Ctrl-C or SIGTERM)")
             raise WorkerStopped(result.stopped)
         if checkpoint is not None:
             checkpoint.path.unlink(missing_ok=True)
@@ -302,7 +307,8 @@ def worker_main(spec: TuneSpec, index: int) -> None:
         trial.set_user_attr("stopped", result.stopped)
         losses = [e.valid_loss for e in result.epochs if math.isfinite(e.valid_loss)]
         if not losses:
-            raise TrainingFailed(result.message or "no finite validation loss")
+            trial.set_user_attr("error", result.message or "no finite validation loss")
+            raise TrainingFailed(trial.user_attrs["error"])
         return min(losses)
 
     share = spec.trials // spec.workers + (index < spec.trials % spec.workers)
@@ -427,7 +433,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
                      "note": "; ".join(
                          (["baseline"] if t.user_attrs.get("baseline") else [])
                          + ([f"retry of {t.user_attrs['retry_of']} from epoch {t.user_attrs['resumed_from_epoch']}"]
-                            if "resumed_from_epoch" in t.user_attrs else []))})
+                            if "resumed_from_epoch" in t.user_attrs else [])
+                         + ([str(t.user_attrs["error"])[:120]] if "error" in t.user_attrs else []))})
     return rows
 
 
