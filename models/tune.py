@@ -190,6 +190,8 @@ def make_pruner(optuna: Any, name: str = "median") -> Any:
 def open_study(spec: TuneSpec, *, create: bool, sampler: Any = None) -> Any:
     """Load the study (or create it, with the baseline enqueued once); refuse one for another model."""
     optuna = require_optuna()
+    if not create and not spec.storage.is_url and not Path(spec.storage.target).exists():
+        raise TuneError(f"--storage {spec.storage.target}: no such journal file; run symdiff tune without --show first")
     storage = spec.storage.open()
     try:
         study = optuna.load_study(study_name=spec.study, storage=storage, pruner=make_pruner(optuna, spec.pruner), sampler=sampler)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,11 +168,20 @@ KILLER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("where", ["batch", "write"])
-def test_kill_9_then_resume_is_bit_identical(tmp_path: Path, where: str) -> None:
-    ref = subprocess.run(cli(tmp_path, "ref", "--epochs", str(EPOCHS)), cwd=tmp_path, env=ENV,
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CLI run never stopped (shared by the kill -9 tests)."""
+    folder = tmp_path_factory.mktemp("ref")
+    ref = subprocess.run(cli(folder, "ref", "--epochs", str(EPOCHS)), cwd=folder, env=ENV,
                          capture_output=True, text=True, timeout=120)
     assert ref.returncode == 0, ref.stderr
+    return folder
+
+
+@pytest.mark.parametrize("where", ["batch", "write"])
+def test_kill_9_then_resume_is_bit_identical(tmp_path: Path, where: str, uninterrupted: Path) -> None:
+    for f in uninterrupted.glob("ref.*"):
+        shutil.copy(f, tmp_path / f.name)
     argv = cli(tmp_path, "k", "--epochs", str(EPOCHS))
     killed = subprocess.run([sys.executable, "-c", KILLER, where, "3", "2", *argv[3:]], cwd=tmp_path, env=ENV,
                             capture_output=True, text=True, timeout=120)

