@@ -23,12 +23,15 @@ from models.tune import StorageSpec
 def candidates() -> dict[str, Any]:
     P = optuna.pruners
     return {
-        "median (4 startup, warm-up 1)": lambda: P.MedianPruner(n_startup_trials=4, n_warmup_steps=1),
-        "median (5 startup, no warm-up; Optuna's defaults)": lambda: P.MedianPruner(),
-        "percentile 25 (4 startup, warm-up 1)": lambda: P.PercentilePruner(25.0, n_startup_trials=4, n_warmup_steps=1),
+        # n_warmup_steps=w: no pruning at epochs < w (epochs count from 1, so w=2 spares epoch 1 only)
+        "median (4 startup, from epoch 1)": lambda: P.MedianPruner(n_startup_trials=4),
+        "median (4 startup, from epoch 2)": lambda: P.MedianPruner(n_startup_trials=4, n_warmup_steps=2),
+        "median (4 startup, from epoch 3)": lambda: P.MedianPruner(n_startup_trials=4, n_warmup_steps=3),
+        "median (5 startup, from epoch 1; Optuna's defaults)": lambda: P.MedianPruner(),
+        "percentile 25 (4 startup, from epoch 2)": lambda: P.PercentilePruner(25.0, n_startup_trials=4, n_warmup_steps=2),
         "successive halving": lambda: P.SuccessiveHalvingPruner(),
         "hyperband": lambda: P.HyperbandPruner(min_resource=1, max_resource=20),
-        "patient(median, patience 2)": lambda: P.PatientPruner(P.MedianPruner(n_startup_trials=4, n_warmup_steps=1), patience=2),
+        "patient(median from epoch 2, patience 2)": lambda: P.PatientPruner(P.MedianPruner(n_startup_trials=4, n_warmup_steps=2), patience=2),
     }
 
 

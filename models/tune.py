@@ -177,11 +177,11 @@ class TuneSpec:
 
 def make_pruner(optuna: Any, name: str = "median") -> Any:
     """``median`` (the default): prune a trial whose validation loss at an epoch is worse than the
-    median of the finished trials at that epoch, once 4 trials have finished, from epoch 2 on;
+    median of the finished trials at that epoch, once 5 trials have finished (Optuna's defaults);
     ``halving``: asynchronous successive halving; ``none``. docs/tuning.md has the measurement
     behind the default (the pruners replayed on a study's recorded curves)."""
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()

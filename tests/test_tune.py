@@ -81,7 +81,7 @@ def test_a_hopeless_trial_is_pruned_early_and_test_is_never_evaluated(tmp_path: 
     study = optuna.create_study(study_name="p", storage=storage, direction="minimize")
     study.set_user_attr("model", "mlp")
     dists = {"x": optuna.distributions.FloatDistribution(0, 1)}
-    for k in range(4):  # finished trials that reached a low validation loss at every epoch
+    for k in range(5):  # finished trials (the median pruner waits for 5) that reached a low validation loss at every epoch
         study.add_trial(optuna.trial.create_trial(value=0.1, params={"x": 0.5}, distributions=dists,
                                                   intermediate_values={e: 0.1 for e in range(1, 6)}))
     hopeless = {**TU.baseline("mlp"), "optimizer": "momentum", "init_lr": 0.001}
