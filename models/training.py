@@ -336,7 +336,8 @@ class Trainer:
             result.best_epoch, result.best_params = state.best_epoch, state.best_params
             result.epochs = [EpochResult(**e) for e in state.epochs]
             first = state.epoch + 1
-            self.warm_up()
+            if not state.stopped and first <= cfg.epochs:  # more epochs to train
+                self.warm_up()
             reporter.info(f"resuming from {checkpoint.path}: {state.epoch} of {cfg.epochs} epochs done")
             for er in result.epochs:
                 reporter.epoch(er)
