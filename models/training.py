@@ -566,9 +566,11 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
                          f"{exc}; change one of these flags") from None
     outputs = {}
     try:
-        for flag in ("output_file", "metrics_file", "save_model", "checkpoint"):
+        for flag in ("output_file", "metrics_file", "save_model"):
             if params.get(flag):
                 outputs[flag] = check_output_path(params[flag], f"--{flag}")
+        # the checkpoint is written during training (models/checkpoint.py), not with the outputs
+        checkpoint_path = check_output_path(params["checkpoint"], "--checkpoint") if params.get("checkpoint") else None
         prefix = D.resolve_dataset(params.get("dataset") or D.DEFAULT_DATASET)
         ds = D.load_dataset(prefix)
     except (OutputPathError, D.DataError) as exc:
@@ -583,9 +585,9 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
     model = build_model(kind, dims, seed=cfg.seed, dtype=cfg.dtype)
     trainer = Trainer(model, ds, cfg)
     checkpoint = None
-    if "checkpoint" in outputs:  # read and checked before training: a wrong one is refused up front
+    if checkpoint_path is not None:  # read and checked before training: a wrong one is refused up front
         try:
-            checkpoint = open_checkpoint(outputs["checkpoint"], kind, cfg, model, ds)
+            checkpoint = open_checkpoint(checkpoint_path, kind, cfg, model, ds)
         except CheckpointError as exc:
             raise UsageError(str(exc)) from None
     reporter.info(f"data {prefix}: {len(ds.train)} train / {len(ds.valid)} valid / {len(ds.test)} test rows, "
