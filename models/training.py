@@ -127,6 +127,8 @@ class TrainResult:
     best_params: dict[str, np.ndarray] | None = None
     stopped: str | None = None     # "interrupted", "terminated", "diverged", "dead-relu", "early-stop"
     message: str | None = None
+    checkpoint_failures: int = 0   # epochs whose checkpoint could not be written (the disk, not the run, failed)
+    checkpoint_epoch: int | None = None  # the epoch the checkpoint file on disk holds, when one was written
 
 
 class Reporter(Protocol):
@@ -336,6 +338,7 @@ class Trainer:
             result.best_epoch, result.best_params = state.best_epoch, state.best_params
             result.epochs = [EpochResult(**e) for e in state.epochs]
             first = state.epoch + 1
+            result.checkpoint_epoch = state.epoch
             if not state.stopped and first <= cfg.epochs:  # more epochs to train
                 self.warm_up()
             reporter.info(f"resuming from {checkpoint.path}: {state.epoch} of {cfg.epochs} epochs done")
@@ -402,11 +405,20 @@ class Trainer:
             else:
                 optimizer.lr = schedule.after_epoch(epoch, vloss)
             if checkpoint is not None:
-                checkpoint.save(TrainState(
-                    epoch=epoch, params=params, best_params=result.best_params, best_epoch=result.best_epoch,
-                    best_loss=best_loss, since_best=since_best, optimizer=optimizer.state_dict(),
-                    schedule=schedule.state_dict(), rng=rng.bit_generator.state,
-                    epochs=[asdict(e) for e in result.epochs], stopped=result.stopped, message=result.message))
+                try:
+                    checkpoint.save(TrainState(
+                        epoch=epoch, params=params, best_params=result.best_params, best_epoch=result.best_epoch,
+                        best_loss=best_loss, since_best=since_best, optimizer=optimizer.state_dict(),
+                        schedule=schedule.state_dict(), rng=rng.bit_generator.state,
+                        epochs=[asdict(e) for e in result.epochs], stopped=result.stopped, message=result.message))
+                except OutputWriteError as exc:
+                    # a full disk must not cost the training itself: say it once, go on, try again next epoch
+                    result.checkpoint_failures += 1
+                    if result.checkpoint_failures == 1:
+                        reporter.error(f"checkpoint (--checkpoint) not written after epoch {epoch}: {exc}; "
+                                       f"training goes on and tries again after every epoch")
+                else:
+                    result.checkpoint_epoch = epoch
             if result.stopped:
                 return result
             if stop.requested:
@@ -630,6 +642,12 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
     reporter.finish(summary)
     for line in failures:
         reporter.error(line)
+    if result.checkpoint_failures:
+        holds = (f"{checkpoint.path} holds epoch {result.checkpoint_epoch}"
+                 if checkpoint is not None and result.checkpoint_epoch is not None else "no checkpoint was written")
+        failures.append(f"checkpoint (--checkpoint): {result.checkpoint_failures} epoch(s) could not be saved; "
+                        f"{holds}")
+        reporter.error(failures[-1])
     if result.stopped in STOP_EXIT:
         again = (f"; run the same command again to continue from {checkpoint.path}" if checkpoint is not None
                  else "")

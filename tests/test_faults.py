@@ -10,6 +10,7 @@ Mounting needs root on Linux; those tests skip, saying so, where ``mount`` is re
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -82,8 +83,8 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Mount]]:
 class FaultAfterEpoch:
     """A reporter that runs ``fault()`` once the first epoch is scored: a fault during training."""
 
-    def __init__(self, fault: Callable[[], None]) -> None:
-        self.fault = fault
+    def __init__(self, fault: Callable[[], None], at: int = 1) -> None:
+        self.fault, self.at = fault, at
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.infos: list[str] = []
@@ -97,7 +98,7 @@ class FaultAfterEpoch:
     def finish(self, summary: dict[str, Any]) -> None: self.summary = summary
 
     def epoch(self, r: T.EpochResult) -> None:
-        if r.epoch == 1:
+        if r.epoch == self.at:
             self.fault()
 
 
@@ -177,6 +178,26 @@ def test_a_folder_deleted_during_training(tmp_path: Path) -> None:
     assert not gone.exists()
     model, _ = T.load_model(kept / "m.npz")  # the model is complete and usable
     assert sorted(p.name for p in kept.iterdir()) == ["m.json", "m.npz"]
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_training_goes_on_and_the_last_good_one_is_kept(
+        tmp_path: Path, tmpfs) -> None:
+    disk = tmpfs("1m")
+    ckpt = disk.path / "run.npz"
+    rep = FaultAfterEpoch(disk.fill, at=2)  # epoch 1's checkpoint is written, epochs 2 and 3 find the disk full
+    code = T.run("mlp", {**COMMON, "epochs": 3, "checkpoint": str(ckpt), "output_file": str(tmp_path / "p.npy"),
+                         "metrics_file": str(tmp_path / "m.json")}, rep)
+    assert code == T.EXIT_FAILED
+    first, last = rep.errors
+    assert one_line(first).startswith(f"checkpoint (--checkpoint) not written after epoch 2: {ckpt}: No space left "
+                                      "on device (ENOSPC); the previous run.npz is unchanged"), first
+    assert one_line(last) == f"checkpoint (--checkpoint): 2 epoch(s) could not be saved; {ckpt} holds epoch 1", last
+    assert disk.stray_files() == []
+    assert np.load(tmp_path / "p.npy").shape[1] == 5 and (tmp_path / "m.json").is_file()  # the results are kept
+    epochs = json.loads((tmp_path / "m.json").read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]  # training went on after the first failure
+    with np.load(ckpt) as files:  # the file on disk is epoch 1's complete checkpoint
+        assert json.loads(str(files["meta/checkpoint"]))["epoch"] == 1
 
 
 def test_nothing_fails_nothing_is_said(tmp_path: Path) -> None:
