@@ -483,6 +483,67 @@ class BlockMap:
 MULTI_KINDS = {"hconcat": (Stack, 1), "split": (Cut, 1), "vconcat": (Stack, 0), "rsplit": (Cut, 0)}
 
 
+class SumProducts:
+    """``sum_mul_tn{k}``: ``a_1ᵀb_1 + ... + a_kᵀb_k`` as one product of the stacked operands.
+
+    Made by the ``sum_products`` pass from a gradient graph's weight gradients
+    (an LSTM's ``Σ_t h_tᵀ δ_t``: one product per gate and time step, and in an
+    HVP twice as many): ``[a_1; ...; a_k]ᵀ [b_1; ...; b_k]`` is the same sum,
+    one BLAS call instead of k calls and k-1 additions. One-hot ``a`` of one
+    depth stack as one-hot (one scatter-add). Operands that do not stack (the
+    sum broadcast two differently shaped products) are multiplied one by one.
+    """
+
+    nondifferentiable: tuple[int, ...] = ()
+    exact_gradients = True
+
+    def __init__(self, k: int) -> None:
+        self.name = f"sum_mul_tn{k}"
+        self.k = k
+        self.n_inputs, self.n_deltas = 2 * k, 1
+        self.backward_reads = ((False,), (True,) * (2 * k))
+        self.onehot_inputs = tuple(range(k))
+
+    def forward(self, *args: Any) -> tuple[np.ndarray]:
+        from .shape_ops import _mul_tn
+
+        a, b = args[:self.k], [np.asarray(x) for x in args[self.k:]]
+        onehot = all(isinstance(x, OneHot) for x in a) and len({x.depth for x in a}) == 1
+        dense = a if onehot else [np.asarray(x) for x in a]
+        if (all(np.ndim(x) == 2 for x in (*dense, *b)) and len({x.shape[1] for x in dense}) == 1
+                and len({x.shape[1] for x in b}) == 1 and all(x.shape[0] == y.shape[0] for x, y in zip(dense, b))):
+            stacked = OneHot.vstack(list(a)) if onehot else np.concatenate(dense, axis=0)
+            return (_mul_tn(stacked, np.concatenate(b, axis=0)),)
+        total = _mul_tn(a[0], b[0])
+        for x, y in zip(a[1:], b[1:]):
+            total = total + _mul_tn(x, y)
+        return (total,)
+
+    def backward(self, needed: tuple[bool, ...]) -> Any:
+        from .shape_ops import _mul_tn_da, _mul_tn_db
+        from .registry import sum_to_shape
+
+        k = self.k
+
+        def bp(delta: Any, out: Any, *args: Any) -> tuple[Any, ...]:
+            grads = []
+            for j, need in enumerate(needed):
+                if not need:
+                    continue
+                a, b = args[j % k], args[k + j % k]
+                d = sum_to_shape(delta, (np.shape(a)[1], np.shape(b)[1]), np.result_type(delta))
+                grads.append(_mul_tn_da(d, out, a, b) if j < k else _mul_tn_db(d, out, a, b))
+            return tuple(grads)
+
+        return bp
+
+
+def sum_products_op(k: int) -> SumProducts:
+    """The ``sum_mul_tn{k}`` op of the ``sum_products`` pass, registered on first use."""
+    op = SumProducts(k)
+    return MULTI_OPS.setdefault(op.name, op)
+
+
 def multi_op(kind: str, k: int) -> Any:
     """The ``hconcat{k}``/``split{k}``/``vconcat{k}``/``rsplit{k}`` op, registered on first use."""
     cls, axis = MULTI_KINDS[kind]

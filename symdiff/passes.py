@@ -99,6 +99,74 @@ def _merge_products(steps: list[Step], by_right: bool) -> list[Step]:
             out.append(s)
     return out
 
+def sum_products(steps: Sequence[Step], keep: Collection[str] = (),
+                 whole: Collection[str] = ()) -> list[Step]:
+    """Turn a sum of transposed products ``a_1ᵀb_1 + ... + a_kᵀb_k`` into one ``sum_mul_tn{k}`` step.
+
+    A gradient graph sums a weight's gradient over its uses: an LSTM's
+    ``U_g`` gets ``Σ_t mul_tn(h_t, δ_t)``, one small product per gate and time
+    step (and an HVP's tangent of it twice as many). Stacking the operands by
+    rows, ``[a_1; ...; a_k]ᵀ[b_1; ...; b_k]`` is the same sum in one product.
+    A sum is a tree of ``add`` steps whose inner results are used once and not
+    kept; its ``mul_tn`` leaves used only there (two or more) are merged, its
+    other leaves are added to the merged product. Registers in ``keep`` or
+    ``whole`` (named ones) are never merged away.
+    """
+    from .ops import sum_products_op
+
+    steps = list(steps)
+    keep = set(keep) | set(whole)
+    producer = {o: k for k, s in enumerate(steps) for o in s.outputs}
+    uses: dict[str, int] = {}
+    for s in steps:
+        for i in s.inputs:
+            uses[i] = uses.get(i, 0) + 1
+
+    def single(name: str, op: str) -> int | None:
+        """The step computing ``name`` with ``op`` if ``name`` is used once and not kept."""
+        k = producer.get(name)
+        if k is None or steps[k].op != op or isinstance(steps[k].output, tuple):
+            return None
+        return k if uses.get(name) == 1 and name not in keep else None
+
+    absorbed = {i for s in steps if s.op == "add" for i in s.inputs if single(i, "add") is not None}
+    remove: set[int] = set()
+    insert: dict[int, list[Step]] = {}
+    for k, s in enumerate(steps):
+        if s.op != "add" or s.output in absorbed:
+            continue
+        inner, leaves, todo = [], [], list(s.inputs)
+        while todo:
+            name = todo.pop(0)
+            j = single(name, "add")
+            if j is None:
+                leaves.append(name)
+            else:
+                inner.append(j)
+                todo.extend(steps[j].inputs)
+        products = [producer[n] for n in leaves if single(n, "mul_tn") is not None]
+        if len(products) < 2:
+            continue
+        rest = [n for n in leaves if single(n, "mul_tn") is None]
+        args = tuple(steps[j].inputs[0] for j in products) + tuple(steps[j].inputs[1] for j in products)
+        total = s.output if not rest else f"sum_mul_tn({s.output})"
+        new = [Step((total,), sum_products_op(len(products)).name, args)]
+        for n, other in enumerate(rest):
+            out = s.output if n + 1 == len(rest) else f"{total}+{n + 1}"
+            new.append(Step(out, "add", (total, other)))
+            total = out
+        remove.update([k, *inner, *products])
+        insert[k] = new
+    if not insert:
+        return steps
+    out: list[Step] = []
+    for k, s in enumerate(steps):
+        out.extend(insert.get(k, ()))
+        if k not in remove:
+            out.append(s)
+    return out
+
+
 def fuse_blocks(steps: Sequence[Step], keep: Collection[str] = (),
                 whole: Collection[str] = ()) -> list[Step]:
     """Horizontal fusion: an elementwise op applied to every block of a cut runs once on the whole array.
@@ -393,8 +461,11 @@ def _toposort(nodes: list[tuple[int, Step]]) -> list[Step]:
 PASSES: dict[str, Pass] = {
     "crossent_softmax": crossent_softmax,
     "merge_matmuls": merge_matmuls,
+    "sum_products": sum_products,
     "fuse_blocks": fuse_blocks,
     "fuse_elementwise": fuse_elementwise,
 }
 
 DEFAULT_PASSES: tuple[str, ...] = ("crossent_softmax", "merge_matmuls")
+GRAPH_PASSES: tuple[str, ...] = (*DEFAULT_PASSES, "sum_products")
+"""The passes ``hvp``/``jvp`` compile their graphs with (a gradient graph's sums of products too)."""

@@ -1,0 +1,116 @@
+"""The passes that make gradient graphs cheap (HVP cost, issue #13 point 9), against the plain step list.
+
+Each rewrite is checked as ``tests/test_fusion.py`` checks the training passes:
+the same numbers as ``Autograd(xm, passes=(), fuse=False)`` on the shipped
+models' HVP graphs and on small graphs built for the edge cases.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.training import build_model
+from symdiff import Autograd
+from symdiff.autograd import Counters, Program
+from symdiff.differential import HVP, JVP, wengert_for
+from symdiff.graph import Step
+from symdiff.passes import GRAPH_PASSES, sum_products
+
+SMALL = dict(max_len=4, num_chars=7, num_hid=5, num_labels=3)
+
+
+def _hvp_case(kind: str, seed: int = 0):
+    m = build_model(kind, SMALL, seed=seed)
+    xm = m.xm
+    params = xm.params()
+    values = xm.inputDict()
+    rng = np.random.default_rng(seed)
+    vectors = {p: rng.standard_normal(np.shape(values[p])) for p in params}
+    return xm, params, values, vectors
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_hvp_with_the_graph_passes_matches_the_plain_step_list(kind):
+    xm, params, values, vectors = _hvp_case(kind)
+    h = HVP(xm, "loss", params)
+    fast = h(vectors, values)
+    feed = {**values, **{h.vector_names[p]: vectors[p] for p in params}}
+    plain = Autograd(h.graph, passes=(), fuse=False).eval(h.wengert, feed)
+    for p, r in zip(params, h.results):
+        np.testing.assert_allclose(fast[p], plain[r], rtol=1e-10, atol=1e-12, err_msg=p)
+
+
+def test_lstm_weight_gradients_become_one_product_per_weight():
+    xm, params, values, vectors = _hvp_case("lstm")
+    h = HVP(xm, "loss", params)
+    ops = [s.op for s in h.program.steps]
+    plain = [s.op for s in h.wengert]
+    # every gate's W and U: Σ_t over the steps of the gradient and of its tangent, one product each
+    assert sum(op.startswith("sum_mul_tn") for op in ops) >= 8
+    assert ops.count("mul_tn") < plain.count("mul_tn") // 4
+
+
+def test_jvp_with_the_graph_passes_matches_the_plain_step_list():
+    xm, params, values, vectors = _hvp_case("lstm", seed=1)
+    j = JVP(xm, "loss", params)
+    fast = j(vectors, values)
+    feed = {**values, **{j.tangent_names[p]: vectors[p] for p in params}}
+    plain = Autograd(j.graph, passes=(), fuse=False).eval(j.wengert, feed)
+    np.testing.assert_allclose(fast, plain[j.result], rtol=1e-10, atol=1e-12)
+
+
+def _sum_of_products(shapes_a, shapes_b, keep=()):
+    """``total = Σ_k mul_tn(a_k, b_k)`` as ``grad`` writes it (a chain of adds), run both ways."""
+    rng = np.random.default_rng(3)
+    steps, values, total = [], {}, None
+    for k, (sa, sb) in enumerate(zip(shapes_a, shapes_b)):
+        values[f"a{k}"], values[f"b{k}"] = rng.standard_normal(sa), rng.standard_normal(sb)
+        steps.append(Step(f"p{k}", "mul_tn", (f"a{k}", f"b{k}")))
+        if total is not None:
+            steps.append(Step(f"s{k}", "add", (total, f"p{k}")))
+        total = f"s{k}" if total is not None else "p0"
+    expected = sum(values[f"a{k}"].T @ values[f"b{k}"] for k in range(len(shapes_a)))
+    rewritten = sum_products(steps, keep=keep)
+    program = Program(rewritten, (), Counters())
+    v = program.forward(values)
+    return rewritten, v[program.slot[total]], expected
+
+
+def test_a_sum_of_products_becomes_one_stacked_product():
+    rewritten, got, expected = _sum_of_products([(6, 3)] * 4, [(6, 2)] * 4)
+    assert [s.op for s in rewritten] == ["sum_mul_tn4"]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_products_that_only_broadcast_together_are_summed_one_by_one():
+    # (1, 2) + (3, 2): the operands have different widths and cannot be stacked
+    rewritten, got, expected = _sum_of_products([(6, 1), (5, 3)], [(6, 2), (5, 2)])
+    assert [s.op for s in rewritten] == ["sum_mul_tn2"]
+    assert got.shape == (3, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_a_kept_partial_sum_is_not_merged_away():
+    rewritten, got, expected = _sum_of_products([(6, 3)] * 3, [(6, 2)] * 3, keep=("s1",))
+    assert "s1" in {o for s in rewritten for o in s.outputs}
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_the_stacked_product_differentiates_like_the_sum():
+    from symdiff.ops import sum_products_op
+
+    rng = np.random.default_rng(4)
+    a, b = [rng.standard_normal((4, 3)) for _ in range(2)], [rng.standard_normal((4, 2)) for _ in range(2)]
+    delta = rng.standard_normal((3, 2))
+    op = sum_products_op(2)
+    (out,) = op.forward(*a, *b)
+    grads = op.backward((True,) * 4)(delta, out, *a, *b)
+    expected = [b[0] @ delta.T, b[1] @ delta.T, a[0] @ delta, a[1] @ delta]
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-12)
+
+
+def test_graph_passes_extend_the_training_defaults():
+    from symdiff.passes import DEFAULT_PASSES
+
+    assert GRAPH_PASSES[:len(DEFAULT_PASSES)] == DEFAULT_PASSES and "sum_products" in GRAPH_PASSES
