@@ -150,3 +150,22 @@ def test_relu_derivative_at_zero_is_zero():
     got = _engine_derivatives(symdiff.OPS["relu"], [np.array([0.0, -0.0])], 3)
     for values in got.values():
         np.testing.assert_array_equal(values, 0.0)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "prec_swish", "prec_softplus"])
+def test_the_plain_step_lists_first_derivative_matches_mpmath(name):
+    """``bprop`` over the plain op list (``--no-fuse``) runs each op's own backward kernel: σ' and tanh'
+    there come from the saved output, with the tails recomputed from the input; on the grid and on a
+    dense sweep across where the two forms meet, they must be as precise as the graph derivatives."""
+    op = _op(name)
+    x = np.concatenate([GRID, np.linspace(-12.0, 12.0, 193)])
+    xm = XMan()
+    xm.a0 = f.param(name="a0", default=x)
+    xm.s0 = f.sum(op(xm.a0))
+    xm.setup()
+    ad = Autograd(xm, passes=(), fuse=False, native=False)
+    w = xm.operationSequence(xm.s0)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        g = ad.bprop(w, ad.eval(w, {"a0": x}), s0=np.float64(1.0))["a0"]
+    bad = _check(op, {(0,): g}, [x])
+    assert not bad, "\n".join(bad[:20])
