@@ -392,3 +392,19 @@ def test_the_target_level_is_an_environment_variable_and_part_of_the_cache_key(t
     assert bad.returncode == 0, bad.stderr
     status, result = bad.stdout.splitlines()
     assert status.startswith("off (") and "SYMDIFF_MARCH" in status and result.startswith("numpy ")
+
+
+def test_the_suite_runs_in_a_clean_environment_with_its_own_kernel_cache(tmp_path):
+    """conftest.py: no SYMDIFF_* or BLAS thread setting of the user's shell reaches the tests or their
+    subprocesses, and compiled kernels go to a temporary folder of the session, not ~/.cache/symdiff."""
+    import tempfile
+
+    cache = Path(os.environ["SYMDIFF_CACHE"])
+    assert cache.is_relative_to(tempfile.gettempdir()) and cache.name.startswith("symdiff-test-cache-")
+    assert native.cache_dir() == cache
+    assert not [k for k in os.environ if k.startswith("SYMDIFF_") and k not in ("SYMDIFF_CACHE",
+                                                                                  "SYMDIFF_TEST_CACHE_OWNER")]
+    assert "OPENBLAS_NUM_THREADS" not in os.environ or os.environ["OPENBLAS_NUM_THREADS"] == "1"  # models' own
+    done = _python("from symdiff import native; print(native.cache_dir())", {}, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(cache)
