@@ -382,3 +382,48 @@ def test_benchmark_runs_and_reports_ratios_as_json() -> None:
             q["median_s"] for q in report["rows"] if q["impl"] == "reference" and q["dtype"] == r["dtype"]),
             r["median_s"], rel_tol=1e-9)
     assert report["agreement"]["lstm"] < 1e-12  # engine and reference end one epoch with the same params
+
+
+# --------------------------------------------------------------------------- #
+# the engine's models against this reference: one epoch of SGD, same start and batch order
+# --------------------------------------------------------------------------- #
+ENGINES = {"default": {}, "--no-native": {"native": False}, "--no-fuse": {"fuse": False}, "--dense": {"dense": True}}
+
+
+class _Quiet:
+    def start(self, *a: object) -> None: ...
+    def batch(self, *a: object) -> None: ...
+    def epoch(self, *a: object) -> None: ...
+    def info(self, *a: object) -> None: ...
+    def warn(self, *a: object) -> None: ...
+    def finish(self, *a: object) -> None: ...
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_engine_training_ends_with_the_references_parameters(kind: str, engine: str) -> None:
+    """The README's claim for both models: the engine (every way it can run) and this hand-written
+    reference, started from the same parameters and shuffled alike, end one epoch of SGD on the demo
+    set with the same parameters, and score the validation split alike."""
+    from models import data as D
+    from models.training import DEFAULT_LR, StopFlag, TrainConfig, Trainer, build_model
+
+    ds = D.load_dataset(D.resolve_dataset("demo"))
+    cfg = TrainConfig(epochs=1, init_lr=DEFAULT_LR[kind], **ENGINES[engine])
+    dims = dict(max_len=cfg.max_len, num_chars=ds.vocab.num_chars, num_hid=cfg.num_hid,
+                num_labels=ds.vocab.num_labels)
+    trainer = Trainer(build_model(kind, dims, seed=cfg.seed), ds, cfg)
+    params = {n: a.copy() for n, a in trainer.model.params.items()}
+    assert set(params) == set(ref.MLP_PARAMS if kind == "mlp" else ref.LSTM_PARAMS)
+    y = np.eye(ds.vocab.num_labels)[ds.train.label_ids]
+    result = trainer.train(_Quiet(), StopFlag())
+    ref.train_epoch(kind, params, trainer.codes["train"], y, cfg.batch_size, cfg.init_lr,
+                    np.random.default_rng(cfg.seed))
+    for name, want in params.items():
+        got = trainer.model.params[name]
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13, err_msg=name)
+    known = ds.valid.label_ids >= 0
+    valid_loss, _ = _loss_fn(kind)(params, trainer.codes["valid"][known],
+                                   np.eye(ds.vocab.num_labels)[ds.valid.label_ids[known]])
+    assert result.epochs[0].valid_loss == pytest.approx(valid_loss, rel=1e-12)
