@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -351,11 +352,17 @@ def test_no_epoch_with_a_finite_validation_loss_writes_nothing(tmp_path: Path, b
     untouched(tmp_path)
 
 
-def test_ctrl_c_stops_and_writes_the_best_epoch(tmp_path: Path) -> None:
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_ctrl_c_result_is_exactly_the_best_epoch_of_a_clean_run(tmp_path: Path) -> None:
+    """The real thing: SIGINT to a CLI process; what it writes is what a clean run of the best epoch writes."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = ["lstm", "--epochs", "50", "--num_hid", "8", "--batch_size", "16", "--init_lr", "0.1",
-            "--output_file", "p.npy", "--metrics_file", "m.json"]
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=tmp_path, env=env, text=True,
+    args = ["lstm", "--epochs", "50", "--num_hid", "8", "--batch_size", "16", "--init_lr", "0.1"]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--output_file", "p.npy", "--metrics_file",
+                             "m.json", "--save_model", "m.npz"], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         seen = []
@@ -373,12 +380,105 @@ def test_ctrl_c_stops_and_writes_the_best_epoch(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     assert "interrupted" in err and "Ctrl-C" in err and "best epoch" in err
-    probs = np.load(tmp_path / "p.npy", allow_pickle=False)
-    assert probs.shape == (150, 5) and np.isfinite(probs).all()
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["stopped"] == "interrupted"
     assert 1 <= len(metrics["epochs"]) < 50 and metrics["best_epoch"] in [e["epoch"] for e in metrics["epochs"]]
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    done = subprocess.run([sys.executable, "-m", "cli", *args, "--epochs", str(metrics["best_epoch"]),
+                           "--output_file", "p.npy", "--save_model", "m.npz"], cwd=clean, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "p.npy").read_bytes() == (clean / "p.npy").read_bytes()
+    saved, want = _read_npz(tmp_path / "m.npz"), _read_npz(clean / "m.npz")
+    assert saved.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(saved[name], want[name], err_msg=name)
+
+
+class CtrlC(Poisoner):
+    """A reporter that presses Ctrl-C ``times`` times during batch ``batch`` of epoch ``epoch``.
+
+    A real SIGINT to this process, handled by the run's own handler: ``signal.raise_signal``
+    runs the Python handler before it returns, so two presses are two separate events.
+    """
+
+    def __init__(self, epoch: int, batch: int, times: int = 1) -> None:
+        super().__init__([])
+        self.at, self.times = (epoch, batch), times
+        self.batches: list[tuple[int, int]] = []
+
+    def batch(self, epoch: int, k: int, loss: float) -> None:
+        self.batches.append((epoch, k))
+        if (epoch, k) == self.at:
+            for _ in range(self.times):
+                signal.raise_signal(signal.SIGINT)
+
+
+@pytest.fixture
+def main_thread() -> None:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("SIGINT handlers can only be installed from the main thread")
+
+
+def _outputs(tmp_path: Path) -> dict[str, str]:
+    return {"output_file": str(tmp_path / "p.npy"), "metrics_file": str(tmp_path / "m.json"),
+            "save_model": str(tmp_path / "m.npz")}
+
+
+def test_ctrl_c_before_any_epoch_finished_writes_nothing(tmp_path: Path, previous: Path, main_thread: None) -> None:
+    rep = CtrlC(1, 2)
+    assert T.run("mlp", {**COMMON, "epochs": 3, **_outputs(tmp_path)}, rep) == T.EXIT_INTERRUPTED
+    assert rep.batches == [(1, 1), (1, 2)]  # training stopped after the batch Ctrl-C came in
+    assert any("interrupted during epoch 1" in w for w in rep.warnings), rep.warnings
+    assert any("no epoch completed" in w and "nothing was written" in w for w in rep.warnings), rep.warnings
+    untouched(tmp_path)
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_ctrl_c_during_a_later_epoch_writes_the_best_epoch_and_its_model(tmp_path: Path, main_thread: None) -> None:
+    rep = CtrlC(3, 2)
+    assert T.run("mlp", {**COMMON, "epochs": 6, **_outputs(tmp_path)}, rep) == T.EXIT_INTERRUPTED
+    assert rep.batches[-1] == (3, 2)
+    assert any("stopped by Ctrl-C" in w and "exit code 130" in w for w in rep.warnings), rep.warnings
+    metrics = _strict_json(tmp_path / "m.json")
+    assert metrics["stopped"] == "interrupted" and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    best = metrics["best_epoch"]
+    assert best in (1, 2)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    assert T.run("mlp", {**COMMON, "epochs": best, **_outputs(clean)}, Poisoner([])) == T.EXIT_OK
+    assert (tmp_path / "p.npy").read_bytes() == (clean / "p.npy").read_bytes()
+    saved, want = _read_npz(tmp_path / "m.npz"), _read_npz(clean / "m.npz")
+    assert saved.keys() == want.keys() and {"param/W1", "param/b1", "param/W2", "param/b2"} <= saved.keys()
+    for name in want:
+        np.testing.assert_array_equal(saved[name], want[name], err_msg=name)
+    assert metrics["test_loss"] == _strict_json(clean / "m.json")["test_loss"]
+
+
+@pytest.mark.parametrize("entry", ["symdiff mlp", "python -m models.mlp"])
+def test_a_second_ctrl_c_stops_at_once_and_writes_nothing(tmp_path: Path, previous: Path, main_thread: None,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], entry: str) -> None:
+    """Epoch 1 finished, so one Ctrl-C would write its results (above); a second one stops there and then."""
+    rep = CtrlC(2, 3, times=2)
+    if entry == "symdiff mlp":
+        import cli
+
+        monkeypatch.setattr(T.PlainReporter, "batch", lambda self, epoch, k, loss: rep.batch(epoch, k, loss))
+        code = cli.main(["mlp", "--dataset", "demo", "--epochs", "4", "--num_hid", "8", "--output_file",
+                         str(tmp_path / "p.npy"), "--metrics_file", str(tmp_path / "m.json"),
+                         "--save_model", str(tmp_path / "m.npz")])
+    else:
+        code = T.run_main("mlp", {**COMMON, "epochs": 4, **_outputs(tmp_path)}, rep)
+    assert code == T.EXIT_INTERRUPTED
+    assert rep.batches[-1] == (2, 3)
+    err = capsys.readouterr().err
+    assert "interrupted: stopped at once" in err and "Traceback" not in err, err
+    untouched(tmp_path)
+    assert not (tmp_path / "m.npz").exists()
 
 
 WRITER = """
@@ -424,8 +524,31 @@ def test_kill_9_during_writes_never_leaves_a_truncated_file(tmp_path: Path) -> N
         assert value == previous or value >= first, (value, previous, first)
         previous = value
     assert previous is not None, "no write finished in any round: the test proved nothing"
-    for stray in tmp_path.glob(".big.npy.*.tmp"):  # allowed, but never under the real name
-        assert stray.name != dest.name
+    # at worst a stray temporary is left: beside the destination, named .big.npy.*.tmp; nothing else
+    strays = {p.name for p in tmp_path.iterdir()} - {script.name, dest.name}
+    assert all(re.fullmatch(r"\.big\.npy\..+\.tmp", name) for name in strays), strays
+
+
+def test_every_write_goes_through_a_hidden_temporary_beside_the_destination(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a kill -9 can leave behind is named by the temporary: `.NAME.*.tmp`, in the same folder (so the
+    rename is atomic, on one file system), never a name a reader could take for a result."""
+    renames: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+
+    def recorded(src: str, dst: str) -> None:
+        renames.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recorded)
+    writers = {"p.npy": lambda p: storage.save_npy(p, np.zeros(3)), "m.json": lambda p: storage.save_json(p, {}),
+               "m.npz": lambda p: storage.save_npz(p, {"a": np.zeros(2)}), "raw": lambda p: storage.save_bytes(p, b"x")}
+    for name, write in writers.items():
+        write(tmp_path / name)
+    assert [dst for _, dst in renames] == [tmp_path / name for name in writers]
+    for src, dst in renames:
+        assert src.parent == dst.parent and re.fullmatch(rf"\.{re.escape(dst.name)}\..+\.tmp", src.name), src
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(writers)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
