@@ -307,3 +307,59 @@ def test_relus_killed_by_a_huge_learning_rate_are_reported(tmp_path: Path) -> No
     assert metrics["stopped"] == "dead-relu" and len(metrics["epochs"]) == 1
     probs = check_probs(tmp_path / "p.npy")
     np.testing.assert_allclose(probs, 0.2, atol=1e-12)   # all logits 0: uniform
+
+
+# ---- early stopping (--patience) ------------------------------------------------------------
+def stop_epoch(valid: list[float], patience: int) -> int | None:
+    """The rule, stated apart from the loop's counter: training stops after the first epoch e at which
+    none of the last ``patience`` epochs improved on the best validation loss before them."""
+    for e in range(patience + 1, len(valid) + 1):
+        if min(valid[e - patience:e]) >= min(valid[:e - patience]):
+            return e
+    return None
+
+
+def test_patience_stops_at_the_first_epoch_the_rule_allows_and_keeps_the_best(tmp_path: Path) -> None:
+    # lr 0.5 makes the validation loss on the demo set go up once (and recover), then up twice in a row
+    flags = {"dataset": "demo", "num_hid": 32, "init_lr": 0.5, "epochs": 30}
+    rep = Recorder()
+    code = T.run("mlp", {**flags, "patience": 2, "output_file": str(tmp_path / "p.npy"),
+                         "metrics_file": str(tmp_path / "m.json")}, rep)
+    assert code == T.EXIT_OK
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    valid = [e["valid_loss"] for e in metrics["epochs"]]
+    improved = [v < min(valid[:k], default=math.inf) for k, v in enumerate(valid)]
+    assert not all(improved[:-2]), f"no setback before the stop: the counter's reset goes untested ({valid})"
+    assert metrics["stopped"] == "early-stop"
+    assert len(valid) == stop_epoch(valid, 2) < 30
+    assert any(f"early stop after epoch {len(valid)}" in i and "2 epoch(s)" in i for i in rep.infos), rep.infos
+    assert not rep.warnings  # stopping early is the plan, not a problem
+    best = metrics["best_epoch"]
+    assert best == int(np.argmin(valid)) + 1 < len(valid)
+    # the predictions are those of the best epoch: a run of exactly that many epochs writes the same bytes
+    assert T.run("mlp", {**flags, "epochs": best, "output_file": str(tmp_path / "q.npy")}, Recorder()) == T.EXIT_OK
+    assert (tmp_path / "p.npy").read_bytes() == (tmp_path / "q.npy").read_bytes()
+
+
+def test_without_patience_training_runs_every_epoch(demo: D.Dataset) -> None:
+    _, result = train_in_process("mlp", demo, num_hid=32, init_lr=0.5, epochs=12)
+    valid = [e.valid_loss for e in result.epochs]
+    stop = stop_epoch(valid, 2)
+    assert stop is not None and stop < len(valid)  # patience 2 would have stopped it ...
+    assert result.stopped is None and len(valid) == 12    # ... but none was given
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_both_best_presets_stop_early_on_the_demo_set(kind: str, tmp_path: Path) -> None:
+    """`--preset best` relies on early stopping (patience 2, up to 30 / 20 epochs): on the demo set it
+    really ends that way, at the epoch the rule names."""
+    from models.flags import PRESETS
+
+    table = PRESETS["best"][kind]
+    assert table["patience"] is not None
+    code = T.run(kind, {"preset": "best", "dataset": "demo", "metrics_file": str(tmp_path / "m.json")}, Recorder())
+    assert code == T.EXIT_OK
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    valid = [e["valid_loss"] for e in metrics["epochs"]]
+    assert metrics["config"]["patience"] == table["patience"] and metrics["stopped"] == "early-stop"
+    assert len(valid) == stop_epoch(valid, table["patience"]) < table["epochs"]
