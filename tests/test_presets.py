@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,13 @@ KINDS = ("mlp", "lstm")
 # The seed's hyperparameters, written out: --preset seed (and no --preset) must give exactly these.
 SEED = dict(max_len=10, num_hid=50, batch_size=64, epochs=15, dtype="float64", optimizer="sgd", momentum=0.9,
             weight_decay=0.0, clip=None, schedule="constant", patience=None)
+# --preset best, written out as README.md ("Better than the seed") and docs/tuning.md give it.
+BEST = {
+    "mlp": dict(optimizer="adamw", init_lr=0.006, weight_decay=0.3, num_hid=128, max_len=25, batch_size=128,
+                epochs=30, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None),
+    "lstm": dict(optimizer="adam", init_lr=0.01, weight_decay=0.0, num_hid=64, max_len=30, batch_size=64,
+                 epochs=20, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None),
+}
 
 
 def resolved(kind: str, argv: list[str]) -> dict:
@@ -40,10 +48,28 @@ def test_seed_preset_is_the_plain_defaults(kind: str) -> None:
 def test_best_fills_every_unset_hyperparameter(kind: str) -> None:
     table = PRESETS["best"][kind]
     assert set(table) == set(PRESET_KEYS)
+    assert table == BEST[kind]
     best = resolved(kind, ["--preset", "best"])
-    assert {k: best[k] for k in PRESET_KEYS} == table
+    assert {k: best[k] for k in PRESET_KEYS} == BEST[kind]
     assert best["seed"] == 0 and best["dataset"] == "demo"  # not hyperparameters: untouched
     assert table != {**SEED, "init_lr": DEFAULT_LR[kind]}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_readme_describes_the_best_presets_as_they_are(kind: str) -> None:
+    text = " ".join((REPO / "README.md").read_text().split())
+    found = re.search(rf"`symdiff {kind} --preset best` \(([^)]*)\)", text)
+    assert found, f"README.md no longer describes `symdiff {kind} --preset best`"
+    words, table = found.group(1), BEST[kind]
+    said = {"optimizer": {"adam": "Adam", "adamw": "AdamW"}[table["optimizer"]], "init_lr": f"lr {table['init_lr']:g}",
+            "num_hid": f"hidden {table['num_hid']}", "max_len": f"max_len {table['max_len']}", "dtype": table["dtype"]}
+    if table["weight_decay"]:
+        said["weight_decay"] = f"decay {table['weight_decay']:g}"
+    if table["batch_size"] != SEED["batch_size"]:
+        said["batch_size"] = f"batch {table['batch_size']}"
+    for key, phrase in said.items():
+        assert re.search(rf"(^|[ ,(]){re.escape(phrase)}([ ,)]|$)", words), (key, phrase, words)
+    assert ("early stopping" in words) == (table["patience"] is not None), words
 
 
 @pytest.mark.parametrize("kind", KINDS)
