@@ -137,7 +137,7 @@ def test_timing_runs_end_to_end_and_writes_json_and_csv(timing, tmp_path):
 
 
 def test_timing_plots(timing, tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install -e '.[plots]' (or '.[test]')")
     paths = X.save_plots("timing", timing, tmp_path)
     assert [p.name for p in paths] == ["timing_vs_batch_size.png", "timing_vs_max_len.png"]
     for p in paths:
@@ -161,9 +161,27 @@ def test_recommended_scales():
     assert X.recommended_scale("one-hot") == pytest.approx(math.sqrt(3))
     assert X.recommended_scale("uniform") == pytest.approx(4 / 1000, rel=2e-3)
     assert X.recommended_scale("shifted") == pytest.approx(2 / (1000.5 * 1000), rel=1e-3)
-    for case in X.INIT_CASES:   # E[s²] = 1 at the recommended scale
-        mean, std = X.preactivation_moments(case, X.recommended_scale(case))
-        assert mean ** 2 + std ** 2 == pytest.approx(1.0)
+    for case in X.INIT_CASES:   # E[s²] = 1 at the recommended scale, by a formula of the test's own
+        assert _second_moment_of_s(case, X.recommended_scale(case)) == pytest.approx(1.0, rel=1e-12)
+
+
+def _second_moment_of_s(case: str, a: float, d: int = 1000) -> float:
+    """E[s²] for s = Σ_{i≤d} x_i w_i, w_i ~ U[0, a], all independent, written out term by term:
+    E[s²] = Σ_i E[x_i²] E[w²] + Σ_{i≠j} E[x_i] E[x_j] E[w]², with E[w] = a/2 and E[w²] = a²/3.
+    One-hot x (one x_i = 1, uniformly placed): s is a single w, E[s²] = a²/3."""
+    if case == "one-hot":
+        return a * a / 3
+    lo, hi = {"uniform": (0.0, 1.0), "shifted": (1000.0, 1001.0)}[case]
+    ex = (lo + hi) / 2
+    ex2 = (hi ** 3 - lo ** 3) / (3 * (hi - lo))  # ∫ x² dx / (hi - lo)
+    return d * ex2 * a * a / 3 + d * (d - 1) * (ex * a / 2) ** 2
+
+
+def test_exact_moments_agree_with_the_tests_own_formula():
+    for case in X.INIT_CASES:
+        for a in (0.01, 1.0, 3.0):
+            mean, std = X.preactivation_moments(case, a)
+            assert mean ** 2 + std ** 2 == pytest.approx(_second_moment_of_s(case, a), rel=1e-12), (case, a)
 
 
 def test_saturation_small_for_recommended_scale_and_large_for_bad(init):
@@ -224,7 +242,7 @@ def test_report_is_templated_from_the_json(steps, timing, init, tmp_path):
 
 
 def test_report_links_figures_relative_to_the_report(steps, tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install -e '.[plots]' (or '.[test]')")
     out = tmp_path / "docs" / "figures"
     X.save("steps", steps, out)
     report, notes = X.write_report(out, tmp_path / "docs" / "report.md")

@@ -243,11 +243,17 @@ def test_output_form_kernels_use_the_out_they_are_given():
 
 
 def test_equivalent_naive_spellings_agree():
-    """Different spellings of one function stabilise to kernels that agree with each other."""
+    """Different spellings of one function stabilise to kernels that agree with each other: values and
+    derivatives (each backward kernel given its own op's output, as training does)."""
     pairs = [(sp.log(1 + E(x)), sp.log(E(x) + 1)), (1 / (1 + E(-x)), E(x) / (1 + E(x))),
              (E(x) / (1 + E(x)) ** 2, E(-x) / (1 + E(-x)) ** 2), (sp.log(1 / (1 + E(-x))), -sp.log(1 + E(-x)))]
+    delta = np.random.default_rng(5).uniform(0.5, 2.0, POINTS.shape)
     for k, (p, q) in enumerate(pairs):
         op_p = defop(f"stability_spelling_{k}_a", p, args=[x])
         op_q = defop(f"stability_spelling_{k}_b", q, args=[x])
         with strict_numpy():
-            np.testing.assert_allclose(op_p.forward(POINTS), op_q.forward(POINTS), rtol=1e-14, atol=TINY)
+            out_p, out_q = op_p.forward(POINTS), op_q.forward(POINTS)
+            np.testing.assert_allclose(out_p, out_q, rtol=1e-14, atol=TINY, err_msg=f"{p} vs {q}: values")
+            grad_p, grad_q = op_p.backward[0](delta, out_p, POINTS), op_q.backward[0](delta, out_q, POINTS)
+            assert np.isfinite(grad_p).all() and np.isfinite(grad_q).all()
+            np.testing.assert_allclose(grad_p, grad_q, rtol=1e-13, atol=TINY, err_msg=f"{p} vs {q}: derivatives")
