@@ -91,6 +91,7 @@ BAD_DATA = {
 }
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", list(BAD_DATA))
 def test_bad_data_file_is_refused_in_one_line(tmp_path: Path, previous: Path, case: str) -> None:
     overrides, names = BAD_DATA[case]
@@ -100,12 +101,14 @@ def test_bad_data_file_is_refused_in_one_line(tmp_path: Path, previous: Path, ca
     untouched(tmp_path)
 
 
+@pytest.mark.subprocess
 def test_whole_dataset_missing(tmp_path: Path, previous: Path) -> None:
     line = refused(symdiff(tmp_path, *train_args("nowhere")), "nowhere", "not found")
     assert "prefix" in line
     untouched(tmp_path)
 
 
+@pytest.mark.subprocess
 def test_test_label_not_in_train_is_warned_and_still_predicted(tmp_path: Path) -> None:
     name = write_dataset(tmp_path, test=TEST + "Rex_the_Dog\tAnimal\n")
     proc = symdiff(tmp_path, *train_args(name))
@@ -146,6 +149,7 @@ def plain_predictions(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return _predict_toy(tmp_path_factory.mktemp("plain"), *(_variant(t, "lf") for t in (TRAIN, VALID, TEST)))
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kind", ["crlf", "bom", "blank lines", "no final newline"])
 def test_harmless_format_variants_give_identical_results(tmp_path: Path, kind: str, plain_predictions: bytes) -> None:
     assert _predict_toy(tmp_path, *(_variant(t, kind) for t in (TRAIN, VALID, TEST))) == plain_predictions
@@ -159,24 +163,28 @@ BAD_FLAGS += [("--seed", "-1"), ("--momentum", "1.5"), ("--momentum", "nan"), ("
               ("--clip", "0"), ("--patience", "0"), ("--dtype", "float16")]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("flag,value", BAD_FLAGS)
 def test_bad_flag_value_is_refused_in_one_line(tmp_path: Path, previous: Path, flag: str, value: str) -> None:
     refused(symdiff(tmp_path, *train_args("demo", flag, value)), flag, value, "--help")
     untouched(tmp_path)
 
 
+@pytest.mark.subprocess
 def test_bad_flag_value_python_m_models(tmp_path: Path, previous: Path) -> None:
     proc = symdiff(tmp_path, "--epochs", "0", "--output_file", "p.npy", module="models.lstm")
     refused(proc, "--epochs", "at least 1")
     untouched(tmp_path)
 
 
+@pytest.mark.subprocess
 def test_flag_combination_the_optimizer_rejects(tmp_path: Path, previous: Path) -> None:
     refused(symdiff(tmp_path, *train_args("demo", "--optimizer", "nesterov", "--momentum", "0")),
             "--optimizer nesterov", "--momentum")
     untouched(tmp_path)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("flag", ["--output_file", "--metrics_file", "--save_model"])
 def test_output_in_a_missing_folder(tmp_path: Path, previous: Path, flag: str) -> None:
     args = [a for a in train_args("demo") if a not in ("--metrics_file", "m.json")]
@@ -186,6 +194,7 @@ def test_output_in_a_missing_folder(tmp_path: Path, previous: Path, flag: str) -
     assert not (tmp_path / "no").exists()
 
 
+@pytest.mark.subprocess
 def test_output_file_that_is_a_directory(tmp_path: Path, previous: Path) -> None:
     (tmp_path / "results").mkdir()
     args = [a if a != "p.npy" else "results" for a in train_args("demo")]
@@ -214,16 +223,19 @@ def saved_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarra
         return {k: z[k] for k in z.files}
 
 
+@pytest.mark.subprocess
 def test_predict_missing_model_file(tmp_path: Path) -> None:
     refused(symdiff(tmp_path, "predict", "--model", "gone.npz", "Foo"), "gone.npz", "--save_model")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("content", [b"not a model\n", b"PK\x03\x04 truncated zip", b""])
 def test_predict_file_that_is_not_an_npz(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "m.npz").write_bytes(content)
     refused(symdiff(tmp_path, "predict", "--model", "m.npz", "Foo"), "m.npz", "not an .npz", "--save_model")
 
 
+@pytest.mark.subprocess
 def test_predict_truncated_model_file(tmp_path: Path, saved_model: dict[str, np.ndarray]) -> None:
     np.savez(tmp_path / "full.npz", **saved_model)
     data = (tmp_path / "full.npz").read_bytes()
@@ -231,6 +243,7 @@ def test_predict_truncated_model_file(tmp_path: Path, saved_model: dict[str, np.
     refused(symdiff(tmp_path, "predict", "--model", "m.npz", "Foo"), "m.npz", "--save_model")
 
 
+@pytest.mark.subprocess
 def test_predict_refuses_to_unpickle(tmp_path: Path, saved_model: dict[str, np.ndarray]) -> None:
     trap = tmp_path / "unpickled"
     arrays = dict(saved_model)
@@ -240,6 +253,7 @@ def test_predict_refuses_to_unpickle(tmp_path: Path, saved_model: dict[str, np.n
     assert not trap.exists(), "the model file was unpickled"
 
 
+@pytest.mark.subprocess
 def test_predict_param_of_the_wrong_shape(tmp_path: Path, saved_model: dict[str, np.ndarray]) -> None:
     arrays = dict(saved_model)
     arrays["param/W2"] = np.zeros((3, 3))
@@ -247,6 +261,7 @@ def test_predict_param_of_the_wrong_shape(tmp_path: Path, saved_model: dict[str,
     refused(symdiff(tmp_path, "predict", "--model", "m.npz", "Foo"), "m.npz", "'param/W2'", "(3, 3)", "(8, 5)")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("field,value", [("dtype", "int64"), ("num_hid", -3)])
 def test_predict_bad_model_config(tmp_path: Path, saved_model: dict[str, np.ndarray], field: str,
                                   value: Any) -> None:
@@ -259,6 +274,7 @@ def test_predict_bad_model_config(tmp_path: Path, saved_model: dict[str, np.ndar
 
 
 # ---- faults during training -----------------------------------------------------------------
+@pytest.mark.subprocess
 def test_divergence_in_the_first_epoch_writes_nothing(tmp_path: Path, previous: Path) -> None:
     # The first update at lr 1e300 sends the weights to ~1e300: the next forward pass overflows.
     proc = symdiff(tmp_path, *train_args("demo", "--epochs", "3", "--init_lr", "1e300"))
@@ -357,6 +373,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_result_is_exactly_the_best_epoch_of_a_clean_run(tmp_path: Path) -> None:
     """The real thing: SIGINT to a CLI process; what it writes is what a clean run of the best epoch writes."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -496,6 +513,7 @@ while True:
 """
 
 
+@pytest.mark.subprocess
 def test_kill_9_during_writes_never_leaves_a_truncated_file(tmp_path: Path) -> None:
     script = tmp_path / "writer.py"
     script.write_text(WRITER)

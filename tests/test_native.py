@@ -328,6 +328,7 @@ print("native" if ad.native else "numpy", float(np.abs(g["Wc"]).sum()))
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", ["no compiler", "broken compiler", "switched off"])
 def test_without_a_working_compiler_everything_runs_in_numpy(tmp_path, case):
     env = {"SYMDIFF_CACHE": str(tmp_path / "cache")}
@@ -346,6 +347,7 @@ def test_without_a_working_compiler_everything_runs_in_numpy(tmp_path, case):
     assert result.startswith("numpy ") and float(result.split()[1]) > 0
 
 
+@pytest.mark.subprocess
 @needs_compiler
 def test_builds_are_cached_on_disk_and_reused(tmp_path):
     env = {"SYMDIFF_CACHE": str(tmp_path / "cache")}
@@ -372,6 +374,7 @@ def test_a_cache_folder_others_may_write_is_not_used(tmp_path):
     assert native._private_dir(mine) == mine and (mine.stat().st_mode & 0o777) == 0o700
 
 
+@pytest.mark.subprocess
 @needs_compiler
 def test_the_target_level_is_an_environment_variable_and_part_of_the_cache_key(tmp_path):
     """SYMDIFF_MARCH builds for another instruction-set level (e.g. AVX2 on an AVX-512 machine)
@@ -394,6 +397,7 @@ def test_the_target_level_is_an_environment_variable_and_part_of_the_cache_key(t
     assert status.startswith("off (") and "SYMDIFF_MARCH" in status and result.startswith("numpy ")
 
 
+@pytest.mark.subprocess
 def test_the_suite_runs_in_a_clean_environment_with_its_own_kernel_cache(tmp_path):
     """conftest.py: no SYMDIFF_* or BLAS thread setting of the user's shell reaches the tests or their
     subprocesses, and compiled kernels go to a temporary folder of the session, not ~/.cache/symdiff."""

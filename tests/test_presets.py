@@ -113,6 +113,7 @@ def test_an_unknown_preset_is_a_usage_error() -> None:
     assert exc.value.code == 2
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kind", KINDS)
 def test_preset_best_runs_end_to_end_on_the_demo_set(kind: str, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}

@@ -361,6 +361,7 @@ def test_hand_fused_lstm_matches_the_reference(dtype: type) -> None:
         np.testing.assert_allclose(p2[name], p1[name], rtol=tol, atol=tol, err_msg=name)
 
 
+@pytest.mark.subprocess
 def test_benchmark_runs_and_reports_ratios_as_json() -> None:
     import json
     import subprocess

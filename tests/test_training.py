@@ -99,6 +99,7 @@ def train_in_process(kind: str, ds: D.Dataset, **cfg: Any) -> tuple[T.Trainer, T
 
 
 # ---- end to end on the demo set -------------------------------------------------------------
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
 def test_train_writes_predictions_and_documented_metrics(tmp_path: Path, kind: str, demo: D.Dataset) -> None:
     proc = ok(symdiff(tmp_path, kind, "--epochs", "2", *SMALL, "--output_file", "p.npy",
@@ -120,6 +121,7 @@ def test_train_writes_predictions_and_documented_metrics(tmp_path: Path, kind: s
     assert len(re.findall(r"^epoch +\d+ ", proc.stdout, flags=re.M)) == 2
 
 
+@pytest.mark.subprocess
 def test_same_seed_is_byte_identical_other_seed_differs(tmp_path: Path) -> None:
     for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
         ok(symdiff(tmp_path, "mlp", "--epochs", "1", *SMALL, "--seed", seed, "--output_file", f"{name}.npy"))
@@ -128,6 +130,7 @@ def test_same_seed_is_byte_identical_other_seed_differs(tmp_path: Path) -> None:
     assert a != c
 
 
+@pytest.mark.subprocess
 def test_python_m_models_mlp_matches_the_cli(tmp_path: Path) -> None:
     ok(symdiff(tmp_path, "--epochs", "1", *SMALL, "--output_file", "mod.npy", module="models.mlp"))
     ok(symdiff(tmp_path, "mlp", "--epochs", "1", *SMALL, "--output_file", "cli.npy"))
@@ -135,12 +138,14 @@ def test_python_m_models_mlp_matches_the_cli(tmp_path: Path) -> None:
     assert (tmp_path / "mod.npy").read_bytes() == (tmp_path / "cli.npy").read_bytes()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
 def test_float32_writes_float32_probabilities(tmp_path: Path, kind: str) -> None:
     ok(symdiff(tmp_path, kind, "--epochs", "1", *SMALL, "--dtype", "float32", "--output_file", "p.npy"))
     check_probs(tmp_path / "p.npy", dtype=np.float32, tol=1e-5)
 
 
+@pytest.mark.subprocess
 def test_predictions_come_from_the_best_validation_epoch(tmp_path: Path) -> None:
     # A high learning rate makes the validation loss go up and down, so the best epoch is not the last.
     flags = ["--num_hid", "8", "--init_lr", "1.0"]
@@ -171,6 +176,7 @@ def test_dense_path_gives_the_same_losses(kind: str, demo: D.Dataset) -> None:
         np.testing.assert_allclose(dense_trainer.model.params[name], value, rtol=0, atol=1e-9, err_msg=name)
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not (REAL_DATA / "tiny.train").exists(), reason=f"real DBPedia data not found at {REAL_DATA}")
 def test_mlp_learns_on_tiny(tmp_path: Path) -> None:
     ok(symdiff(tmp_path, "mlp", "--dataset", str(REAL_DATA / "tiny"), "--epochs", "8", "--init_lr", "0.2",
@@ -181,12 +187,14 @@ def test_mlp_learns_on_tiny(tmp_path: Path) -> None:
     assert metrics["test_loss"] < 1.5 < LN5, metrics["epochs"]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
 def test_gradcheck_of_the_built_models_passes(tmp_path: Path, kind: str) -> None:
     proc = ok(symdiff(tmp_path, "gradcheck", kind))
     assert "yes" in proc.stdout and "NO" not in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_saved_model_predicts_like_the_run_and_from_the_command_line(tmp_path: Path, demo: D.Dataset) -> None:
     ok(symdiff(tmp_path, "mlp", "--epochs", "2", *SMALL, "--output_file", "p.npy", "--save_model", "m.npz"))
     model, vocab = T.load_model(tmp_path / "m.npz")
@@ -216,6 +224,7 @@ def test_predict_reads_titles_as_the_data_files_write_them(demo: D.Dataset) -> N
     np.testing.assert_array_equal(probs[3], probs[2])  # a % that starts no escape stays a %
 
 
+@pytest.mark.subprocess
 def test_ops_fused_shows_every_rewritten_op_by_its_full_name(tmp_path: Path) -> None:
     # numpy kernels: the gates are stacked by fuse_blocks, the cell fused
     out = ok(symdiff(tmp_path, "ops", "--fused", "lstm", env={"SYMDIFF_NATIVE": "0"})).stdout
@@ -227,6 +236,7 @@ def test_ops_fused_shows_every_rewritten_op_by_its_full_name(tmp_path: Path) -> 
     assert "native kernels: off (SYMDIFF_NATIVE=0" in out
 
 
+@pytest.mark.subprocess
 def test_ops_order_shows_every_derivative_as_derived_and_stabilised(tmp_path: Path) -> None:
     out = ok(symdiff(tmp_path, "ops", "--order", "3")).stdout
     assert "Sigmoid(-x)*Sigmoid(x)" in out  # sigmoid', not out*(1 - out), which is 0 at x = 40
@@ -237,6 +247,7 @@ def test_ops_order_shows_every_derivative_as_derived_and_stabilised(tmp_path: Pa
     assert bad.returncode == 2 and "--order must be a whole number from 1 to 6, got 0" in bad.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("flags,env,expected", [
     ((), {}, "engine: fused, compiled C kernels (passes: crossent_softmax, merge_matmuls, fuse_elementwise)"),
     (("--no-native",), {}, "engine: fused, numpy kernels, --no-native (passes: crossent_softmax, merge_matmuls, "
@@ -253,6 +264,7 @@ def test_a_run_says_how_its_engine_runs(tmp_path: Path, flags, env, expected) ->
     assert expected in out
 
 
+@pytest.mark.subprocess
 def test_ops_fused_with_native_kernels_shows_one_kernel_per_lstm_step(tmp_path: Path) -> None:
     from symdiff import native
 
@@ -296,6 +308,7 @@ def test_dead_relus_at_start_write_nothing_and_fail(tmp_path: Path, monkeypatch:
     assert not (tmp_path / "p.npy").exists() and not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.subprocess
 def test_relus_killed_by_a_huge_learning_rate_are_reported(tmp_path: Path) -> None:
     # One epoch at lr 1000 drives every output pre-activation negative: the run stops after that
     # epoch, explains why, and still writes what that (only) epoch produced.
