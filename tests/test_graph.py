@@ -1,0 +1,78 @@
+"""The graph layer's seed vocabulary and how it prints (symdiff/graph.py).
+
+Written to kill mutants no in-process test reached (docs/testing.md): the CLI's
+``symdiff ops --wengert`` prints these, but only in a subprocess.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from symdiff import XMan, f
+from symdiff.graph import Step, WengertList
+
+
+def _tiny() -> XMan:
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.ones((2, 3)))
+    xm.W = f.param(name="W", default=np.ones((3, 3)))
+    xm.h = f.tanh(xm.a * xm.W)
+    xm.loss = f.mean(xm.h)
+    return xm.setup()
+
+
+def test_roles_of_registers_and_by_name():
+    xm = _tiny()
+    a, W, h = xm.register("a"), xm.register("W"), xm.register("h")
+    assert (a.isInput(), a.isParam(), a.isOperationOutput()) == (True, False, False)
+    assert (W.isInput(), W.isParam(), W.isOperationOutput()) == (False, True, False)
+    assert (h.isInput(), h.isParam(), h.isOperationOutput()) == (False, False, True)
+    assert xm.isInput("a") and not xm.isInput("W") and not xm.isInput("h")
+    assert xm.isParam("W") and not xm.isParam("a") and not xm.isParam("h")
+    regs = xm.registers()
+    assert set(regs) == {"a", "W", "h", "loss", "z1"} and regs["h"] is h
+    regs.clear()  # a copy: the XMan keeps its own
+    assert "h" in xm.registers()
+
+
+def test_registers_print_their_name_and_what_makes_them():
+    xm = _tiny()
+    assert repr(xm.register("h")) == "<Register h: tanh>"
+    assert repr(xm.register("a")) == "<Register a: input>"
+    assert repr(xm.register("W")) == "<Register W: param>"
+    assert repr(f.tanh(xm.h)) == "<Register ?: tanh>"  # not named by setup()
+
+
+def test_a_wengert_list_prints_one_numbered_step_a_line():
+    w = _tiny().operationSequence(_tiny().register("loss"))
+    assert isinstance(w, WengertList)
+    assert str(w).splitlines() == ["1  z1 = mul(a, W)", "2  h = tanh(z1)", "3  loss = mean(h)"]
+    long = WengertList([Step(f"r{k}", "negate", ("x",)) for k in range(10)])
+    assert str(long).splitlines()[0] == " 1  r0 = negate(x)" and str(long).splitlines()[9] == "10  r9 = negate(x)"
+
+
+def test_multi_output_steps_print_all_outputs_and_mark_fused_ones():
+    assert str(Step(("c", "h"), "fused1[add+tanh]", ("x", "y"))) == "c, h = fused1[add+tanh](x, y)   [fused]"
+    assert str(Step(("a", "b"), "split2", ("x",))) == "a, b = split2(x)"
+
+
+def test_f_lists_the_leaf_makers_and_every_op():
+    import symdiff
+
+    assert dir(f) == sorted(["input", "param", *symdiff.OPS])
+
+
+def test_input_dict_hands_out_copies_of_the_defaults():
+    xm = _tiny()
+    values = xm.inputDict()
+    assert set(values) == {"a", "W"}
+    values["W"][0, 0] = 42.0
+    assert xm.register("W").default[0, 0] == 1.0  # the graph's default is untouched
+    assert xm.inputDict(a=np.zeros(1))["a"].shape == (1,)
+
+
+def test_input_dict_passes_a_default_without_copy_as_it_is():
+    xm = XMan()
+    xm.s = f.input(name="s", default=2.5)  # a plain float has no .copy()
+    xm.loss = f.mean(f.square(xm.s))
+    xm.setup()
+    assert xm.inputDict() == {"s": 2.5}
