@@ -257,3 +257,16 @@ def test_equivalent_naive_spellings_agree():
             grad_p, grad_q = op_p.backward[0](delta, out_p, POINTS), op_q.backward[0](delta, out_q, POINTS)
             assert np.isfinite(grad_p).all() and np.isfinite(grad_q).all()
             np.testing.assert_allclose(grad_p, grad_q, rtol=1e-13, atol=TINY, err_msg=f"{p} vs {q}: derivatives")
+
+
+def test_only_exactly_one_plus_exp_is_rewritten():
+    """log(1 + exp(x) + exp(y)) is not a softplus, nor is 1/(1 + exp(x) + exp(y)) a sigmoid: the
+    patterns need exactly two terms (mutation testing found nothing held this)."""
+    y = sp.Symbol("y")
+    pts = np.linspace(-3, 3, 7)
+    xs, ys = np.meshgrid(pts, pts[::-1])
+    cases = {"stability_not_softplus": (sp.log(1 + E(x) + E(y)), np.log(1 + np.exp(xs) + np.exp(ys))),
+             "stability_not_sigmoid": (1 / (1 + E(x) + E(y)), 1 / (1 + np.exp(xs) + np.exp(ys)))}
+    for name, (expr, want) in cases.items():
+        op = defop(name, expr, args=[x, y])
+        np.testing.assert_allclose(op.forward(xs, ys), want, rtol=1e-14, err_msg=name)
