@@ -376,3 +376,21 @@ def test_both_best_presets_stop_early_on_the_demo_set(kind: str, tmp_path: Path)
     valid = [e["valid_loss"] for e in metrics["epochs"]]
     assert metrics["config"]["patience"] == table["patience"] and metrics["stopped"] == "early-stop"
     assert len(valid) == stop_epoch(valid, table["patience"]) < table["epochs"]
+
+
+@pytest.mark.parametrize("cfg,expected", [
+    ({}, "fused, compiled C kernels (passes: crossent_softmax, merge_matmuls, fuse_elementwise)"),
+    ({"native": False}, "fused, numpy kernels, --no-native (passes: crossent_softmax, merge_matmuls, fuse_blocks, "
+                        "fuse_elementwise)"),
+    ({"fuse": False}, "unfused, numpy kernels (passes: crossent_softmax, merge_matmuls)"),
+])
+def test_trainer_says_how_its_engine_runs(cfg: dict[str, Any], expected: str, demo: D.Dataset) -> None:
+    """In process, what the subprocess test above reads from a run's `engine:` line."""
+    from symdiff import native
+
+    if not cfg and not native.enabled():
+        expected = f"fused, numpy kernels, native code {native.status()} (passes: crossent_softmax, merge_matmuls, " \
+                   f"fuse_blocks, fuse_elementwise)"
+    config = T.TrainConfig(num_hid=8, epochs=1, **cfg)
+    dims = dict(max_len=config.max_len, num_chars=demo.vocab.num_chars, num_hid=8, num_labels=demo.vocab.num_labels)
+    assert T.Trainer(T.build_model("lstm", dims, seed=0), demo, config).engine() == expected
