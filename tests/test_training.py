@@ -394,3 +394,15 @@ def test_trainer_says_how_its_engine_runs(cfg: dict[str, Any], expected: str, de
     config = T.TrainConfig(num_hid=8, epochs=1, **cfg)
     dims = dict(max_len=config.max_len, num_chars=demo.vocab.num_chars, num_hid=8, num_labels=demo.vocab.num_labels)
     assert T.Trainer(T.build_model("lstm", dims, seed=0), demo, config).engine() == expected
+
+
+def test_trainer_says_native_code_is_off_when_it_is_switched_off(demo: D.Dataset) -> None:
+    from symdiff import native
+
+    dims = dict(max_len=10, num_chars=demo.vocab.num_chars, num_hid=8, num_labels=demo.vocab.num_labels)
+    native.set_enabled(False)  # what SYMDIFF_NATIVE=0 does
+    try:
+        line = T.Trainer(T.build_model("mlp", dims, seed=0), demo, T.TrainConfig(num_hid=8)).engine()
+    finally:
+        native.set_enabled(None)
+    assert line.startswith("fused, numpy kernels, native code off (SYMDIFF_NATIVE=0"), line
