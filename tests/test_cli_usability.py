@@ -50,6 +50,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ---- 4, 5: every flag validated, a check of nothing fails ------------------------------------
+@pytest.mark.subprocess
 @pytest.mark.parametrize("args, flag", [
     (("gradcheck", "mlp", "--eps", "0"), "--eps"),
     (("gradcheck", "mlp", "--eps", "nan"), "--eps"),
@@ -67,6 +68,7 @@ def test_every_command_refuses_a_bad_flag_in_one_line(tmp_path: Path, args: tupl
     one_line(symdiff(tmp_path, *args), 2, flag)
 
 
+@pytest.mark.subprocess
 def test_gradcheck_help_describes_every_flag_with_its_default(tmp_path: Path) -> None:
     out = symdiff(tmp_path, "gradcheck", "--help").stdout
     for flag in ("--max_len", "--num_chars", "--num_hid", "--num_labels", "--eps", "--max_elements", "--seed"):
@@ -74,12 +76,14 @@ def test_gradcheck_help_describes_every_flag_with_its_default(tmp_path: Path) ->
         assert "(default:" in line[:200], line[:200]
 
 
+@pytest.mark.subprocess
 def test_gradcheck_passes_and_checks_something(tmp_path: Path) -> None:
     proc = symdiff(tmp_path, "gradcheck", "mlp", "--max_elements", "3")
     assert proc.returncode == 0, proc.stderr
     assert " 3 " in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_version(tmp_path: Path) -> None:
     import symdiff as engine
 
@@ -90,6 +94,7 @@ def test_version(tmp_path: Path) -> None:
 
 
 # ---- 6: a closed standard output ----------------------------------------------------------------
+@pytest.mark.subprocess
 def test_a_closed_stdout_never_stops_training(trained: Path, tmp_path: Path) -> None:
     for split in ("train", "valid", "test"):
         (tmp_path / f"toy.{split}").write_text((trained / f"toy.{split}").read_text())
@@ -107,6 +112,7 @@ def test_a_closed_stdout_never_stops_training(trained: Path, tmp_path: Path) -> 
 
 
 # ---- 9: predict -----------------------------------------------------------------------------
+@pytest.mark.subprocess
 def test_predict_writes_tsv_with_label_first_and_reports_what_it_could_not_read(trained: Path) -> None:
     labels = ["Organisation", "Person", "Place", "Species", "Work"]
     proc = symdiff(trained, "predict", "--model", "m.npz", "Zorb", "東京", "", "Abcdefghijkl")
@@ -124,6 +130,7 @@ def test_predict_writes_tsv_with_label_first_and_reports_what_it_could_not_read(
     assert "Zorb" not in err  # a title read in full draws no warning
 
 
+@pytest.mark.subprocess
 def test_predict_reads_titles_from_a_file_or_stdin(trained: Path) -> None:
     (trained / "titles.txt").write_text("Zorb_Fen\r\n\nOtto_Blemm\n")
     from_file = symdiff(trained, "predict", "--model", "m.npz", "--titles", "titles.txt")
@@ -137,6 +144,7 @@ def test_predict_reads_titles_from_a_file_or_stdin(trained: Path) -> None:
 
 
 # ---- 11: evaluate, plot ---------------------------------------------------------------------
+@pytest.mark.subprocess
 def test_evaluate_scores_a_saved_model_like_training_did(trained: Path) -> None:
     proc = symdiff(trained, "evaluate", "--model", "m.npz", "--dataset", "toy", "--metrics_file", "ev.json")
     assert proc.returncode == 0, proc.stderr
@@ -152,11 +160,13 @@ def test_evaluate_scores_a_saved_model_like_training_did(trained: Path) -> None:
     assert "Mineral" in proc.stdout and "confusion" in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_evaluate_bad_inputs_are_one_line(trained: Path) -> None:
     one_line(symdiff(trained, "evaluate", "--model", "nope.npz", "--dataset", "toy"), 2, "nope.npz")
     one_line(symdiff(trained, "evaluate", "--model", "m.npz", "--dataset", "nothere"), 2, "nothere")
 
 
+@pytest.mark.subprocess
 def test_plot_draws_several_runs(trained: Path) -> None:
     pytest.importorskip("matplotlib")
     proc = symdiff(trained, "plot", "m.json", "m.json", "--out", "curves.png")
@@ -166,6 +176,7 @@ def test_plot_draws_several_runs(trained: Path) -> None:
     one_line(symdiff(trained, "plot", "bad.json"), 2, "bad.json")
 
 
+@pytest.mark.subprocess
 def test_plot_without_matplotlib_is_one_line_naming_the_extra(trained: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "block"
     blocker.mkdir()
@@ -178,17 +189,20 @@ def test_plot_without_matplotlib_is_one_line_naming_the_extra(trained: Path, tmp
 
 
 # ---- 10: small untruths ---------------------------------------------------------------------
+@pytest.mark.subprocess
 def test_momentum_with_an_optimizer_that_ignores_it_is_refused(tmp_path: Path) -> None:
     proc = symdiff(tmp_path, "mlp", "--optimizer", "adam", "--momentum", "0.5", "--output_file", "o.npy")
     one_line(proc, 2, "--momentum", "adam", "nesterov")
     assert not (tmp_path / "o.npy").exists()
 
 
+@pytest.mark.subprocess
 def test_metrics_config_records_no_momentum_for_plain_sgd(trained: Path) -> None:
     config = json.loads((trained / "m.json").read_text())["config"]
     assert config["optimizer"] == "sgd" and config["momentum"] is None
 
 
+@pytest.mark.subprocess
 def test_ops_fused_names_the_kernel_results_by_the_models_registers(tmp_path: Path) -> None:
     proc = symdiff(tmp_path, "ops", "--fused", "lstm")
     assert proc.returncode == 0, proc.stderr
@@ -199,6 +213,7 @@ def test_ops_fused_names_the_kernel_results_by_the_models_registers(tmp_path: Pa
     assert "in the step computing O: in0 = " in text and "r1 = O" in text
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("flag, example", [("--metrics_file", "metrics.json"), ("--save_model", "model.npz"),
                                            ("--output_file", "out.npy")])
 def test_a_directory_given_for_a_file_suggests_a_name_of_the_right_kind(tmp_path: Path, flag: str,

@@ -114,6 +114,7 @@ def symdiff(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subproc
 
 
 # ---- training outputs -----------------------------------------------------------------------
+@pytest.mark.subprocess
 def test_a_full_disk_is_one_line_per_output_and_the_metrics_are_still_written(tmp_path: Path, tmpfs) -> None:
     disk = tmpfs("64k")
     (disk.path / "out.npy").write_bytes(OLD_PREDICTIONS)
@@ -139,6 +140,7 @@ def test_a_full_disk_is_one_line_per_output_and_the_metrics_are_still_written(tm
     assert "metrics: m.json" in proc.stdout and "predictions:" not in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_a_folder_made_read_only_during_training(tmp_path: Path, tmpfs) -> None:
     disk = tmpfs("1m")
     (disk.path / "p.npy").write_bytes(OLD_PREDICTIONS)
@@ -208,6 +210,7 @@ def test_nothing_fails_nothing_is_said(tmp_path: Path) -> None:
 
 
 # ---- the atomic writer itself ---------------------------------------------------------------
+@pytest.mark.subprocess
 @pytest.mark.parametrize("save,name,leave", [
     (lambda p: storage.save_npy(p, np.zeros(100_000)), "a.npy", 0),
     # room for part of it: numpy's own tofile() would fail with "1500 requested and 496 written",
@@ -230,6 +233,7 @@ def test_every_writer_on_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(
     assert disk.stray_files() == []
 
 
+@pytest.mark.subprocess
 def test_a_new_file_that_cannot_be_written_says_no_file_was_written(tmpfs) -> None:
     disk = tmpfs("64k")
     disk.read_only()
@@ -254,6 +258,7 @@ def _cache_with_dispatcher_only(tmpfs) -> tuple[Mount, dict[str, str]]:
     return disk, env
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("fault,reason", [("fill", "No space left on device"),
                                           ("read_only", "Read-only file system")])
 def test_kernels_that_cannot_be_cached_are_not_claimed(tmp_path: Path, tmpfs, fault: str, reason: str) -> None:
@@ -270,6 +275,7 @@ def test_kernels_that_cannot_be_cached_are_not_claimed(tmp_path: Path, tmpfs, fa
     assert len(list((disk.path / "cache").iterdir())) == 1  # no half-built kernel or temporary folder
 
 
+@pytest.mark.subprocess
 def test_a_kernel_that_falls_back_after_the_engine_line_says_so_then(tmp_path: Path, tmpfs) -> None:
     # batch size 1 and 3 validation rows: every array before the test split is too small to be worth
     # compiling, so the first kernel build (and its failure) happens at the test predictions
@@ -291,6 +297,7 @@ def test_a_kernel_that_falls_back_after_the_engine_line_says_so_then(tmp_path: P
 
 
 # ---- experiment outputs ---------------------------------------------------------------------
+@pytest.mark.subprocess
 def test_experiment_files_on_a_full_disk_one_line_each_the_rest_written(tmp_path: Path, tmpfs) -> None:
     from models import experiments as X
 
@@ -312,6 +319,7 @@ def test_experiment_files_on_a_full_disk_one_line_each_the_rest_written(tmp_path
     assert disk.stray_files() == []
 
 
+@pytest.mark.subprocess
 def test_the_report_is_written_when_its_figures_cannot_be(tmp_path: Path, tmpfs) -> None:
     from models import experiments as X
 
@@ -331,6 +339,7 @@ def test_the_report_is_written_when_its_figures_cannot_be(tmp_path: Path, tmpfs)
 
 
 # ---- evaluate and plot: one file each -------------------------------------------------------
+@pytest.mark.subprocess
 def test_evaluate_and_plot_on_a_full_disk_one_line_exit_1(tmp_path: Path, tmpfs) -> None:
     trained = symdiff(tmp_path, "mlp", "--epochs", "1", "--num_hid", "8", "--save_model", "m.npz",
                       "--metrics_file", "m.json", "--output_file", "o.npy")

@@ -164,6 +164,7 @@ def test_optimizer_and_one_hot_errors_are_symdiff_errors():
         symdiff.OneHot(np.array([[7]]), 3)
 
 
+@pytest.mark.subprocess
 def test_the_readme_python_examples_run_and_keep_their_promises():
     """The README's engine example, then its symdiff.optim example, in a fresh interpreter."""
     repo = Path(__file__).resolve().parents[1]
