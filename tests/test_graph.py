@@ -58,7 +58,8 @@ def test_multi_output_steps_print_all_outputs_and_mark_fused_ones():
 def test_f_lists_the_leaf_makers_and_every_op():
     import symdiff
 
-    assert dir(f) == sorted(["input", "param", *symdiff.OPS])
+    names = dir(f)
+    assert {"input", "param", *symdiff.OPS} <= set(names)
 
 
 def test_input_dict_hands_out_copies_of_the_defaults():
