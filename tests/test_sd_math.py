@@ -186,6 +186,7 @@ needs_objdump = pytest.mark.skipif(shutil.which("objdump") is None, reason="objd
 on_x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="checks x86-64 instructions")
 
 
+@pytest.mark.subprocess
 @needs_objdump
 @on_x86
 @pytest.mark.parametrize("march,vector", [("x86-64-v3", "%ymm"), ("x86-64", "%xmm")])  # AVX2; the SSE2 floor
@@ -203,6 +204,7 @@ def test_portable_kernel_loops_vectorise_with_no_math_library_calls(march, vecto
     assert vector in body
 
 
+@pytest.mark.subprocess
 @needs_objdump
 @on_x86
 def test_default_kernel_loops_call_the_vector_math_library(monkeypatch, tmp_path):
