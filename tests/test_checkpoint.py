@@ -178,6 +178,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("where", ["batch", "write"])
 def test_kill_9_then_resume_is_bit_identical(tmp_path: Path, where: str, uninterrupted: Path) -> None:
     for f in uninterrupted.glob("ref.*"):
@@ -197,6 +198,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path: Path, where: str, uninter
     assert_same_run(tmp_path, "ref", "k")
 
 
+@pytest.mark.subprocess
 def test_sigterm_to_the_cli_writes_the_best_epoch_and_exits_143(tmp_path: Path) -> None:
     """The issue's scenario: a scheduler sends SIGTERM to a long run after a few epochs."""
     proc = subprocess.Popen(cli(tmp_path, "s", "--epochs", "400"), cwd=tmp_path, env=ENV, text=True,

@@ -32,6 +32,7 @@ def journal(path: Path) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
+@pytest.mark.subprocess
 def test_two_workers_share_one_journal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     proc = tune(tmp_path, "mlp", "--trials", "4", "--workers", "2", "--epochs", "2", "--dataset", "demo",
                 "--storage", str(tmp_path / "j.journal"), "--study", "s", "--checkpoints", str(tmp_path / "ck"))
@@ -143,6 +144,7 @@ def test_errors_are_one_line_and_write_nothing(tmp_path: Path, monkeypatch: pyte
     assert "runs" not in os.listdir(tmp_path)
 
 
+@pytest.mark.subprocess
 def test_without_optuna_one_line_names_the_extra(tmp_path: Path) -> None:
     fake = tmp_path / "fake"
     (fake / "optuna").mkdir(parents=True)

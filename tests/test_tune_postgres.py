@@ -74,6 +74,7 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.subprocess
 def test_a_killed_workers_trial_is_retried_from_its_checkpoint(tmp_path: Path, postgres_url: str) -> None:
     ck = tmp_path / "ck"
     storage = optuna.storages.RDBStorage(postgres_url)
