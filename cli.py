@@ -556,12 +556,14 @@ def _show_study(console: Any, spec: Any, out: Path) -> int:
         console.print(TU.train_command(spec.kind, study.user_attrs.get("dataset", spec.dataset),
                                        study.user_attrs.get("epochs", spec.epochs), best["params"]),
                       markup=False, highlight=False, soft_wrap=True)
-    written, notes = TU.write_figures(study, out)
+    written, notes, failures = TU.write_figures(study, out)
     for note in notes:
         console.print(note, style="yellow", markup=False, highlight=False)
     if written:
         console.print("figures: " + ", ".join(str(p) for p in written), markup=False, highlight=False)
-    return 0
+    for line in failures:
+        _console(stderr=True).print(f"error: {line}", style="red", markup=False, highlight=False, soft_wrap=True)
+    return 1 if failures else 0
 
 
 # ---- parsing --------------------------------------------------------------------------------

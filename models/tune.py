@@ -441,23 +441,30 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def write_figures(study: Any, out: Path) -> tuple[list[Path], list[str]]:
-    """Optimisation history and parameter importances as PNG; notes say what could not be drawn."""
+def write_figures(study: Any, out: Path) -> tuple[list[Path], list[str], list[str]]:
+    """Optimisation history and parameter importances as PNG.
+
+    Returns the files written, notes on figures that could not be drawn, and one line per figure
+    that could not be *written* (a full disk, a read-only folder): the caller exits 1 for those.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return [], ["figures skipped: matplotlib is not installed; pip install 'symdiff[plots]'"]
+        return [], ["figures skipped: matplotlib is not installed; pip install 'symdiff[plots]'"], []
     import warnings as _w
 
     from optuna.visualization import matplotlib as ov
 
-    out.mkdir(parents=True, exist_ok=True)
-    from .storage import save_bytes
+    from .storage import OutputWriteError, os_reason, save_bytes
 
-    written, notes = [], []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return [], [], [f"figures (--out) not written: cannot create the folder {out}: {os_reason(exc)}"]
+    written, notes, failures = [], [], []
     for name, plot in (("history", ov.plot_optimization_history), ("importances", ov.plot_param_importances)):
         try:
             with _w.catch_warnings():
@@ -474,6 +481,8 @@ def write_figures(study: Any, out: Path) -> tuple[list[Path], list[str]]:
             path = out / f"{study.study_name}-{name}.png"
             save_bytes(path, buf.getvalue())
             written.append(path)
+        except OutputWriteError as exc:
+            failures.append(f"{name} figure (--out) not written: {exc}")
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             notes.append(f"{name} figure skipped: {exc}")
-    return written, notes
+    return written, notes, failures

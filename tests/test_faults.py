@@ -367,3 +367,24 @@ def _has_matplotlib() -> bool:
     from models import experiments as X
 
     return X.plots_available()
+
+
+def test_tune_figures_on_a_full_disk_are_one_line_each_and_exit_1(tmpfs) -> None:
+    optuna = pytest.importorskip("optuna", reason="symdiff tune's figures need the tune extra")
+    pytest.importorskip("matplotlib", reason="the figures need the plots extra")
+    from models import tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="s")
+    study.optimize(lambda t: (t.suggest_float("lr", 1e-3, 1.0, log=True) - 0.1) ** 2 + t.suggest_int("h", 1, 9),
+                   n_trials=4)
+    disk = tmpfs("64k")
+    (disk.path / "s-history.png").write_bytes(OLD_MODEL)
+    disk.fill()
+    written, notes, failures = tune.write_figures(study, disk.path)
+    assert written == [] and notes == []
+    assert len(failures) == 2, failures
+    assert one_line(failures[0]).startswith(f"history figure (--out) not written: {disk.path / 's-history.png'}: "
+                                            "No space left on device (ENOSPC); the previous s-history.png is unchanged")
+    assert "importances figure (--out) not written" in one_line(failures[1])
+    assert (disk.path / "s-history.png").read_bytes() == OLD_MODEL and disk.stray_files() == []
