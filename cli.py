@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from models.flags import add_train_arguments, add_tune_arguments, one_line_errors, positive_float, positive_int, seed_int
+from models.loader import SHIPPED
 
 
 # ---- presentation ---------------------------------------------------------------------------
@@ -93,6 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         params = vars(args).copy()
         kind = params.pop("command")
+        if kind == "train":  # symdiff train MODEL: a shipped name or a model file's path
+            kind = params.pop("model")
         params.pop("func", None)
         console = _console()
         reporter: Any = RichReporter(console) if console.is_terminal else PlainReporter()
@@ -267,7 +270,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not titles:
             return _fail("symdiff predict", "no titles: give them as arguments, or --titles FILE "
                          "(one a line; - reads standard input)")
-        model, vocab = load_model(args.model)
+        model, vocab = load_model(args.model, args.model_file)
     except (ModelFileError, TitlesFileError) as exc:
         return _fail("symdiff predict", str(exc))
     predictions = predict(model, vocab, titles)
@@ -302,7 +305,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         metrics_path = check_output_path(args.metrics_file, "--metrics_file") if args.metrics_file else None
-        model, vocab = load_model(args.model)
+        model, vocab = load_model(args.model, args.model_file)
         result = score(model, vocab, args.dataset, args.split)
     except (ModelFileError, DataError, OutputPathError) as exc:
         return _fail("symdiff evaluate", str(exc))
@@ -590,7 +593,7 @@ def _order(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = one_line_errors(argparse.ArgumentParser(prog="symdiff", description=(
         "Reverse-mode autodiff over Wengert lists, every elementwise op declared once in SymPy; "
-        "trains character-level entity classifiers (MLP, LSTM).")))
+        "trains character-level entity classifiers (MLP, LSTM, GRU, BiLSTM, attention, or your own model file).")))
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -604,10 +607,17 @@ def build_parser() -> argparse.ArgumentParser:
         t = sub.add_parser(kind, help=f"train the {kind.upper()} classifier (the seed's flags)")
         add_train_arguments(t, kind)
         t.set_defaults(func=cmd_train)
+    t = sub.add_parser("train", help="train a shipped model by name or your own model file (build(dims, hp) -> XMan)",
+                       description="Train MODEL: a shipped model (" + ", ".join(SHIPPED) + ") or the path of a "
+                       "Python file defining build(dims, hp) -> XMan (README: 'Your own model'). A model file is "
+                       "code: it runs with your rights, like any training script.")
+    t.add_argument("model", metavar="MODEL", help=f"{', '.join(SHIPPED)}, or path/to/model.py")
+    add_train_arguments(t, None)
+    t.set_defaults(func=cmd_train)
     g = command("gradcheck", help="check a model's gradients against central differences",
                 description="Compare a small model's backprop gradients with central differences "
                             "(L(w+eps) - L(w-eps)) / 2eps, per parameter; exit code 1 if any disagrees.")
-    g.add_argument("model", choices=("mlp", "lstm"), help="which model to build")
+    g.add_argument("model", choices=SHIPPED, help="which shipped model to build")
     g.add_argument("--max_len", type=positive_int, default=4, help="characters per title")
     g.add_argument("--num_chars", type=positive_int, default=12, help="input characters (one-hot width)")
     g.add_argument("--num_hid", type=positive_int, default=6, help="hidden units")
@@ -618,8 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=seed_int, default=0, help="seed for the parameters, inputs and chosen elements")
     g.set_defaults(func=cmd_gradcheck)
     o = command("ops", defaults_in_help=False, help="list every primitive with its SymPy expression and generated derivatives")
-    o.add_argument("--wengert", choices=("mlp", "lstm"), help="also print a small model's Wengert list")
-    o.add_argument("--fused", choices=("mlp", "lstm"),
+    o.add_argument("--wengert", choices=SHIPPED, help="also print a small model's Wengert list")
+    o.add_argument("--fused", choices=SHIPPED,
                    help="also print a small model's step list after the graph rewrites and its fused kernels")
     o.add_argument("--order", type=_order, default=0, metavar="N",
                    help=f"also print each elementwise op's derivatives up to order N (1-{MAX_ORDER})")
@@ -629,7 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "terminal, TSV with a header row (title, label, one column per class in sorted "
                              "label order) otherwise. Characters the model does not know and titles longer "
                              "than its max_len get a warning line on stderr.")
-    pr.add_argument("--model", required=True, help="a .npz written by `symdiff mlp|lstm --save_model PATH`")
+    pr.add_argument("--model", required=True, help="a .npz written by `symdiff train|mlp|lstm --save_model PATH`")
+    pr.add_argument("--model_file", default=None, metavar="MODEL.py",
+                    help="for a model trained from your own file: that file again (a saved model names it, "
+                         "but never runs a path or code stored in it)")
     pr.add_argument("--titles", dest="titles_file", metavar="FILE", default=None,
                     help="also read titles from FILE, one a line (-: standard input)")
     pr.add_argument("titles", nargs="*", metavar="TITLE", help="titles, as the data files write them")
@@ -637,7 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = command("evaluate", help="score a saved model on a labelled file: loss, accuracy, confusion matrix",
                  description="Loss, accuracy and confusion matrix of a model saved by --save_model on "
                              "<dataset>.<split> (Title<TAB>Label lines, as for training).")
-    ev.add_argument("--model", required=True, help="a .npz written by `symdiff mlp|lstm --save_model PATH`")
+    ev.add_argument("--model", required=True, help="a .npz written by `symdiff train|mlp|lstm --save_model PATH`")
+    ev.add_argument("--model_file", default=None, metavar="MODEL.py",
+                    help="for a model trained from your own file: that file again")
     ev.add_argument("--dataset", required=True, help="path prefix or shipped name (e.g. demo)")
     ev.add_argument("--split", choices=("test", "valid", "train"), default="test", help="which file to score")
     ev.add_argument("--metrics_file", default=None, help="also write the scores and the matrix as JSON here")

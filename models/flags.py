@@ -53,17 +53,9 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # The hyperparameters a preset sets; each is also a flag, and a flag given on the command line wins.
 PRESET_KEYS = ("max_len", "num_hid", "batch_size", "epochs", "init_lr", "dtype", "optimizer", "momentum",
                "weight_decay", "clip", "schedule", "patience")
-# Chosen on the validation split of ../shared/data/smaller; checked by a `symdiff tune` study (docs/tuning.md).
-# Keys left out keep the seed's defaults. "seed" itself is no table: it is the parser's defaults.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "best": {
-        "mlp": dict(optimizer="adamw", init_lr=0.006, weight_decay=0.3, num_hid=128, max_len=25, batch_size=128,
-                    epochs=30, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None),
-        "lstm": dict(optimizer="adam", init_lr=0.01, weight_decay=0.0, num_hid=64, max_len=30, batch_size=64,
-                     epochs=20, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None),
-    },
-}
-PRESET_NAMES = ("seed", *PRESETS)
+# The tables live in the model files (PRESETS in models/mlp.py, models/lstm.py, ...; docs/tuning.md).
+# "seed" itself is no table: it is the parser's defaults.
+PRESET_NAMES = ("seed", "best")  # what `symdiff mlp|lstm --preset` offers; a model file may define others
 GIVEN = "given_flags"  # the parsed namespace's record of the PRESET_KEYS set on the command line
 
 
@@ -80,8 +72,9 @@ class _Given(argparse.Action):
         setattr(namespace, GIVEN, tuple(sorted({*getattr(namespace, GIVEN, ()), self.dest})))
 
 
-def apply_preset(kind: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` with ``params["preset"]``'s values filled in for every hyperparameter not given.
+def apply_preset(presets: dict[str, dict[str, Any]], params: dict[str, Any], model: str = "this model") -> dict[str, Any]:
+    """``params`` with ``params["preset"]``'s values (from the model file's ``presets``) filled in
+    for every hyperparameter not given.
 
     "Given" means: listed in ``params["given_flags"]`` (what the CLI parser records); for a
     hand-made dict without that key, every PRESET_KEYS key present in it. ``preset`` missing or
@@ -90,10 +83,15 @@ def apply_preset(kind: str, params: dict[str, Any]) -> dict[str, Any]:
     name = params.get("preset") or "seed"
     if name == "seed":
         return params
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid names are: {', '.join(PRESET_NAMES)}")
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r} for {model}; valid names are: {', '.join(['seed', *presets])}")
     given = set(params[GIVEN]) if GIVEN in params else {k for k in PRESET_KEYS if k in params}
-    return {**params, **{k: v for k, v in PRESETS[name][kind].items() if k not in given}}
+    return {**params, **{k: v for k, v in presets[name].items() if k not in given}}
+
+
+def default_lr(model: str) -> float:
+    """The seed's learning rate for its two models; 0.05 (the MLP's) for every other model."""
+    return DEFAULT_LR.get(model, DEFAULT_LR["mlp"])
 
 
 def ignored_flag(params: dict[str, Any]) -> str | None:
@@ -105,8 +103,12 @@ def ignored_flag(params: dict[str, Any]) -> str | None:
     return None
 
 
-def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
-    """The seed's flags (same names and defaults) plus symdiff's own."""
+def add_train_arguments(p: argparse.ArgumentParser, kind: str | None) -> None:
+    """The seed's flags (same names and defaults) plus symdiff's own.
+
+    ``kind`` is ``mlp`` or ``lstm`` for their commands; None for ``symdiff train MODEL``, whose
+    learning-rate default and preset names depend on the model (known once its file is read).
+    """
     one_line_errors(p)
     p.set_defaults(**{GIVEN: ()})
     p.add_argument("--max_len", action=_Given, type=positive_int, default=10,
@@ -117,8 +119,13 @@ def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="path prefix of <prefix>.train/.valid/.test, or a shipped name (default: demo)")
     p.add_argument("--epochs", action=_Given, type=positive_int, default=15, help="training epochs (default 15)")
-    p.add_argument("--init_lr", action=_Given, type=positive_float, default=DEFAULT_LR[kind],
-                   help=f"learning rate (default {DEFAULT_LR[kind]})")
+    if kind is None:
+        p.add_argument("--init_lr", action=_Given, type=positive_float, default=None,
+                       help=f"learning rate (default {DEFAULT_LR['lstm']} for lstm, {DEFAULT_LR['mlp']} for every "
+                            f"other model)")
+    else:
+        p.add_argument("--init_lr", action=_Given, type=positive_float, default=DEFAULT_LR[kind],
+                       help=f"learning rate (default {DEFAULT_LR[kind]})")
     p.add_argument("--output_file", default="output.npy", help="test-set probabilities, np.save (default output.npy)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed for initialisation and shuffling (default 0)")
     p.add_argument("--metrics_file", default=None, help="write per-epoch metrics as JSON here")
@@ -147,9 +154,10 @@ def add_train_arguments(p: argparse.ArgumentParser, kind: str) -> None:
                    help="learning-rate schedule")
     p.add_argument("--patience", action=_Given, type=positive_int, default=None,
                    help="stop when validation loss has not improved for this many epochs")
-    p.add_argument("--preset", choices=tuple(PRESET_NAMES), default="seed",
-                   help="seed (default): the seed's defaults above; best: the tuned values for this model "
-                        "(docs/tuning.md) for every hyperparameter not given on the command line")
+    p.add_argument("--preset", choices=None if kind is None else PRESET_NAMES, default="seed",
+                   help="seed (default): the seed's defaults above; best (or another name in the model file's "
+                        "PRESETS): the tuned values for this model (docs/tuning.md) for every hyperparameter "
+                        "not given on the command line")
 
 
 def parse_args(kind: str, argv: list[str]) -> dict[str, Any]:

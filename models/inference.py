@@ -15,7 +15,7 @@ import numpy as np
 from symdiff import Autograd
 
 from . import data as D
-from .training import EVAL_BATCH, CharModel
+from .training import EVAL_BATCH, CharModel, cross_entropy_rows
 
 
 # ---- predictions ----------------------------------------------------------------------------
@@ -164,11 +164,13 @@ def score(model: CharModel, vocab: D.Vocab, dataset: str | os.PathLike[str], spl
     probs = np.empty((len(rows), C), dtype=model.dtype)
     rowloss = np.empty(len(rows), dtype=np.float64)
     known = ids >= 0
+    has_rowloss = "rowloss" in program.slot  # optional in a model file
     for b in D.minibatches(codes, ids, C, EVAL_BATCH, dtype=model.dtype):
-        v = program.forward({**model.params, **model.feed(b.x), "y": b.y}, keep=("outputs", "rowloss"),
-                            backward=False)
+        v = program.forward({**model.params, **model.feed(b.x), "y": b.y},
+                            keep=("outputs", "rowloss") if has_rowloss else ("outputs",), backward=False)
         probs[b.rows] = v[program.slot["outputs"]]
-        rowloss[b.rows] = v[program.slot["rowloss"]]
+        rowloss[b.rows] = (v[program.slot["rowloss"]] if has_rowloss
+                           else cross_entropy_rows(probs[b.rows], ids[b.rows]))
     confusion = np.zeros((C, C), dtype=np.int64)
     predicted = probs.argmax(axis=1)
     np.add.at(confusion, (ids[known], predicted[known]), 1)

@@ -1,8 +1,9 @@
-"""The seed's MLP character classifier, built on the engine.
+"""The seed's MLP character classifier, a model file like any user's (``symdiff train mlp`` = ``symdiff mlp``).
 
 ``O1 = relu(X W1 + b1)``, ``O2 = relu(O1 W2 + b2)``, ``P = softMax(O2)``,
 ``loss = mean(crossEnt(P, T))`` where ``X`` is the flattened ``N x (M*V)``
 one-hot title (position ``m``, character ``c`` is column ``m*V + c``).
+Only the public API: ``symdiff`` and ``symdiff.init``.
 """
 from __future__ import annotations
 
@@ -10,20 +11,24 @@ from typing import Any
 
 import numpy as np
 
-from symdiff import OneHot, XMan, f
+from symdiff import XMan, f
+from symdiff.init import bias, glorot
 
-from .data import one_hot
-from .training import CharModel, bias, glorot, run_main
+# Chosen on the validation split of ../shared/data/smaller (docs/tuning.md); keys left out keep the flags' defaults.
+PRESETS = {
+    "best": dict(optimizer="adamw", init_lr=0.006, weight_decay=0.3, num_hid=128, max_len=25, batch_size=128,
+                 epochs=30, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None),
+}
 
 
-def build(max_len: int, num_chars: int, num_hid: int, num_labels: int, *, rng: np.random.Generator,
-          dtype: Any = np.float64, default_rows: int = 4) -> CharModel:
-    """Build the graph; params are drawn from ``rng`` (W1, b1, W2, b2 in that order)."""
-    M, V, H, C = max_len, num_chars, num_hid, num_labels
-    dtype = np.dtype(dtype)
+def build(dims: dict[str, int], hp: dict[str, Any], default_rows: int = 4) -> XMan:
+    """The graph; params drawn from ``default_rng(hp["seed"])`` (W1, b1, W2, b2, after the inputs' defaults)."""
+    M, V, H, C = dims["max_len"], dims["num_chars"], hp["num_hid"], dims["num_labels"]
+    dtype = np.dtype(hp.get("dtype", "float64"))
+    rng = np.random.default_rng(hp.get("seed", 0))
     xm = XMan()
     codes = rng.integers(-1, V, size=(default_rows, M))
-    xm.X = f.input(name="X", default=one_hot(codes, V, dtype).reshape(default_rows, M * V))
+    xm.X = f.input(name="X", default=np.eye(V + 1, V, dtype=dtype)[codes].reshape(default_rows, M * V))
     xm.y = f.input(name="y", default=np.eye(C, dtype=dtype)[rng.integers(0, C, default_rows)])
     xm.W1 = f.param(name="W1", default=glorot(rng, M * V, H, dtype))
     xm.b1 = f.param(name="b1", default=bias(rng, H, dtype))
@@ -34,27 +39,13 @@ def build(max_len: int, num_chars: int, num_hid: int, num_labels: int, *, rng: n
     xm.outputs = f.softMax(xm.O2)
     xm.rowloss = f.crossEnt(xm.outputs, xm.y)
     xm.loss = f.mean(xm.rowloss)
-    xm.setup()
-    offsets = np.arange(M) * V
-
-    def feed(codes: np.ndarray, dense: bool = False) -> dict[str, Any]:
-        n = codes.shape[0]
-        if dense:
-            return {"X": one_hot(codes, V, dtype).reshape(n, M * V)}
-        flat = np.where(codes >= 0, codes + offsets, -1)
-        return {"X": OneHot(flat, M * V, dtype)}
-
-    return CharModel("mlp", xm, feed, dict(max_len=M, num_chars=V, num_hid=H, num_labels=C), dtype)
-
-
-def main(params: dict[str, Any]) -> int:
-    """Train the MLP with the CLI's hyperparameters (``--max_len``, ``--num_hid``, ...)."""
-    return run_main("mlp", params)
+    return xm.setup()
 
 
 if __name__ == "__main__":
     import sys
 
     from .flags import parse_args
+    from .training import run_main
 
-    sys.exit(main(parse_args("mlp", sys.argv[1:])))
+    sys.exit(run_main("mlp", parse_args("mlp", sys.argv[1:])))

@@ -6,7 +6,6 @@ decides how to show them (rich, or plain lines).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import signal
@@ -22,28 +21,18 @@ from urllib.parse import unquote
 import numpy as np
 
 from symdiff import Autograd, Program, native
+from symdiff.init import bias, glorot  # noqa: F401  (their old home; model files import symdiff.init)
 from symdiff.optim import clip_grad_norm, make_optimizer, make_schedule
 
 from . import data as D
 from .checkpoint import Checkpoint, CheckpointError, TrainState, data_fingerprint, identity
 from .storage import OutputPathError, OutputWriteError, check_output_path, save_json, save_npy, save_npz
 
-MODELS = ("mlp", "lstm")
+from .loader import SHIPPED as MODELS  # noqa: E402  (the names `symdiff train NAME` knows)
 EVAL_BATCH = 256  # rows per forward pass when evaluating: every register is kept, so this bounds memory
 
 
-# ---- parameters -----------------------------------------------------------------------------
-def glorot(rng: np.random.Generator, din: int, dout: int, dtype: Any) -> np.ndarray:
-    """Glorot-uniform ``U(-a, a)``, ``a = sqrt(6/(din+dout))``."""
-    a = math.sqrt(6.0 / (din + dout))
-    return rng.uniform(-a, a, size=(din, dout)).astype(dtype)
-
-
-def bias(rng: np.random.Generator, n: int, dtype: Any) -> np.ndarray:
-    """Biases at scale 0.1: ``U(-0.1, 0.1)``."""
-    return rng.uniform(-0.1, 0.1, size=(n,)).astype(dtype)
-
-
+# ---- models -------------------------------------------------------------------------------
 @dataclass
 class CharModel:
     """A built model: its graph, how to feed it a batch of character codes, its sizes."""
@@ -53,6 +42,8 @@ class CharModel:
     feed: Callable[..., dict[str, Any]]
     dims: dict[str, int]
     dtype: np.dtype
+    source: Any = None      # the loader.ModelSource it was built from
+    hp: dict[str, Any] = field(default_factory=dict)  # the hyperparameters build() was given
 
     @property
     def params(self) -> dict[str, np.ndarray]:
@@ -64,10 +55,25 @@ class CharModel:
             arr[...] = values[name]
 
 
-def build_model(kind: str, dims: dict[str, int], *, seed: int, dtype: Any = np.float64) -> CharModel:
-    module = importlib.import_module(f"models.{kind}")
-    return module.build(dims["max_len"], dims["num_chars"], dims["num_hid"], dims["num_labels"],
-                        rng=np.random.default_rng(seed), dtype=dtype)
+def build_model(kind: str, dims: dict[str, int], *, seed: int, dtype: Any = np.float64,
+                hp: dict[str, Any] | None = None, source: Any = None) -> CharModel:
+    """Build model ``kind`` (a shipped name or a model file's path) for ``dims`` (with ``num_hid``).
+
+    ``hp`` are the hyperparameters handed to the file's ``build`` (``num_hid``, ``dtype`` and
+    ``seed`` are set from the arguments). Raises ``loader.ModelSourceError`` (one line) for a model
+    that cannot be imported or built, or whose ``outputs``/``loss`` do not fit the data.
+    """
+    from . import loader
+
+    source = source or loader.load_source(kind)
+    dtype = np.dtype(dtype)
+    hp = {**(hp or {}), "num_hid": int(dims["num_hid"]), "dtype": str(dtype), "seed": int(seed)}
+    data_dims = {k: int(dims[k]) for k in ("max_len", "num_chars", "num_labels")}
+    xm = loader.build(source, data_dims, hp)
+    feed = loader.make_feed(xm, data_dims, dtype, source.label)
+    model = CharModel(source.name, xm, feed, {**data_dims, "num_hid": int(dims["num_hid"])}, dtype, source, hp)
+    loader.check_shapes(model, source.label)
+    return model
 
 
 # ---- configuration --------------------------------------------------------------------------
@@ -105,7 +111,7 @@ class TrainConfig:
         return cls(**known)
 
 
-from .flags import DEFAULT_LR, PRESET_KEYS, apply_preset, ignored_flag  # noqa: E402  (shared with the CLI)
+from .flags import DEFAULT_LR, PRESET_KEYS, apply_preset, default_lr, ignored_flag  # noqa: E402  (shared with the CLI)
 
 
 # ---- events ---------------------------------------------------------------------------------
@@ -261,6 +267,16 @@ class Evaluation:
     known: int
 
 
+def cross_entropy_rows(probs: np.ndarray, label_ids: np.ndarray) -> np.ndarray:
+    """``-log p[label]`` per row (what ``crossEnt`` gives): the loss of a model without a ``rowloss`` register.
+
+    Rows without a known label (id -1) get a number too; callers leave them out.
+    """
+    p = probs[np.arange(len(label_ids)), np.maximum(label_ids, 0)].astype(np.float64)
+    with np.errstate(divide="ignore"):
+        return -np.log(p)
+
+
 class Trainer:
     """Runs one model's compiled program over a dataset."""
 
@@ -269,7 +285,8 @@ class Trainer:
         self.ad = Autograd(model.xm, fuse=cfg.fuse, native=None if cfg.native else False)
         self.program: Program = self.ad.compile(model.xm.operationSequence(model.xm.register("loss")))
         slot = self.program.slot
-        self.loss_slot, self.rowloss_slot, self.out_slot = slot["loss"], slot["rowloss"], slot["outputs"]
+        self.loss_slot, self.out_slot = slot["loss"], slot["outputs"]
+        self.rowloss_slot = slot.get("rowloss")  # optional in a model file: else -log p[label] from outputs
         self.param_slots = [(n, slot[n]) for n in self.program.params]
         self.codes = {name: dataset.vocab.encode_titles(getattr(dataset, name).titles, cfg.max_len)
                       for name in D.SPLITS}
@@ -298,11 +315,15 @@ class Trainer:
         probs = np.empty((len(s), C), dtype=self.model.dtype)
         rowloss = np.empty(len(s), dtype=np.float64)
         params = self.model.params
+        keep = ("outputs", "rowloss") if self.rowloss_slot is not None else ("outputs",)
         for b in D.minibatches(codes, labels, C, EVAL_BATCH, dtype=self.model.dtype):
             v = self.program.forward({**params, **self.model.feed(b.x, self.cfg.dense), "y": b.y},
-                                     keep=("outputs", "rowloss"), backward=False)
+                                     keep=keep, backward=False)
             probs[b.rows] = v[self.out_slot]
-            rowloss[b.rows] = v[self.rowloss_slot]
+            if self.rowloss_slot is not None:
+                rowloss[b.rows] = v[self.rowloss_slot]
+            else:
+                rowloss[b.rows] = cross_entropy_rows(v[self.out_slot], labels[b.rows])
         known = labels >= 0
         if not known.any():
             return Evaluation(probs, None, None, 0)
@@ -460,8 +481,13 @@ class Trainer:
 # ---- saved models ---------------------------------------------------------------------------
 def save_model(path: str | Path, model: CharModel, vocab: D.Vocab, params: dict[str, np.ndarray]) -> None:
     """Parameters plus everything needed to predict (sizes, characters, labels): no pickle."""
+    from .loader import hyperparameters
+
     chars = sorted(vocab.chars, key=vocab.chars.__getitem__)
-    meta = {"kind": model.kind, **model.dims, "dtype": str(model.dtype)}
+    shipped = model.source is None or model.source.shipped
+    # A model file is named for the user's information only: predict never imports a path from here.
+    kind = {"kind": model.kind} if shipped else {"kind": FILE_KIND, "file": Path(model.kind).name}
+    meta = {**kind, **model.dims, "dtype": str(model.dtype), "hp": hyperparameters(model.hp)}
     arrays = {f"param/{n}": a for n, a in params.items()}
     arrays["meta/config"] = np.array(json.dumps(meta))
     arrays["meta/chars"] = np.array(chars)
@@ -469,14 +495,23 @@ def save_model(path: str | Path, model: CharModel, vocab: D.Vocab, params: dict[
     save_npz(path, arrays)
 
 
+FILE_KIND = "file"  # meta kind of a model trained from a user's model file
+
+
 class ModelFileError(ValueError):
     pass
 
 
-def load_model(path: str | Path) -> tuple[CharModel, D.Vocab]:
-    """Load a model saved by :func:`save_model`, checking every array against the model's shapes."""
+def load_model(path: str | Path, model_file: str | Path | None = None) -> tuple[CharModel, D.Vocab]:
+    """Load a model saved by :func:`save_model`, checking every array against the model's shapes.
+
+    The graph is rebuilt from the shipped model the archive names, or, for a model trained from a
+    file, from ``model_file``: the file the user passes again. Nothing in the archive is ever run.
+    """
+    from .loader import SHIPPED, ModelSourceError
+
     path = Path(path)
-    redo = f"give a file written by `symdiff mlp|lstm --save_model {path}`"
+    redo = f"give a file written by `symdiff train MODEL --save_model {path}`"
     if not path.exists():
         raise ModelFileError(f"{path}: no such model file; train with --save_model {path} first")
     if path.is_dir():
@@ -498,13 +533,23 @@ def load_model(path: str | Path) -> tuple[CharModel, D.Vocab]:
             raise ModelFileError(f"{path}: missing array {key!r}; not a model saved by symdiff --save_model")
     try:
         meta = json.loads(str(files["meta/config"]))
-        kind = meta["kind"]
+        kind = str(meta["kind"])
         dims = {k: int(meta[k]) for k in ("max_len", "num_chars", "num_hid", "num_labels")}
         dtype = str(meta.get("dtype", "float64"))
+        hp = dict(meta.get("hp", {}))
+        trained_from = str(meta.get("file", "")) if kind == FILE_KIND else None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelFileError(f"{path}: unreadable meta/config ({exc}); {redo}") from None
-    if kind not in MODELS:
-        raise ModelFileError(f"{path}: unknown model kind {kind!r}; {redo}")
+    if kind == FILE_KIND:
+        if model_file is None:
+            raise ModelFileError(f"{path}: was trained from the model file {trained_from!r}; pass that file again "
+                                 f"(--model_file PATH): a path stored in a saved model is never imported")
+        kind = str(model_file)
+    elif kind not in SHIPPED:
+        raise ModelFileError(f"{path}: unknown model kind {kind!r} (shipped models: {', '.join(SHIPPED)}); {redo}")
+    elif model_file is not None:
+        raise ModelFileError(f"{path}: holds the shipped model {kind!r}, which is rebuilt from models/{kind}.py; "
+                             f"--model_file is only for models trained from a model file (drop it)")
     if min(dims.values()) < 1:
         raise ModelFileError(f"{path}: meta/config sizes must be at least 1, got {dims}; {redo}")
     if dtype not in ("float64", "float32"):
@@ -517,7 +562,10 @@ def load_model(path: str | Path) -> tuple[CharModel, D.Vocab]:
         raise ModelFileError(f"{path}: bad meta/chars or meta/labels ({exc}); {redo}") from None
     if len(chars) != dims["num_chars"] or len(vocab.labels) != dims["num_labels"]:
         raise ModelFileError(f"{path}: meta/chars or meta/labels does not match meta/config sizes")
-    model = build_model(kind, dims, seed=0, dtype=dtype)
+    try:
+        model = build_model(kind, dims, seed=0, dtype=dtype, hp=hp)
+    except ModelSourceError as exc:
+        raise ModelFileError(f"{path}: cannot rebuild its graph: {exc}") from None
     expected = model.params
     extra = sorted(k[6:] for k in files if k.startswith("param/") and k[6:] not in expected)
     if extra:
@@ -558,15 +606,26 @@ STOP_CAUSE = {"interrupted": "Ctrl-C", "terminated": "SIGTERM"}
 
 
 def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
-    """Load data, train, write predictions/metrics/model atomically; returns the exit code."""
-    try:  # --preset fills the hyperparameters not given on the command line (models/flags.py)
-        params = apply_preset(kind, params)
+    """Load the model and data, train, write predictions/metrics/model atomically; returns the exit code.
+
+    ``kind`` is a shipped model's name or a model file's path (models/loader.py). Every problem with
+    the model file is a UsageError (one line naming the file) raised before training starts.
+    """
+    from .loader import ModelSourceError, load_source
+
+    try:
+        source = load_source(kind)
+    except ModelSourceError as exc:
+        raise UsageError(str(exc)) from None
+    try:  # --preset fills the hyperparameters not given on the command line (the model file's PRESETS)
+        params = apply_preset(source.presets, params, source.label)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     problem = ignored_flag(params)
     if problem:
         raise UsageError(problem)
-    cfg = TrainConfig.from_params({"init_lr": DEFAULT_LR[kind], **params})
+    cfg = TrainConfig.from_params({"init_lr": default_lr(source.name if source.shipped else ""),
+                                   **{k: v for k, v in params.items() if v is not None}})
     if params.get("preset", "seed") != "seed":
         reporter.info(f"preset {params['preset']}: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in PRESET_KEYS))
     try:  # combinations the flag parser cannot judge alone (e.g. nesterov needs momentum > 0)
@@ -594,7 +653,10 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
         reporter.warn(f"... {len(ds.test.unknown_labels) - 5} more test rows with unknown labels")
     dims = dict(max_len=cfg.max_len, num_chars=ds.vocab.num_chars, num_hid=cfg.num_hid,
                 num_labels=ds.vocab.num_labels)
-    model = build_model(kind, dims, seed=cfg.seed, dtype=cfg.dtype)
+    try:
+        model = build_model(kind, dims, seed=cfg.seed, dtype=cfg.dtype, hp=cfg.record(), source=source)
+    except ModelSourceError as exc:
+        raise UsageError(str(exc)) from None
     trainer = Trainer(model, ds, cfg)
     checkpoint = None
     if checkpoint_path is not None:  # read and checked before training: a wrong one is refused up front
@@ -627,7 +689,7 @@ def run(kind: str, params: dict[str, Any], reporter: Reporter) -> int:
         reporter.info(f"using the parameters of the best epoch so far ({result.best_epoch})")
     if test.loss is not None:
         summary.update(test_loss=test.loss, test_accuracy=test.accuracy)
-    metrics = {"model": kind, "config": cfg.record(), "dataset": str(prefix),
+    metrics = {"model": source.label, "config": cfg.record(), "dataset": str(prefix),
                "epochs": [{"epoch": e.epoch, "train_loss": e.train_loss, "valid_loss": e.valid_loss,
                            "valid_accuracy": e.valid_accuracy, "train_seconds": e.train_seconds}
                           for e in result.epochs],

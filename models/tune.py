@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .flags import PRESETS, TUNE_PRUNERS as PRUNERS  # noqa: F401  (the --pruner names)
+from .flags import TUNE_PRUNERS as PRUNERS  # noqa: F401  (the --pruner names)
 
 DEFAULT_JOURNAL = Path("runs") / "tune.journal"
 DEFAULT_CHECKPOINTS = Path("runs") / "checkpoints"
@@ -77,7 +77,10 @@ def suggest(trial: Any, kind: str) -> dict[str, Any]:
 
 def baseline(kind: str) -> dict[str, Any]:
     """``--preset best`` restricted to the searched hyperparameters: the study's first trial."""
-    return {k: PRESETS["best"][kind][k] for k in SEARCH_SPACES[kind]}
+    from .loader import load_source  # the preset lives in the model file (models/<kind>.py)
+
+    best = load_source(kind).presets["best"]
+    return {k: best[k] for k in SEARCH_SPACES[kind]}
 
 
 # ---- errors and the optional extra -------------------------------------------------------------

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 import cli
-from models.flags import DEFAULT_LR, PRESET_KEYS, PRESETS, apply_preset, parse_args
+import importlib
+
+from models.flags import DEFAULT_LR, PRESET_KEYS, apply_preset, parse_args
 from models.training import TrainConfig
 from symdiff.optim import USES_MOMENTUM
 
@@ -32,8 +34,13 @@ BEST = {
 }
 
 
+def presets(kind: str) -> dict:
+    """The model file's PRESETS (models/<kind>.py)."""
+    return importlib.import_module(f"models.{kind}").PRESETS
+
+
 def resolved(kind: str, argv: list[str]) -> dict:
-    return apply_preset(kind, parse_args(kind, argv))
+    return apply_preset(presets(kind), parse_args(kind, argv))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -46,7 +53,7 @@ def test_seed_preset_is_the_plain_defaults(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_best_fills_every_unset_hyperparameter(kind: str) -> None:
-    table = PRESETS["best"][kind]
+    table = presets(kind)["best"]
     assert set(table) == set(PRESET_KEYS)
     assert table == BEST[kind]
     best = resolved(kind, ["--preset", "best"])
@@ -80,12 +87,12 @@ def test_explicit_flags_win_even_when_equal_to_the_seed_default(kind: str) -> No
         assert (best["num_hid"], best["optimizer"], best["dtype"]) == (7, "sgd", "float64")
         assert best["init_lr"] == DEFAULT_LR[kind]
         for k in set(PRESET_KEYS) - {"num_hid", "optimizer", "dtype", "init_lr"}:
-            assert best[k] == PRESETS["best"][kind][k], k
+            assert best[k] == presets(kind)["best"][k], k
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_table_holds_values_the_flags_accept(kind: str) -> None:
-    table = PRESETS["best"][kind]
+    table = presets(kind)["best"]
     argv = [a for k, v in table.items() if v is not None for a in (f"--{k}", str(v))]
     parsed = parse_args(kind, argv)
     assert {k: parsed[k] for k in PRESET_KEYS} == table
@@ -93,18 +100,18 @@ def test_the_table_holds_values_the_flags_accept(kind: str) -> None:
 
 def test_the_cli_parser_records_given_flags() -> None:
     args = vars(cli.build_parser().parse_args(["lstm", "--preset", "best", "--epochs", "3"]))
-    best = apply_preset("lstm", args)
+    best = apply_preset(presets("lstm"), args)
     assert best["epochs"] == 3
-    assert best["max_len"] == PRESETS["best"]["lstm"]["max_len"]
-    assert apply_preset("mlp", vars(cli.build_parser().parse_args(["mlp"])))["optimizer"] == "sgd"
+    assert best["max_len"] == presets("lstm")["best"]["max_len"]
+    assert apply_preset(presets("mlp"), vars(cli.build_parser().parse_args(["mlp"])))["optimizer"] == "sgd"
 
 
 def test_a_hand_made_dict_counts_its_keys_as_given() -> None:
-    best = apply_preset("mlp", {"preset": "best", "num_hid": 7})
-    assert best["num_hid"] == 7 and best["optimizer"] == PRESETS["best"]["mlp"]["optimizer"]
-    assert apply_preset("mlp", {"num_hid": 7}) == {"num_hid": 7}
+    best = apply_preset(presets("mlp"), {"preset": "best", "num_hid": 7})
+    assert best["num_hid"] == 7 and best["optimizer"] == presets("mlp")["best"]["optimizer"]
+    assert apply_preset(presets("mlp"), {"num_hid": 7}) == {"num_hid": 7}
     with pytest.raises(ValueError, match="unknown preset"):
-        apply_preset("mlp", {"preset": "fastest"})
+        apply_preset(presets("mlp"), {"preset": "fastest"})
 
 
 def test_an_unknown_preset_is_a_usage_error() -> None:
@@ -124,7 +131,7 @@ def test_preset_best_runs_end_to_end_on_the_demo_set(kind: str, tmp_path: Path) 
     assert "Traceback" not in proc.stderr
     assert "preset best" in proc.stdout
     config = json.loads((tmp_path / "m.json").read_text())["config"]
-    expected = {**PRESETS["best"][kind], "epochs": 1, "num_hid": 16}
+    expected = {**presets(kind)["best"], "epochs": 1, "num_hid": 16}
     if expected["optimizer"] not in USES_MOMENTUM:  # the record says the optimizer has no momentum
         expected["momentum"] = None
     assert {k: config[k] for k in PRESET_KEYS} == expected
