@@ -123,8 +123,12 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     dims = dict(max_len=args.max_len, num_chars=args.num_chars, num_hid=args.num_hid, num_labels=args.num_labels)
     model = build_model(args.model, dims, seed=args.seed, dtype=np.float64)
     xm = model.xm
+    rng = np.random.default_rng(args.seed)  # a batch of 4 random titles, fed as training feeds them
+    codes = rng.integers(-1, args.num_chars, size=(4, args.max_len))
+    inputs = {**model.params, **model.feed(codes, dense=True),
+              "y": np.eye(args.num_labels)[rng.integers(0, args.num_labels, 4)]}
     try:
-        report = grad_check(xm, xm.operationSequence(xm.register("loss")), eps=args.eps,
+        report = grad_check(xm, xm.operationSequence(xm.register("loss")), inputs=inputs, eps=args.eps,
                             max_elements=args.max_elements)
     except SymdiffError as exc:
         return _fail("symdiff gradcheck", str(exc))
