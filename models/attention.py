@@ -11,9 +11,7 @@ the same numbers come from per-step products with constant selector matrices:
 * pooled ``P = Σ_t (A R_t) ⊙ H_t``: ``R_t`` is ``M x h`` with ones in row ``t``, so ``A R_t`` repeats
   column ``t`` of ``A`` across the ``h`` units (the engine merges all ``A R_t`` into one product).
 
-The output layer sees the pooled state and the last state side by side (``[P, H_M] W``, written
-``P W2 + H_M W3`` as there is no concatenation op). The LSTM is the seed's cell, reading the title
-backwards like the seed's model.
+The LSTM is the seed's cell, reading the title backwards like the seed's model.
 """
 from __future__ import annotations
 
@@ -43,8 +41,7 @@ def build(dims: dict[str, int], hp: dict[str, Any]) -> XMan:
     U = {g: f.param(name=f"U{g}", default=u) for g, u in side_by_side({g: glorot(rng, H, H, dtype) for g in GATES}).items()}
     b = {g: f.param(name=f"b{g}", default=bias(rng, H, dtype)) for g in GATES}
     xm.q = f.param(name="q", default=glorot(rng, H, 1, dtype))
-    xm.W2 = f.param(name="W2", default=glorot(rng, 2 * H, C, dtype)[:H])   # [pooled, h_M] W: two row blocks
-    xm.W3 = f.param(name="W3", default=glorot(rng, 2 * H, C, dtype)[H:])
+    xm.W2 = f.param(name="W2", default=glorot(rng, H, C, dtype))
     xm.b2 = f.param(name="b2", default=np.zeros(C, dtype))
     # constants (inputs fed their defaults): E_t picks score column t, R_t spreads weight t over h units
     E = [f.input(name=f"E{t:03d}", default=np.eye(M, dtype=dtype)[t:t + 1]) for t in range(M)]
@@ -67,7 +64,7 @@ def build(dims: dict[str, int], hp: dict[str, Any]) -> XMan:
     for t in range(1, M):
         pooled = pooled + f.hadamard(xm.alpha * R[t], states[t])
     xm.pooled = pooled
-    xm.outputs = f.softMax(pooled * xm.W2 + h * xm.W3 + xm.b2)
+    xm.outputs = f.softMax(pooled * xm.W2 + xm.b2)
     xm.rowloss = f.crossEnt(xm.outputs, xm.y)
     xm.loss = f.mean(xm.rowloss)
     return xm.setup()
