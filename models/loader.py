@@ -233,7 +233,8 @@ def check_shapes(model: Any, shown: str) -> None:
     codes = np.zeros((rows, dims["max_len"]), dtype=np.int32)  # every position holds character 0
     y = np.eye(dims["num_labels"], dtype=model.dtype)[np.arange(rows) % dims["num_labels"]]
     try:
-        program = Autograd(xm, native=False).compile(xm.operationSequence(xm.register("loss")))
+        # unfused: a trial pass needs no fused kernels (and registers none, so kernel numbers stay as before)
+        program = Autograd(xm, fuse=False, native=False).compile(xm.operationSequence(xm.register("loss")))
         if "outputs" not in program.slot:
             raise ModelSourceError(f"{shown}: the loss is not computed from outputs; make xm.loss a function of "
                                    f"xm.outputs (e.g. f.mean(f.crossEnt(xm.outputs, xm.y)))")
