@@ -56,6 +56,8 @@ SEARCH_SPACES: dict[str, dict[str, tuple[Any, ...]]] = {
         "schedule": ("cat", ("constant", "plateau", "cosine")),
     },
 }
+# The recurrent models of issue #15 search the LSTM's space (same knobs, same cost per hidden unit order).
+SEARCH_SPACES.update({kind: dict(SEARCH_SPACES["lstm"]) for kind in ("gru", "bilstm", "attention")})
 # Hyperparameters every trial shares (not searched): early stopping bounds a bad trial's cost.
 FIXED = {"dtype": "float32", "patience": 2, "momentum": 0.9, "clip": None}
 
@@ -78,9 +80,11 @@ def suggest(trial: Any, kind: str) -> dict[str, Any]:
 def baseline(kind: str) -> dict[str, Any]:
     """``--preset best`` restricted to the searched hyperparameters: the study's first trial."""
     from .loader import load_source  # the preset lives in the model file (models/<kind>.py)
+    from .training import TrainConfig
 
     best = load_source(kind).presets["best"]
-    return {k: best[k] for k in SEARCH_SPACES[kind]}
+    defaults = TrainConfig()  # a key the preset leaves out keeps the flags' default, as --preset does
+    return {k: best.get(k, getattr(defaults, k)) for k in SEARCH_SPACES[kind]}
 
 
 # ---- errors and the optional extra -------------------------------------------------------------
@@ -243,7 +247,8 @@ def worker_main(spec: TuneSpec, index: int) -> None:
 
     from . import data as D
     from .checkpoint import Checkpoint, CheckpointError, data_fingerprint, identity
-    from .training import DEFAULT_LR, StopFlag, Trainer, TrainConfig, build_model, stop_on_signals
+    from .flags import default_lr
+    from .training import StopFlag, Trainer, TrainConfig, build_model, stop_on_signals
 
     optuna = require_optuna()
     # a worker's failed trials are counted in the live view and listed by --show; Optuna's own
@@ -279,7 +284,7 @@ def worker_main(spec: TuneSpec, index: int) -> None:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("worker", index)
         trial.set_user_attr("sampler_seed", spec.seed + index)
-        cfg = TrainConfig.from_params({"init_lr": DEFAULT_LR[spec.kind], **FIXED, **hp, "epochs": spec.epochs,
+        cfg = TrainConfig.from_params({"init_lr": default_lr(spec.kind), **FIXED, **hp, "epochs": spec.epochs,
                                        "seed": 0})
         dims = dict(max_len=cfg.max_len, num_chars=ds.vocab.num_chars, num_hid=cfg.num_hid,
                     num_labels=ds.vocab.num_labels)

@@ -253,3 +253,16 @@ def test_the_readme_model_file_trains(tmp_path: Path, capsys: pytest.CaptureFixt
     code, out, err = run(tmp_path, capsys, "train", Path(command).name, *SMALL, "--output_file", "p.npy")
     assert code == 0, err
     assert "code" in section and "rights" in section  # the README says a model file runs as the user
+
+
+@pytest.mark.parametrize("kind", NEW)
+def test_symdiff_tune_has_a_search_space_holding_each_new_preset(kind: str) -> None:
+    from models import tune
+
+    space = tune.SEARCH_SPACES[kind]
+    first = tune.baseline(kind)  # the study's first trial: the preset, missing keys at the flags' defaults
+    assert set(first) == set(space)
+    for name, spec in space.items():
+        value = first[name]
+        assert (spec[1] <= value <= spec[2]) if spec[0] in ("log", "float", "int") else value in spec[1], name
+    assert kind in vars(cli.build_parser().parse_args(["tune", kind]))["model"]
