@@ -366,9 +366,9 @@ def test_without_patience_training_runs_every_epoch(demo: D.Dataset) -> None:
 def test_both_best_presets_stop_early_on_the_demo_set(kind: str, tmp_path: Path) -> None:
     """`--preset best` relies on early stopping (patience 2, up to 30 / 20 epochs): on the demo set it
     really ends that way, at the epoch the rule names."""
-    from models.flags import PRESETS
+    from models.loader import load_source
 
-    table = PRESETS["best"][kind]
+    table = load_source(kind).presets["best"]  # PRESETS in models/<kind>.py
     assert table["patience"] is not None
     code = T.run(kind, {"preset": "best", "dataset": "demo", "metrics_file": str(tmp_path / "m.json")}, Recorder())
     assert code == T.EXIT_OK
