@@ -254,6 +254,11 @@ def check_shapes(model: Any, shown: str) -> None:
 
 
 def hyperparameters(hp: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-safe part of ``hp`` (what a saved model records to rebuild its graph)."""
-    return {k: v for k, v in hp.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    """The JSON-safe part of ``hp`` a saved model records to rebuild its graph.
+
+    How long the run went (``epochs``, ``patience``) shapes no graph and is left out, so a run
+    stopped at epoch k saves the same archive as a run of k epochs.
+    """
+    return {k: v for k, v in hp.items()
+            if k not in ("epochs", "patience") and (isinstance(v, (str, int, float, bool)) or v is None)}
 
