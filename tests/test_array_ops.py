@@ -41,9 +41,9 @@ def reduction_case(draw):
     return x, axis, draw(st.booleans())
 
 
-def _check(op, *xs):
+def _check(op, *xs, tol=TOL):
     err = check_op(op, rng=np.random.default_rng(0), inputs=xs)
-    assert err < TOL, f"{op.name}: max relative error {err:.2e} at shapes {[np.shape(x) for x in xs]}"
+    assert err < tol, f"{op.name}: max relative error {err:.2e} at shapes {[np.shape(x) for x in xs]}"
 
 
 @SETTINGS
@@ -72,7 +72,9 @@ def test_softmax_and_log_softmax_along_any_axis(shape, data, which):
     z = np.exp(x - x.max(axis=axis, keepdims=True))
     p = z / z.sum(axis=axis, keepdims=True)
     np.testing.assert_allclose(op.forward(x), p if which == "softMax" else np.log(p), rtol=1e-9, atol=1e-12)
-    _check(op, x)
+    # inputs up to ±30 make some probabilities tiny: central differences (eps 1e-6) then reach only
+    # ~1e-6 relative error (hypothesis once found 1.25e-6); a wrong derivative is off by O(1)
+    _check(op, x, tol=1e-5)
 
 
 def test_softmax_default_is_the_seed_op_row_wise_and_log_softmax_is_stable():
