@@ -159,12 +159,7 @@ def sum_products(steps: Sequence[Step], keep: Collection[str] = (),
         insert[k] = new
     if not insert:
         return steps
-    out: list[Step] = []
-    for k, s in enumerate(steps):
-        out.extend(insert.get(k, ()))
-        if k not in remove:
-            out.append(s)
-    return out
+    return _splice(steps, insert, remove)
 
 
 def fuse_blocks(steps: Sequence[Step], keep: Collection[str] = (),
@@ -282,12 +277,7 @@ def _fuse_blocks_round(steps: list[Step], keep: set[str]) -> list[Step] | None:
         insert.setdefault(at, []).extend(new)
     if not insert:
         return None
-    out: list[Step] = []
-    for k, s in enumerate(steps):
-        out.extend(insert.get(k, ()))
-        if k not in remove:
-            out.append(s)
-    return out
+    return _splice(steps, insert, remove)
 
 
 def _fusable(op_name: str) -> bool:
@@ -393,6 +383,16 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = (),
         else:
             nodes.append((k, s))
     return _toposort(nodes)
+
+
+def _splice(steps: Sequence[Step], insert: dict[int, list[Step]], remove: set[int]) -> list[Step]:
+    """The step list with ``insert[k]`` placed before step ``k`` and the steps in ``remove`` left out."""
+    out: list[Step] = []
+    for k, s in enumerate(steps):
+        out.extend(insert.get(k, ()))
+        if k not in remove:
+            out.append(s)
+    return out
 
 
 def _users(steps: Sequence[Step], consumers: dict[str, list[int]], k: int) -> list[int]:
