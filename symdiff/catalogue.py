@@ -243,15 +243,52 @@ def _xlogx_rule(e: sp.Expr) -> sp.Expr | None:
 
 
 def _exp_difference(e: sp.Expr) -> sp.Expr | None:
-    """``exp(a) - exp(b)`` → ``expm1(a) - expm1(b)`` (the 1s cancel exactly, before rounding)."""
+    """``exp(a) - exp(b)`` → ``sign(a - b)·exp(max)·(-expm1(min - max))``.
+
+    The difference is factored out before anything rounds: near a = b (both near 0, or
+    both -700) min - max is exact (Sterbenz) and expm1 keeps its digits; -expm1 of a
+    non-positive number lies in [0, 1), so only exp(max) can overflow, where the result does.
+    """
     if not isinstance(e, sp.Add):
         return None
     split = [(t, *t.as_coeff_Mul()) for t in e.args]
     for t1, c1, f1 in split:
         for t2, c2, f2 in split:
             if isinstance(f1, sp.exp) and isinstance(f2, sp.exp) and c1 > 0 and c2 == -c1:
+                a, b = f1.args[0], f2.args[0]
+                hi, lo = sp.Max(a, b), sp.Min(a, b)
                 rest = [t for t in e.args if t is not t1 and t is not t2]
-                return sp.Add(c1 * (expm1(f1.args[0]) - expm1(f2.args[0])), *rest)
+                return sp.Add(-c1 * sp.sign(a - b) * sp.exp(hi) * expm1(lo - hi), *rest)
+    return None
+
+
+def _one_plus_tanh(e: sp.Expr) -> sp.Expr | None:
+    """``k + k·tanh(u)`` → ``2k·σ(2u)`` and ``k - k·tanh(u)`` → ``2k·σ(-2u)``."""
+    if not isinstance(e, sp.Add):
+        return None
+    consts = [t for t in e.args if t.is_Number]
+    if len(consts) != 1:
+        return None
+    k = consts[0]
+    for t in e.args:
+        coeff, f = t.as_coeff_Mul()
+        if isinstance(f, sp.tanh) and abs(coeff) == abs(k) and k != 0:
+            rest = [s for s in e.args if s is not t and s is not k]
+            return sp.Add(2 * k * Sigmoid(2 * f.args[0] * sp.sign(coeff / k)), *rest)
+    return None
+
+
+def _sigmoid_difference(e: sp.Expr) -> sp.Expr | None:
+    """``k·σ(u) - k·σ(-u)`` → ``k·tanh(u/2)`` (the difference vanishes at u = 0, tanh keeps its digits)."""
+    if not isinstance(e, sp.Add):
+        return None
+    split = [(t, *t.as_coeff_Mul()) for t in e.args]
+    for t1, c1, f1 in split:
+        for t2, c2, f2 in split:
+            if (t1 is not t2 and isinstance(f1, Sigmoid) and isinstance(f2, Sigmoid) and c2 == -c1
+                    and f2.args[0] == -f1.args[0]):
+                rest = [t for t in e.args if t is not t1 and t is not t2]
+                return sp.Add(c1 * sp.tanh(f1.args[0] / 2), *rest)
     return None
 
 
@@ -311,9 +348,15 @@ RULES: tuple[Rule, ...] = (
          "(σ' = σ(u)(1 - σ(u)) becomes σ(u)σ(-u))", _one_minus_sigmoid),
     Rule("xlogx", "u·log(u)", "xlogx(u), 0 at u = 0",
          "u = 0: 0·log(0) is 0·(-inf) = NaN, the limit is 0", _xlogx_rule),
-    Rule("exp-diff", "exp(a) - exp(b)", "expm1(a) - expm1(b)",
-         "a, b both near 0 (sinh written as (exp(x) - exp(-x))/2 loses every digit at |x| < 1e-16) "
-         "(added: measurement of sinh and tanh written with exp)", _exp_difference),
+    Rule("exp-diff", "exp(a) - exp(b)", "sign(a - b)·exp(max(a, b))·(-expm1(min - max))",
+         "a ≈ b anywhere (sinh written as (exp(x) - exp(-x))/2 loses every digit at |x| < 1e-16; "
+         "exp(-700) - exp(-745)) (added: measurement of sinh and differences of exponentials)", _exp_difference),
+    Rule("1+tanh", "1 + tanh(u), 1 - tanh(u)", "2·σ(2u), 2·σ(-2u)",
+         "u < -1 (resp. u > 1): tanh(u) rounds toward ∓1; from |u| ≈ 19 on the result is 0 "
+         "(added: measurement of GELU's tanh form)", _one_plus_tanh),
+    Rule("sigmoid-diff", "σ(u) - σ(-u)", "tanh(u/2)",
+         "|u| < 1: both near 1/2; from |u| < 1e-16 on the result is 0 (added: measurement of σ'')",
+         _sigmoid_difference),
     Rule("sqrt-diff", "sqrt(a) - sqrt(b)", "(a - b)/(sqrt(a) + sqrt(b))",
          "a ≈ b, when a - b simplifies (sqrt(x + 1) - sqrt(x) for large x) "
          "(added: measurement of the textbook example)", _sqrt_difference),
@@ -348,11 +391,12 @@ def apply_rules(e: sp.Expr, rules: tuple[Rule, ...]) -> sp.Expr:
 _SERIES: dict[tuple[sp.Expr, sp.Symbol, int], sp.Expr | None] = {}
 
 
-def taylor_fallback(general: sp.Expr, truth: sp.Expr, x: sp.Symbol, radius: float, terms: int = 12) -> sp.Expr | None:
+def taylor_fallback(general: sp.Expr, truth: sp.Expr, x: sp.Symbol, radius: float, terms: int = 18) -> sp.Expr | None:
     """``Taylor(x, r, series, general)``: ``truth``'s series at 0 (``terms`` powers) where |x| < r.
 
     None when the series is not a polynomial (log or fractional powers: no removable
-    cancellation there) or SymPy cannot find it.
+    cancellation there), SymPy cannot find it, or its last term at |x| = r is not below
+    2^-60 of its first (the series would not be accurate to the last digit there).
     """
     key = (truth, x, terms)
     if key not in _SERIES:  # one series per expression, whatever the radius (SymPy's series is slow)
@@ -368,5 +412,33 @@ def taylor_fallback(general: sp.Expr, truth: sp.Expr, x: sp.Symbol, radius: floa
     s = sp.expand(s)
     if s == 0:
         return None
+    if s.free_symbols:
+        coeffs = [(m[0], c) for m, c in sp.Poly(s, x).terms()]
+        (lead_k, lead_c), (last_k, last_c) = min(coeffs), max(coeffs)
+        if last_k > lead_k and abs(float(last_c)) * radius ** (last_k - lead_k) > 2.0**-60 * abs(float(lead_c)):
+            return None
     s = sp.horner(s.evalf(20)) if s.free_symbols else sp.Float(s, 20)
     return Taylor(x, sp.Float(radius), s, general)
+
+
+def drop_dirac(e: sp.Expr) -> sp.Expr:
+    """A derivative with SymPy's DiracDelta (from sign, Heaviside) set to 0: it is 0 wherever a
+    double can land but on the kink itself, where the derivative is undefined anyway."""
+    deltas = e.atoms(sp.DiracDelta)
+    return e.xreplace({d: sp.S.Zero for d in deltas}) if deltas else e
+
+
+def rules_in(label: str) -> tuple[Rule, ...]:
+    """The rules a chosen candidate's label names (``rule:expm1|out`` → expm1; ``all rules`` → all).
+
+    Fused kernels differentiate a composite of several ops; they apply the rules their
+    ops' own measured choices used, so a fused sigmoid keeps σ(u)σ(-u) where the op
+    chose it.
+    """
+    names = set()
+    for part in label.split("|"):
+        if part in ("all rules", "factored"):
+            return RULES
+        if part.startswith("rule:"):
+            names.add(part[len("rule:"):])
+    return tuple(r for r in RULES if r.name in names)

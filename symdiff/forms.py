@@ -28,14 +28,14 @@ import numpy as np
 import sympy as sp
 
 from . import accuracy
-from .catalogue import RULES, Taylor, apply_rules, taylor_fallback
+from .catalogue import RULES, Taylor, apply_rules, drop_dirac, taylor_fallback
 
 #: bump when candidates or their labels change: old cached choices are then ignored
 VERSION = "1"
 #: points measured per expression at declaration (the tests and ``ops --accuracy`` use more)
 DECLARE_POINTS = 240
 #: radii the Taylor fallback tries
-TAYLOR_RADII = (2.0**-3, 2.0**-6, 2.0**-10)
+TAYLOR_RADII = (2.0**-3, 2.0**-5, 2.0**-8, 2.0**-12)
 
 Evaluate = Callable[[sp.Expr, Sequence[np.ndarray]], np.ndarray]
 
@@ -144,6 +144,8 @@ def rule_candidates(stable: sp.Expr) -> list[tuple[str, Thunk]]:
     for rule in RULES:
         out.append((f"rule:{rule.name}", lambda rule=rule: apply_rules(stable, (rule,))))
     out.append(("all rules", lambda: apply_rules(stable, RULES)))
+    # common factors pulled out first: σ(-u)²σ(u) - σ(-u)σ(u)² is σ(u)σ(-u)(σ(-u) - σ(u)), a rule's pattern
+    out.append(("factored", lambda: apply_rules(sp.factor_terms(apply_rules(stable, RULES)), RULES)))
     return out
 
 
@@ -173,7 +175,10 @@ def pick(truth: sp.Expr, args: Sequence[sp.Symbol], cands: list[tuple[str, sp.Ex
     """Measure the candidates and keep the cheapest one not measurably worse than the best."""
     scored: list[tuple[str, sp.Expr, accuracy.Error, np.ndarray]] = []
     for label, e in cands:
-        got = evaluate(e, points)
+        try:
+            got = evaluate(e, points)
+        except Exception:  # noqa: BLE001 - numpy cannot run it (DiracDelta of a raw derivative): no candidate
+            continue
         scored.append((label, e, accuracy.error(got, exact, points), got))
     best = _best(scored)
     if taylor_of is not None and len(args) == 1 and _needs_taylor(best[2], best[3], exact, points[0]):
@@ -181,7 +186,7 @@ def pick(truth: sp.Expr, args: Sequence[sp.Symbol], cands: list[tuple[str, sp.Ex
         for r in TAYLOR_RADII:
             t = taylor_fallback(base, taylor_of, args[0], r)
             if t is None:
-                break
+                continue
             got = evaluate(t, points)
             scored.append((f"taylor:{r!r}|{base_label}", t, accuracy.error(got, exact, points), got))
         best = _best(scored)
@@ -270,7 +275,7 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
     labels, errors = [], []
     measured = False
     if fwd is None:
-        if len(fwd_cands) == 1:
+        if len(fwd_cands) == 1 and not _may_cancel(expr, args):
             choice = Choice(fwd_cands[0][0], fwd_cands[0][1])
         else:
             pts, exact = measurement()
@@ -284,7 +289,7 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
 
     derivs, backward, output_form = [], [], []
     for j, a in enumerate(args):
-        base = stabilise(sp.diff(fwd, a))
+        base = stabilise(drop_dirac(sp.diff(fwd, a)))
         inner = rule_candidates(base)
         with_out: list[tuple[str, Thunk]] = []
         for label, thunk in inner:
@@ -297,7 +302,7 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
             d = rebuild(cached.get(f"d{j}", ""), cands, truths[j], args)
         if d is not None:
             label, derr = cached[f"d{j}"], {}
-        elif len(cands) == 1:
+        elif len(cands) == 1 and not _may_cancel(truths[j], args):
             label, d, derr = cands[0][0], cands[0][1], {}
         else:
             pts, exact = measurement()
@@ -316,6 +321,15 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
     if measured or cached is None or need_measure:
         _store(key, {"forward": labels[0], **{f"d{j}": lab for j, lab in enumerate(labels[1:])}})
     return Forms(fwd, tuple(derivs), tuple(backward), tuple(output_form), tuple(labels), measured, tuple(errors))
+
+
+def _may_cancel(e: sp.Expr, args: Sequence[sp.Symbol]) -> bool:
+    """Whether a one-argument expression has a sum of two terms that both depend on the argument
+    (sin(x) - x): a removable cancellation a Taylor fallback might fix, worth measuring."""
+    if len(args) != 1:
+        return False
+    return any(isinstance(a, sp.Add) and sum(1 for t in a.args if t.has(args[0])) >= 2
+               for a in sp.preorder_traversal(e))
 
 
 def _out_form(e: sp.Expr | None, fwd: sp.Expr, out: sp.Symbol) -> sp.Expr | None:
