@@ -1,7 +1,8 @@
 """C printing: the same SymPy expressions as one loop over rows and contiguous columns.
 
 :func:`c_source` writes the C that :mod:`symdiff.native` compiles; :data:`C_PRELUDE`
-holds the stable functions as inline helpers with numpy's NaN and signed-zero behaviour.
+holds the stable functions (and the accuracy catalogue's) as inline helpers with
+numpy's NaN and signed-zero behaviour.
 This module prints; it neither compiles nor decides when to (see :mod:`symdiff.fusion`).
 
 Only the SymPy side of the engine imports SymPy: :mod:`symdiff.stable`,
@@ -19,7 +20,7 @@ from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
 from .declare import nest_calls
-from .stable import STABLE_FUNCTIONS
+from .stable import NEW_FUNCTIONS, STABLE_FUNCTIONS
 
 
 #: the functions ``sd_math.h`` provides (glibc's libmvec where found, else its own straight-line C; either
@@ -44,7 +45,14 @@ C_PRELUDE = "\n".join([
       f"static inline {t} sd_step{x}({t} u) {{ return u > 0 ? 1 : (u <= 0 ? 0 : u); }}\n"
       # numpy.maximum/minimum keep a NaN; C's fmax/fmin drop it
       f"static inline {t} sd_max{x}({t} a, {t} b) {{ return a != a || b != b ? a + b : (a > b ? a : b); }}\n"
-      f"static inline {t} sd_min{x}({t} a, {t} b) {{ return a != a || b != b ? a + b : (a < b ? a : b); }}"
+      f"static inline {t} sd_min{x}({t} a, {t} b) {{ return a != a || b != b ? a + b : (a < b ? a : b); }}\n"
+      # the accuracy catalogue's functions (symdiff.stable.NEW_FUNCTIONS), as numpy computes them
+      f"static inline {t} sd_logaddexp{x}({t} a, {t} b) {{ {t} m = a > b ? a : b; "
+      f"if (a == b) return a + ({t})0.69314718055994530942; if (m != m) return a + b; "
+      f"return m + log1p{x}(exp{x}(-fabs{x}(a - b))); }}\n"
+      f"static inline {t} sd_xlogx{x}({t} u) {{ return u == 0 ? 0 : u * log{x}(u); }}\n"
+      f"static inline {t} sd_sech2{x}({t} u) {{ {t} e = exp{x}(-2 * fabs{x}(u)); "
+      f"return 4 * e / ((1 + e) * (1 + e)); }}"
       for t, x in (("double", ""), ("float", "f"))),
 ])
 
@@ -55,7 +63,7 @@ class _CPrinter(C99CodePrinter):
 
     def __init__(self, single: bool) -> None:
         self._suffix = "f" if single else ""
-        helpers = {f.__name__: f"sd_{f.__name__.lower()}{self._suffix}" for f in STABLE_FUNCTIONS}
+        helpers = {f.__name__: f"sd_{f.__name__.lower()}{self._suffix}" for f in (*STABLE_FUNCTIONS, *NEW_FUNCTIONS)}
         helpers.update({name: f"sd_{name}{self._suffix}" for name in INLINE_MATH})
         super().__init__({"type_aliases": {real: float32 if single else float64}, "user_functions": helpers})
 
@@ -64,6 +72,11 @@ class _CPrinter(C99CodePrinter):
 
     def _print_Min(self, e: sp.Expr) -> str:
         return nest_calls(f"sd_min{self._suffix}", [self._print(a) for a in e.args])
+
+    def _print_Taylor(self, e: sp.Expr) -> str:
+        """The series near 0, the general form elsewhere (both computed: no traps, and it vectorises)."""
+        u, r, series, general = (self._print(a) for a in e.args)
+        return f"(fabs{self._suffix}({u}) < {r} ? {series} : {general})"
 
 
 def c_missing(outputs: Sequence[sp.Expr]) -> tuple[str, ...]:

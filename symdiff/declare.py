@@ -11,10 +11,15 @@ The pipeline, run once per declaration (never during training):
    (:func:`symdiff.stable.refine`: stabilised again, so raw derivatives never
    reintroduce ``exp(u)/(1+exp(u))**2``, and sums that cancel rewritten:
    σ' = σ(x)σ(−x), tanh' = 4σ(2x)σ(−2x));
-4. **output form**: substitute the forward expression by ``out``; keep it when
-   no input symbol is left *and* ``out`` is not added to anything (exp' = out;
-   ``1 − out`` or ``1 − out²`` would be 0 where σ or tanh round to 1, so σ' and
-   tanh' stay in input form), because the backward pass already has ``out``;
+4. **choose by measurement** (:mod:`symdiff.forms`): for the forward expression
+   and each derivative, the candidates — as written, stabilised, each accuracy
+   rule of :data:`symdiff.stable.RULES` and their combination, the *output form*
+   (the forward expression replaced by ``out``, which the backward pass already
+   has: exp' = out) and a Taylor fallback near 0 — are run as numpy kernels on
+   sampled points and measured against mpmath (:mod:`symdiff.accuracy`); the
+   cheapest one not measurably less accurate than the best is kept, so never one
+   worse than as written (σ' = out·σ(−x), not out·(1−out), which is 0 from x ≈ 37);
+   choices are cached by expression, in process and on disk;
 5. **lambdify** to numpy with common-subexpression elimination, then smoke-test
    the kernels once so a function numpy cannot evaluate fails *here*.
 
@@ -22,7 +27,7 @@ The numpy printer and :func:`lambdify_numpy` live here too: fused kernels
 (:mod:`symdiff.fusion`) print their composite expressions with them.
 
 Only the SymPy side of the engine imports SymPy: :mod:`symdiff.stable`,
-:mod:`symdiff.declare`, :mod:`symdiff.cprint`, :mod:`symdiff.fusion`, :mod:`symdiff.derivative_ops`
+:mod:`symdiff.declare` (with :mod:`symdiff.forms`, :mod:`symdiff.accuracy`), :mod:`symdiff.cprint`, :mod:`symdiff.fusion`, :mod:`symdiff.derivative_ops`
 (derivatives of every order as ops) and :mod:`symdiff.ops` (which declares the built-in ops with it). Everything else (graph, registry, compiler,
 passes, native) runs on numpy alone.
 """
@@ -32,7 +37,7 @@ import keyword
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import sympy as sp
@@ -41,7 +46,7 @@ from sympy.printing.numpy import SciPyPrinter
 
 from .errors import DefopError
 from .registry import Op, register, sum_to_shape
-from .stable import NUMPY_HELPERS, STABLE_FUNCTIONS, Sigmoid, refine, stabilise
+from .stable import NUMPY_HELPERS, STABLE_FUNCTIONS, Sigmoid, Taylor, refine, stabilise
 
 
 @dataclass(frozen=True)
@@ -50,12 +55,14 @@ class Symbolic:
 
     declared: sp.Expr                 # what the user wrote
     args: tuple[sp.Symbol, ...]       # real-valued stand-ins for the user's symbols
-    forward: sp.Expr                  # stabilised forward expression
+    forward: sp.Expr                  # the forward expression as run (stabilised, measured choice)
     derivatives: tuple[sp.Expr, ...]  # d forward / d arg_j, in input form
     backward: tuple[sp.Expr, ...]     # what each backward kernel computes: delta * (output or input form)
     output_form: tuple[bool, ...]     # True where the derivative is written in terms of `out`
     forward_source: str
     backward_sources: tuple[str, ...]
+    forms: tuple[str, ...] = ()       # the measured choice: candidate label of the forward, then each derivative
+    measured: bool = False            # measured at this declaration (False: one candidate, or a cached choice)
 
     @property
     def arg_names(self) -> tuple[str, ...]:
@@ -66,6 +73,9 @@ class Symbolic:
         plain = {a: sp.Symbol(a.name) for a in self.args}
         return (str(self.forward.xreplace(plain)), tuple(str(b.xreplace(plain)) for b in self.backward))
 
+
+if TYPE_CHECKING:
+    from .forms import Forms
 
 DELTA = sp.Symbol("delta", real=True)
 OUT = sp.Symbol("out", real=True)
@@ -210,7 +220,14 @@ def lambdify_numpy(params: Sequence[sp.Symbol], expr: Any) -> tuple[Callable[...
 
     fn = sp.lambdify(list(params), expr, modules=[NUMPY_HELPERS, _namespace(expr), "numpy"], printer=_printer(),
                      cse=True, docstring_limit=0)
-    return fn, inspect.getsource(fn)
+    source = inspect.getsource(fn)
+    if any(isinstance(e, sp.Basic) and e.has(Taylor) for e in (expr if isinstance(expr, (list, tuple)) else [expr])):
+        raw = fn
+
+        def fn(*xs: Any) -> Any:  # both branches are computed: the one not taken may divide 0 by 0
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                return raw(*xs)
+    return fn, source
 
 
 SUPPORTED = "use functions numpy or scipy.special supports (exp, log, tanh, sqrt, Max, Abs, erf, gamma, besselj, ...)"
@@ -305,31 +322,20 @@ def _backward_kernel(raw: Callable[..., Any], j: int) -> Callable[..., Any]:
     return backward
 
 
-def _cancels(e: sp.Expr) -> bool:
-    """Whether an output-form derivative adds ``out`` to something (``1 - out``, ``1 - out**2``).
-
-    Such a sum loses every digit where ``out`` approaches the other term (σ → 1,
-    tanh → ±1): there the input form, refined, is kept instead. Products and
-    powers of ``out`` (exp' = out) keep full precision.
-    """
-    return any(OUT in a.free_symbols for a in e.atoms(sp.Add))
-
-
-def derive(expr: sp.Expr, args: Sequence[sp.Symbol], nondiff: Sequence[sp.Symbol] = ()
-           ) -> tuple[sp.Expr, tuple[sp.Expr, ...], tuple[sp.Expr, ...], tuple[bool, ...]]:
-    """Stabilised forward expression, input-form derivatives, backward expressions, output-form flags.
+def derive(expr: sp.Expr, args: Sequence[sp.Symbol], nondiff: Sequence[sp.Symbol] = ()) -> "Forms":
+    """The forward and derivative forms to run: stabilised, then chosen by measured error.
 
     Arguments in ``nondiff`` get the derivative 0: they are never differentiated.
+
+    See :mod:`symdiff.forms`: the candidates are the expression as written, stabilised,
+    each accuracy rule of :data:`symdiff.stable.RULES`, their combination, the output
+    forms of each derivative (``out`` for the forward expression) and a Taylor fallback;
+    the cheapest of those not measurably less accurate than the best is kept.
     """
-    fwd = stabilise(expr)
-    derivs = tuple(sp.S.Zero if a in nondiff else refine(sp.diff(fwd, a)) for a in args)
-    backward, output_form = [], []
-    for d in derivs:
-        in_out = d.subs(fwd, OUT) if fwd not in args else d
-        use_out = in_out != d and not (in_out.free_symbols & set(args)) and not _cancels(in_out)
-        backward.append(DELTA * (in_out if use_out else d))
-        output_form.append(use_out)
-    return fwd, derivs, tuple(backward), tuple(output_form)
+    from .forms import choose_forms
+
+    return choose_forms(expr, args, stabilise=stabilise, refine=refine, nondiff=nondiff,
+                        lambdify=lambda p, e: lambdify_numpy(p, e)[0], delta=DELTA, out=OUT)
 
 
 #: below this, an output-form σ' = out(1 - out) or tanh' = 1 - out² has lost more than ~1e-12 of
@@ -433,11 +439,12 @@ def declare(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Seq
     frozen = tuple(r for a, r in zip(args, real) if a in nondiff)
     expr = expr.xreplace(dict(zip(args, real)))
     try:
-        fwd, derivs, backward, output_form = derive(expr, real, frozen)
+        chosen = derive(expr, real, frozen)
     except Exception as exc:  # noqa: BLE001 - SymPy failing deep inside: one line naming the op
         raise DefopError(f"defop({name!r}): SymPy could not differentiate or simplify {expr} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                          f"{SUPPORTED}") from exc
+    fwd, derivs, backward, output_form = chosen.forward, chosen.derivatives, chosen.backward, chosen.output_form
 
     # a failure is diagnosed on the input-form expression (the output form may hide f(x) as `out`)
     def kernel(params: Sequence[sp.Symbol], e: Any, what: str, shown: Any,
@@ -470,7 +477,8 @@ def declare(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Seq
             shape = np.broadcast_shapes(*(np.shape(x) for x in xs))
             return np.broadcast_to(forward_fn(*xs), shape).astype(np.result_type(*xs, 1.0), copy=True)
 
-    symbolic = Symbolic(expr, real, fwd, derivs, backward, output_form, forward_src, tuple(bp_srcs))
+    symbolic = Symbolic(expr, real, fwd, derivs, backward, output_form, forward_src, tuple(bp_srcs),
+                        chosen.labels, chosen.measured)
     used = set().union(*(b.free_symbols for b in backward))
     cheap = _tail_corrected(fwd, real[0]) if len(real) == 1 else None
     if cheap is not None:  # σ, tanh: from the output where that is exact, from the input in the tails

@@ -1,7 +1,7 @@
 """Measured choice of the form a declared op runs in (forward and every derivative).
 
 Candidates for each expression: as written; stabilised (:func:`stabilise`, today's
-pipeline); each catalogue rule (:data:`symdiff.catalogue.RULES`) alone on top of that;
+pipeline); each catalogue rule (:data:`symdiff.stable.RULES`) alone on top of that;
 all of them together; for a derivative also its output forms (the forward expression
 replaced by ``out`` wherever it occurs); and, for one-argument expressions that still
 lose bits near 0, a Taylor fallback. Each is lambdified as the engine would run it and
@@ -28,10 +28,10 @@ import numpy as np
 import sympy as sp
 
 from . import accuracy
-from .catalogue import RULES, Taylor, apply_rules, drop_dirac, taylor_fallback
+from .stable import RULES, Taylor, apply_rules, drop_dirac, taylor_fallback
 
 #: bump when candidates or their labels change: old cached choices are then ignored
-VERSION = "1"
+VERSION = "5"
 #: points measured per expression at declaration (the tests and ``ops --accuracy`` use more)
 DECLARE_POINTS = 240
 #: radii the Taylor fallback tries
@@ -180,6 +180,8 @@ def pick(truth: sp.Expr, args: Sequence[sp.Symbol], cands: list[tuple[str, sp.Ex
         except Exception:  # noqa: BLE001 - numpy cannot run it (DiracDelta of a raw derivative): no candidate
             continue
         scored.append((label, e, accuracy.error(got, exact, points), got))
+    if not scored:  # numpy can run none of them: keep the first, the smoke test will say why
+        return Choice(cands[0][0], cands[0][1])
     best = _best(scored)
     if taylor_of is not None and len(args) == 1 and _needs_taylor(best[2], best[3], exact, points[0]):
         base_label, base = best[0], best[1]
@@ -196,8 +198,10 @@ def pick(truth: sp.Expr, args: Sequence[sp.Symbol], cands: list[tuple[str, sp.Ex
 def _best(scored: list[Any]) -> Any:
     top = min(scored, key=lambda s: (s[2].failures, s[2].mean_bits))
     fine = [s for s in scored if not top[2].better_than(s[2])]
-    # the cheapest; on equal cost the earliest, and the expression as written only when nothing else will do
-    return min(fine, key=lambda s: (cost(s[1]), s[0] == "as written"))
+    # the expression as written only when it is measurably better than every other form: the stabilised
+    # forms also keep promises a sample cannot show (no overflow warnings, relu'(0) = 0)
+    fine = [s for s in fine if s[0] != "as written"] or fine
+    return min(fine, key=lambda s: cost(s[1]))  # the cheapest; on equal cost the earliest
 
 
 def rebuild(label: str, cands: list[tuple[str, sp.Expr]], taylor_of: sp.Expr | None,
@@ -246,12 +250,16 @@ def _numpy_evaluator(lambdify: Callable[[Sequence[sp.Symbol], sp.Expr], Callable
 
 def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callable[[sp.Expr], sp.Expr],
                  lambdify: Callable[[Sequence[sp.Symbol], sp.Expr], Callable[..., Any]],
-                 delta: sp.Symbol, out: sp.Symbol, points: int = DECLARE_POINTS) -> Forms:
+                 delta: sp.Symbol, out: sp.Symbol, points: int = DECLARE_POINTS,
+                 refine: Callable[[sp.Expr], sp.Expr] | None = None, nondiff: Sequence[sp.Symbol] = ()) -> Forms:
     """The forward and derivative forms with the least measured error (see the module docstring).
 
     ``lambdify(params, expr)`` must build the numpy kernel exactly as the engine will,
-    so what is measured is what runs.
+    so what is measured is what runs. ``refine`` turns a raw derivative into the base
+    candidate (default ``stabilise``; :func:`symdiff.stable.refine` also rewrites the
+    sums that cancel, σ' = σσ̄, for every order of derivative).
     """
+    refine = refine or stabilise
     args = tuple(args)
     key = cache_key(expr, args)
     cached = _cached(key)
@@ -262,7 +270,7 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
     if cached is not None:
         fwd = rebuild(cached.get("forward", ""), fwd_cands, expr, args)
         need_measure = fwd is None
-    truths = [sp.diff(expr, a) for a in args]
+    truths = [sp.S.Zero if a in nondiff else sp.diff(expr, a) for a in args]
     sampled: dict[str, Any] = {}
 
     def measurement() -> tuple[tuple[np.ndarray, ...], list[np.ndarray]]:
@@ -272,10 +280,17 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
             sampled["exact"] = [accuracy.truth(expr, args, pts)]
         return sampled["points"], sampled["exact"]
 
+    def measurable(e: sp.Expr) -> bool:
+        try:  # a function mpmath has no counterpart for: nothing to measure against, keep the default
+            accuracy.mp_compile(e, args)
+            return True
+        except (TypeError, ValueError):
+            return False
+
     labels, errors = [], []
     measured = False
     if fwd is None:
-        if len(fwd_cands) == 1 and not _may_cancel(expr, args):
+        if (len(fwd_cands) == 1 and not _may_cancel(expr, args)) or not measurable(expr):
             choice = Choice(fwd_cands[0][0], fwd_cands[0][1])
         else:
             pts, exact = measurement()
@@ -289,7 +304,14 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
 
     derivs, backward, output_form = [], [], []
     for j, a in enumerate(args):
-        base = stabilise(drop_dirac(sp.diff(fwd, a)))
+        if a in nondiff:  # declared not differentiable (an order, a static argument): 0, nothing to choose
+            labels.append("nondiff")
+            errors.append({})
+            derivs.append(sp.S.Zero)
+            backward.append(delta * sp.S.Zero)
+            output_form.append(False)
+            continue
+        base = refine(drop_dirac(sp.diff(fwd, a)))
         inner = rule_candidates(base)
         with_out: list[tuple[str, Thunk]] = []
         for label, thunk in inner:
@@ -302,7 +324,7 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
             d = rebuild(cached.get(f"d{j}", ""), cands, truths[j], args)
         if d is not None:
             label, derr = cached[f"d{j}"], {}
-        elif len(cands) == 1 and not _may_cancel(truths[j], args):
+        elif (len(cands) == 1 and not _may_cancel(truths[j], args)) or not measurable(truths[j]):
             label, d, derr = cands[0][0], cands[0][1], {}
         else:
             pts, exact = measurement()

@@ -100,6 +100,44 @@ def costly(op_name: str) -> bool:
     return sym is not None and any(not isinstance(fn, (Relu, Step)) for fn in sym.forward.atoms(sp.Function))
 
 
+_OP_CALLS: dict[int, tuple[Any, type]] = {}
+
+
+def _op_call(op: Any) -> type:
+    """A SymPy function standing for one application of a declared op, for the chain rule.
+
+    Differentiating a composite of these uses each op's *own* derivative, the form its
+    declaration chose by measured error (σ' = σ(u)σ(-u), tanh' = sech²), instead of
+    SymPy re-deriving it from the forward expression (σ(1 - σ), 1 - tanh²); ``unwrap``
+    gives the plain composite back.
+    """
+    hit = _OP_CALLS.get(id(op))
+    if hit is not None and hit[0] is op:
+        return hit[1]
+    sym = op.symbolic
+
+    def fdiff(self: Any, argindex: int = 1) -> sp.Expr:
+        return sym.derivatives[argindex - 1].xreplace(dict(zip(sym.args, self.args)))
+
+    def unwrap(self: Any) -> sp.Expr:
+        return sym.forward.xreplace(dict(zip(sym.args, self.args)))
+
+    cls = type(f"op_{_c_stem(op.name)}_{len(_OP_CALLS)}", (sp.Function,),
+               {"nargs": op.arity, "fdiff": fdiff, "unwrap": unwrap})
+    _OP_CALLS[id(op)] = (op, cls)
+    return cls
+
+
+def _unwrap(e: sp.Expr) -> sp.Expr:
+    """Every op application of :func:`_op_call` replaced by its forward expression, innermost first."""
+    if not e.args:
+        return e
+    args = [_unwrap(a) for a in e.args]
+    if any(a is not b for a, b in zip(args, e.args)):
+        e = e.func(*args)
+    return e.unwrap() if hasattr(e, "unwrap") else e
+
+
 class FusedKernel:
     """One fused group: a forward returning all results, and backward kernels per needed-input mask."""
 
@@ -107,11 +145,15 @@ class FusedKernel:
         self.name, self.spec = name, spec
         self.inputs = tuple(sp.Dummy(f"in{k}", real=True) for k in range(spec.n_inputs))
         exprs: list[sp.Expr] = []
+        calls: list[sp.Expr] = []  # the same composite of op applications, differentiated by the chain rule
         for op_name, args in spec.steps:
-            sym = get_op(op_name).symbolic
+            op = get_op(op_name)
+            sym = op.symbolic
             vals = [self.inputs[k] if kind == "in" else exprs[k] for kind, k in args]
             exprs.append(sym.forward.xreplace(dict(zip(sym.args, vals))))
+            calls.append(_op_call(op)(*(self.inputs[k] if kind == "in" else calls[k] for kind, k in args)))
         self.expressions = tuple(exprs)
+        self._calls = tuple(calls)
         self.results = spec.results
         self.result_symbols = tuple(sp.Dummy(f"r{r}", real=True) for r in self.results)
         self.delta_symbols = tuple(sp.Dummy(f"d{o}", real=True) for o in spec.outputs)
@@ -260,9 +302,13 @@ class FusedKernel:
         """
         to_result = {self.expressions[r]: s for r, s in zip(self.results, self.result_symbols)}
         to_result = self._fast_output_forms(to_result)
-        return tuple(stabilise(d * sp.diff(self.expressions[o], self.inputs[j])).xreplace(to_result)
+        return tuple(stabilise(d * self._derivative(o, j)).xreplace(to_result)
                      for j, need in enumerate(needed) if need
                      for o, d in zip(self.spec.outputs, self.delta_symbols))
+
+    def _derivative(self, o: int, j: int) -> sp.Expr:
+        """d(local step o)/d(input j) by the chain rule over the ops' own measured derivatives."""
+        return _unwrap(sp.diff(self._calls[o], self.inputs[j]))
 
     def backward_terms(self, needed: tuple[bool, ...]) -> Callable[..., Any]:
         """Like :meth:`backward`, but returns the per-output terms (see :meth:`gradient_terms`)."""
@@ -283,8 +329,7 @@ class FusedKernel:
         for j, need in enumerate(needed):
             if not need:
                 continue
-            g = sum((d * sp.diff(self.expressions[o], self.inputs[j])
-                     for o, d in zip(self.spec.outputs, self.delta_symbols)), sp.S.Zero)
+            g = sum((d * self._derivative(o, j) for o, d in zip(self.spec.outputs, self.delta_symbols)), sp.S.Zero)
             # factor_terms: c·δc + c·δh·o·(1-tanh²) → c·(δc + δh·o·(1-tanh²)), whose sum CSE then
             # shares between all the gates' gradients (17 numpy calls per LSTM cell become 10)
             grads.append(sp.factor_terms(stabilise(g).xreplace(to_result)))

@@ -197,15 +197,18 @@ def _symbolic_equal(a: sp.Expr, b: sp.Expr) -> bool:
     return sp.simplify(a - b) == 0
 
 
-def test_sigmoid_backward_is_sigmoid_x_times_sigmoid_minus_x():
-    """Not out*(1 - out): 1 - σ(x) is 0 in float64 from x ≈ 37, where σ'(x) ≈ 1e-16 (JAX #40385)."""
+def test_sigmoid_backward_is_out_times_sigmoid_minus_x():
+    """Not out*(1 - out): 1 - σ(x) is 0 in float64 from x ≈ 37, where σ'(x) ≈ 1e-16 (JAX #40385).
+    σ(x)σ(-x) and out·σ(-x) measure the same; the output form is cheaper (one sigmoid fewer)."""
     sym = symdiff.OPS["sigmoid"].symbolic
     (a,) = sym.args
-    assert sym.output_form == (False,)
-    assert sym.backward[0] == DELTA * Sigmoid(a) * Sigmoid(-a)
+    assert sym.output_form == (True,)
+    assert sym.backward[0] == DELTA * OUT * Sigmoid(-a)
+    assert sym.derivatives[0] == Sigmoid(a) * Sigmoid(-a)
     xs = np.array([37.5, 40.0, 700.0, -700.0])
     with strict_numpy():
-        got = symdiff.OPS["sigmoid"].backward[0](np.ones(4), None, xs)
+        op = symdiff.OPS["sigmoid"]
+        got = op.backward[0](np.ones(4), op.forward(xs), xs)
     np.testing.assert_allclose(got, np.exp(-np.abs(xs)) / (1 + np.exp(-np.abs(xs))) ** 2, rtol=1e-14)
 
 
