@@ -167,6 +167,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
     _print_vocabulary()
     if args.order:
         _print_orders(args.order)
+    if args.accuracy:
+        _print_accuracy()
     if args.wengert:
         from models.training import build_model
 
@@ -224,6 +226,47 @@ def _print_orders(order: int) -> None:
     for name, lines in derivative_table(order):
         table.add_row(name, "\n".join(d for d, _ in lines), "\n".join(e for _, e in lines))
     _console().print(table)
+
+
+def _print_accuracy() -> None:
+    """Per declared op and derivative: bits of error as written and as run, and the form chosen."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from symdiff import OPS
+    from symdiff.measure import measure_op
+
+    console = _console()
+    reports = []
+    with console.status("measuring every declared op against mpmath ...") as status:
+        for name, op in OPS.items():
+            if op.symbolic is not None:
+                status.update(f"measuring {escape(name)} against mpmath ...")
+                reports.append(measure_op(op))
+    table = Table(title="accuracy against mpmath: mean bits of error (Herbie's measure; 0 = correctly rounded), "
+                        "worst relative error where the truth is a normal double, failures (NaN/inf/0 where the "
+                        "truth is finite and nonzero)", show_lines=True)
+    for col in ("op", "expression as run", "form chosen", "as written", "numpy kernel", "compiled kernel"):
+        table.add_column(col)
+
+    def cell(e: Any) -> str:
+        if e is None:
+            return "[dim]-[/]"
+        colour = "green" if e.ok() else "red"
+        fails = f", [red]{e.failures} failed[/]" if e.failures else ""
+        return f"[{colour}]{e.mean_bits:.2f} bits[/] (max {e.max_bits:.0f}), rel {e.worst_rel:.1e}{fails}"
+
+    statuses = set()
+    for rep in reports:
+        statuses.add(rep.compiled_status)
+        for row in rep.rows:
+            table.add_row(escape(rep.name) if row.what == "forward" else "", escape(f"{row.what}: {row.run}"),
+                          escape(row.chosen or "-"), cell(row.as_written), cell(row.numpy), cell(row.compiled))
+    console.print(table)
+    points = reports[0].rows[0].numpy.points if reports else 0
+    console.print(f"[dim]about {points} points per op (log-uniform over all doubles and over moderate values, "
+                  f"zeros, points near cancellations; other points than the declaration chose on); compiled kernels: "
+                  f"{escape('; '.join(sorted(statuses)))}[/]", highlight=False)
 
 
 def _print_fused(kind: str) -> None:
@@ -632,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=seed_int, default=0, help="seed for the parameters, inputs and chosen elements")
     g.set_defaults(func=cmd_gradcheck)
     o = command("ops", defaults_in_help=False, help="list every primitive with its SymPy expression and generated derivatives")
+    o.add_argument("--accuracy", action="store_true",
+                   help="also measure every declared op and derivative against mpmath: bits of error as written "
+                        "and as run (numpy and compiled kernels), and the form chosen (takes a few seconds)")
     o.add_argument("--wengert", choices=SHIPPED, help="also print a small model's Wengert list")
     o.add_argument("--fused", choices=SHIPPED,
                    help="also print a small model's step list after the graph rewrites and its fused kernels")

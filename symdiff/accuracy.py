@@ -18,10 +18,10 @@ PLDI 2015) and scores a kernel against the exact value:
   error where the truth is a normal double; and the count of *failures*, points where
   the truth is finite and nonzero but the kernel gives NaN, ±inf or 0.
 
-The kernels measured are the ones the engine runs: the numpy kernel and, where a C
-compiler is at hand, the compiled C kernel (:func:`c_kernel`). This module is on the
-SymPy side of the engine (it imports SymPy and mpmath); only declaration, the tests and
-``symdiff ops --accuracy`` use it.
+What is measured is whatever kernel the caller runs: the declaration pipeline
+(:mod:`symdiff.forms`) its numpy candidates, :mod:`symdiff.measure` a declared op's
+numpy and compiled kernels. This module is on the SymPy side of the engine (it imports
+SymPy and mpmath) and imports no other symdiff module.
 """
 from __future__ import annotations
 
@@ -508,98 +508,3 @@ def error(approx: Any, exact: np.ndarray, points: Sequence[np.ndarray] = (), con
     return Error(mean_bits=float(bits.mean()) if bits.size else 0.0, max_bits=float(bits.max(initial=0.0)),
                  worst_rel=float(rel.max(initial=0.0)), worst_at=at, failures=int(fail.sum()),
                  points=int(defined.sum()), beyond=float(excess.max(initial=0.0)))
-
-
-# --------------------------------------------------------------------------------------
-# A declared op, as written and as run
-# --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Row:
-    """One expression of an op (its forward, or one derivative), measured three ways."""
-
-    what: str                 # "forward" or "d/dx"
-    chosen: str               # the candidate the declaration chose (symdiff.forms labels)
-    run: str                  # the expression as run (user's symbol names)
-    as_written: Error         # the expression as declared (its SymPy derivative), lambdified naively
-    numpy: Error              # the op's numpy kernel
-    compiled: Error | None    # the compiled C kernel of the op alone in a fused group (None: no compiler)
-
-
-@dataclass(frozen=True)
-class OpAccuracy:
-    name: str
-    rows: tuple[Row, ...]
-    compiled_status: str      # why ``compiled`` is None, or "on"
-
-
-def _tile(points: Sequence[np.ndarray], size: int) -> tuple[tuple[np.ndarray, ...], int]:
-    """The points repeated up to ``size`` elements (compiled kernels run only on big enough arrays)."""
-    n = points[0].size
-    reps = max(1, -(-size // n))
-    return tuple(np.tile(p, reps) for p in points), n
-
-
-def _compiled(op: Any, points: Sequence[np.ndarray]) -> tuple[list[np.ndarray] | None, str]:
-    """Forward and derivatives from the C kernels the engine would compile for ``op`` alone."""
-    from . import native
-    from .fusion import GroupSpec, fused_kernel
-
-    if not native.enabled():
-        return None, f"native kernels {native.status()}"
-    spec = GroupSpec(steps=((op.name, tuple(("in", k) for k in range(op.arity))),), n_inputs=op.arity,
-                     outputs=(0,), saved=())
-    kernel = fused_kernel(spec)
-    xs, n = _tile(points, native.MIN_ELEMENTS)
-    fns = kernel.native_forward.ready(xs)
-    if fns is None:
-        return None, kernel.native_forward.error or "not compiled"
-    with np.errstate(all="ignore"):
-        fwd = native.dispatcher().forward(fns, xs, kernel.forward_deps)
-        if fwd is None:
-            return None, "the dispatcher refused the arrays"
-        out = fwd[0]
-        grads = kernel.native_backward((True,) * op.arity)([np.ones_like(out)], [out], list(xs))
-    if grads is None:
-        return None, kernel.native_backward_plan((True,) * op.arity).native.error or "backward not compiled"
-    return [np.asarray(a).ravel()[:n] for a in (out, *grads)], "on"
-
-
-def measure_op(op: Any, n: int = 400, seed: int = 1, compiled: bool = True) -> OpAccuracy:
-    """Forward and every derivative of a declared op: as written, numpy kernel, compiled kernel.
-
-    ``seed`` differs from the declaration's sample (seed 0), so the choice is checked on
-    points it was not made on.
-    """
-    from .declare import DELTA, OUT, lambdify_numpy
-
-    sym = op.symbolic
-    if sym is None:
-        raise ValueError(f"op {op.name!r} is hand-written (structural): only declared ops can be measured")
-    args, declared = sym.args, sym.declared
-    truths = [declared, *(sp.diff(declared, a) for a in args)]
-    pts = sample(truths, args, n=n, seed=seed)
-    exact = [truth(t, args, pts) for t in truths]
-    conds = []
-    for i, t in enumerate(truths):  # κ = Σ_k |x_k ∂t/∂x_k| / |t|, from the truths of the next derivatives
-        grads = exact[1:] if i == 0 else [truth(sp.diff(t, a), args, pts) for a in args]
-        with np.errstate(all="ignore"):
-            conds.append(sum(np.abs(p * g) for p, g in zip(pts, grads)) / np.abs(exact[i]))
-    shape = np.shape(pts[0])
-    with np.errstate(all="ignore"):
-        naive = [np.broadcast_to(np.asarray(lambdify_numpy(args, t)[0](*pts), dtype=np.float64), shape)
-                 for t in truths]
-        out = np.broadcast_to(np.asarray(op.forward(*pts), dtype=np.float64), shape)
-        run = [out, *(np.broadcast_to(np.asarray(op.backward[j](np.ones(shape), out, *pts), dtype=np.float64),
-                                      shape) for j in range(len(args)))]
-    c_vals, status = _compiled(op, pts) if compiled else (None, "not measured")
-    labels = getattr(sym, "forms", ()) or ("",) * len(truths)
-    plain = {a: sp.Symbol(a.name) for a in args}
-    shown = [sym.forward, *(b / DELTA for b in sym.backward)]
-    rows = []
-    for i, t in enumerate(truths):
-        rows.append(Row(
-            what="forward" if i == 0 else f"d/d{args[i - 1].name}", chosen=labels[i],
-            run=str(sp.sympify(shown[i]).xreplace(plain)).replace(str(OUT), "out"),
-            as_written=error(naive[i], exact[i], pts, conds[i]), numpy=error(run[i], exact[i], pts, conds[i]),
-            compiled=error(c_vals[i], exact[i], pts, conds[i]) if c_vals is not None else None))
-    return OpAccuracy(op.name, tuple(rows), status)

@@ -6,7 +6,8 @@ import ast
 import pathlib
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "symdiff"
-SYMPY_SIDE = {"stable", "declare", "cprint", "fusion", "ops", "derivative_ops", "scalar_ops"}
+SYMPY_SIDE = {"stable", "declare", "forms", "accuracy", "measure", "cprint", "fusion", "ops", "derivative_ops",
+              "scalar_ops"}
 
 
 def _imports(path: pathlib.Path, modules: set[str]) -> tuple[set[str], set[str]]:

@@ -1,0 +1,213 @@
+"""Accuracy by construction: declared ops and their derivatives against mpmath.
+
+The measuring tools are checked first (truth, metric, sampling), against values
+computed here independently with mpmath at 1000 digits, so a fault in them cannot
+hide a fault in the kernels. Then a catalogue of naive declarations: each op's
+numpy kernels, and its compiled C kernel where a compiler is at hand, must have a
+worst relative error ≤ 1e-13 wherever the true value is a normal double, and no
+NaN, ±inf or 0 where it is finite and nonzero — on points (seed 1) other than the
+ones its form was chosen on (seed 0).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import sympy as sp
+
+import symdiff
+from symdiff import accuracy, defop, forms, measure
+from symdiff.accuracy import Error
+
+x, y = sp.symbols("x y")
+E = sp.exp
+RTOL = 1e-13
+
+
+# --------------------------------------------------------------------------------------
+# The tools
+# --------------------------------------------------------------------------------------
+def _mp(fn, *xs) -> float:
+    with mpmath.workdps(1000):
+        return float(fn(*(mpmath.mpf(v) for v in xs)))
+
+
+@pytest.mark.parametrize("expr, point, reference", [
+    (E(x) - 1, 1e-300, lambda t: mpmath.expm1(t)),
+    (1 - sp.cos(x), 1e-9, lambda t: 1 - mpmath.cos(t)),
+    (sp.sin(x) - x, 1e-100, lambda t: mpmath.sin(t) - t),
+    (1 - sp.tanh(x) ** 2, 100.0, lambda t: mpmath.sech(t) ** 2),       # equal at low precisions: 0 and 0
+    (sp.log(1 + x), 1e-200, lambda t: mpmath.log1p(t)),                # 1 + x absorbs x below ~650 bits
+    (sp.log(E(x) + E(-x)), 1e300, lambda t: t + mpmath.log1p(mpmath.exp(-2 * t))),  # exp(1e300) kept exactly
+    (1 / (1 + E(-x)), -1000.0, lambda t: 1 / (1 + mpmath.exp(-t))),
+])
+def test_truth_is_the_correctly_rounded_value(expr, point, reference):
+    got = accuracy.truth(expr, [x], (np.array([point]),))[0]
+    assert got == _mp(reference, point)
+
+
+def test_truth_at_a_removable_singularity_is_the_limit():
+    got = accuracy.truth(x / (E(x) - 1), [x], (np.array([0.0, 1e-20]),))
+    assert got[0] == 1.0 and got[1] == _mp(lambda t: t / mpmath.expm1(t), 1e-20)
+    assert accuracy.truth(x * sp.log(x), [x], (np.array([0.0]),))[0] == 0.0
+    assert math.isnan(accuracy.truth(sp.log(x), [x], (np.array([-1.0]),))[0])  # no real value: undefined
+
+
+def test_truth_of_the_derivative_of_max_at_the_kink_is_undefined():
+    """SymPy's Heaviside(0) = 1/2 is a convention; relu'(0) = 0 must not count as an error there."""
+    got = accuracy.truth(sp.diff(sp.Max(x, 0), x), [x], (np.array([0.0, 2.0]),))
+    assert math.isnan(got[0]) and got[1] == 1.0
+
+
+def test_error_in_bits_and_failures():
+    exact = np.array([1.0, 2.0, 3.0, 1e-300, 5.0])
+    assert accuracy.error(exact, exact) == Error(0.0, 0.0, 0.0, (), 0, 5)
+    one_ulp = exact.copy()
+    one_ulp[0] = np.nextafter(1.0, 2.0)
+    e = accuracy.error(one_ulp, exact)
+    assert e.max_bits == 1.0 and e.worst_rel == pytest.approx(2.0**-52) and e.failures == 0
+    bad = exact.copy()
+    bad[3], bad[4] = 0.0, np.nan
+    e = accuracy.error(bad, exact, (np.arange(5.0),))
+    assert e.failures == 2 and e.max_bits == 64.0 and not e.ok()
+    assert e.worst_at == (3.0,)
+
+
+def test_samples_cover_the_domain():
+    (pts,) = accuracy.sample(E(x) - 2, [x], n=300)
+    assert 0.0 in pts and (pts < 0).any() and (pts > 0).any()
+    assert (np.abs(pts) > 1e300).any() and ((np.abs(pts) < 1e-300) & (pts != 0)).any()
+    assert (np.abs(pts) < np.finfo(float).tiny).any()  # subnormals
+    near = np.abs(pts - math.log(2)) / math.log(2)
+    assert ((near > 0) & (near < 1e-10)).any()  # the cancellation of exp(x) - 2 at log 2 was found
+
+
+# --------------------------------------------------------------------------------------
+# The catalogue: naive declarations a user would write
+# --------------------------------------------------------------------------------------
+CATALOGUE: list[tuple[str, sp.Expr, list[sp.Symbol]]] = [
+    ("expm1", E(x) - 1, [x]),
+    ("one_minus_exp", 1 - E(-x), [x]),
+    ("log1p", sp.log(1 + x), [x]),
+    ("log1m", sp.log(1 - x), [x]),
+    ("one_minus_cos", 1 - sp.cos(x), [x]),
+    ("cos_minus_one_over_x2", (1 - sp.cos(x)) / x**2, [x]),
+    ("sin_minus_x", sp.sin(x) - x, [x]),
+    ("x_over_expm1", x / (E(x) - 1), [x]),
+    ("expm1_over_x", (E(x) - 1) / x, [x]),
+    ("expm1_minus_x", E(x) - 1 - x, [x]),
+    ("log1p_minus_x", sp.log(1 + x) - x, [x]),
+    ("xlogx", x * sp.log(x), [x]),
+    ("sinh_by_exp", (E(x) - E(-x)) / 2, [x]),
+    ("sqrt_difference", sp.sqrt(x + 1) - sp.sqrt(x), [x]),
+    ("hypot1", sp.sqrt(1 + x**2), [x]),
+    ("softplus", sp.log(1 + E(x)), [x]),
+    ("softplus_minus_x", sp.log(1 + E(x)) - x, [x]),
+    ("sigmoid", 1 / (1 + E(-x)), [x]),
+    ("one_minus_sigmoid", 1 - 1 / (1 + E(-x)), [x]),
+    ("swish", x / (1 + E(-x)), [x]),
+    ("logsigmoid", sp.log(1 / (1 + E(-x))), [x]),
+    ("dsigmoid", E(x) / (1 + E(x)) ** 2, [x]),
+    ("tanh", sp.tanh(x), [x]),
+    ("tanh_derivative", 1 - sp.tanh(x) ** 2, [x]),
+    ("gelu_tanh", x * (1 + sp.tanh(x)) / 2, [x]),
+    ("gaussian", E(-x**2 / 2), [x]),
+    ("atan", sp.atan(x), [x]),
+    ("relu", sp.Max(x, 0), [x]),
+    ("square", x**2, [x]),
+    ("logaddexp", sp.log(E(x) + E(y)), [x, y]),
+    ("hypot", sp.sqrt(x**2 + y**2), [x, y]),
+    ("exp_difference", E(x) - E(y), [x, y]),
+    ("product", x * y, [x, y]),
+    ("difference", x - y, [x, y]),
+]
+
+
+#: Known limits, stated in the README: one form runs over the whole domain, and for these an exp inside
+#: overflows just before the result does (x/(exp(x) - 1) is still 3e-306 at x = 710, exp(710) is inf).
+#: Everywhere else the guarantee holds; the mask keeps the rest of the domain under test.
+OVERFLOW_WINDOW = {"x_over_expm1", "expm1_over_x", "sinh_by_exp"}
+
+
+def _describe(report: measure.OpAccuracy) -> str:
+    return "; ".join(f"{r.what} [{r.chosen}] = {r.run}: numpy {r.numpy}, compiled {r.compiled}"
+                     for r in report.rows if not (r.numpy.ok(RTOL) and (r.compiled is None or r.compiled.ok(RTOL))))
+
+
+def test_catalogue_is_big_enough():
+    assert len(CATALOGUE) >= 30 and len({n for n, _, _ in CATALOGUE}) == len(CATALOGUE)
+
+
+@pytest.mark.parametrize("name, expr, args", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_naive_declaration_and_derivatives_are_accurate(name, expr, args):
+    op = defop(f"acc_{name}", expr, args=args)
+    keep = (lambda p: np.abs(p[0]) <= 709.78) if name in OVERFLOW_WINDOW else None
+    report = measure.measure_op(op, n=300, seed=1, keep=keep)
+    for row in report.rows:
+        assert row.numpy.points > 50
+        assert row.numpy.ok(RTOL) and (row.compiled is None or row.compiled.ok(RTOL)), _describe(report)
+        # never measurably worse than the expression as written
+        assert not row.as_written.better_than(row.numpy), _describe(report)
+
+
+@pytest.mark.parametrize("name", ["add", "subtract", "hadamard", "relu", "sigmoid", "tanh", "exp", "log", "square",
+                                  "negate"])
+def test_builtin_op_is_accurate(name):
+    report = measure.measure_op(symdiff.OPS[name], n=300, seed=1)
+    for row in report.rows:
+        assert row.numpy.ok(RTOL) and (row.compiled is None or row.compiled.ok(RTOL)), _describe(report)
+
+
+def test_the_catalogue_fixes_what_naive_kernels_get_wrong():
+    """The check above can fail: the same declarations, lambdified naively, do not pass it."""
+    failing = []
+    for name, expr, args in CATALOGUE:
+        op = defop(f"acc_naive_{name}", expr, args=args)
+        report = measure.measure_op(op, n=120, seed=1, compiled=False)
+        if not all(r.as_written.ok(RTOL) for r in report.rows):
+            failing.append(name)
+    assert len(failing) >= 20, failing
+
+
+# --------------------------------------------------------------------------------------
+# The choice
+# --------------------------------------------------------------------------------------
+def test_sigmoid_derivative_keeps_its_digits_in_the_tail():
+    op = symdiff.OPS["sigmoid"]
+    xs = np.array([30.0, 40.0, 700.0])
+    out = op.forward(xs)
+    got = op.backward[0](np.ones(3), out, xs)
+    want = [_mp(lambda t: mpmath.exp(-t) / (1 + mpmath.exp(-t)) ** 2, v) for v in xs]
+    np.testing.assert_allclose(got, want, rtol=1e-14)  # out*(1 - out) gives 0 at 40 and 700
+
+
+def test_choice_is_cached_by_expression(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYMDIFF_CACHE", str(tmp_path))
+    forms.clear_memory()
+    try:
+        op = defop("acc_cached", E(x) - 1 + x**3, args=[x])
+        assert op.symbolic.measured
+        stored = json.loads((tmp_path / f"forms-v{forms.VERSION}.json").read_text())
+        assert list(stored.values()) == [{"forward": op.symbolic.forms[0], "d0": op.symbolic.forms[1]}]
+        again = defop("acc_cached", E(x) - 1 + x**3, args=[x], replace=True)
+        assert not again.symbolic.measured and again.symbolic.forms == op.symbolic.forms
+        assert str(again.symbolic.forward) == str(op.symbolic.forward) == "_x**3 + expm1(_x)"
+        forms.clear_memory()  # a new process: read from disk
+        third = defop("acc_cached", E(x) - 1 + x**3, args=[x], replace=True)
+        assert not third.symbolic.measured and third.symbolic.forms == op.symbolic.forms
+        # a label that names no candidate (a stale or edited file) is measured again, not trusted
+        stored = {k: {"forward": "rule:nonexistent", "d0": "nonsense"} for k in stored}
+        (tmp_path / f"forms-v{forms.VERSION}.json").write_text(json.dumps(stored))
+        forms.clear_memory()
+        fourth = defop("acc_cached", E(x) - 1 + x**3, args=[x], replace=True)
+        assert fourth.symbolic.measured and fourth.symbolic.forms == op.symbolic.forms
+    finally:
+        forms.clear_memory()
+
+
+def test_nothing_is_measured_when_there_is_one_candidate():
+    op = defop("acc_plain", sp.sin(x) * y, args=[x, y])
+    assert not op.symbolic.measured and op.symbolic.forms == ("stabilised",) * 3
