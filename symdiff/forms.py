@@ -204,15 +204,15 @@ def _best(scored: list[Any]) -> Any:
     return min(fine, key=lambda s: cost(s[1]))  # the cheapest; on equal cost the earliest
 
 
-def rebuild(label: str, cands: list[tuple[str, sp.Expr]], taylor_of: sp.Expr | None,
+def rebuild(label: str, cands: list[tuple[str, Thunk]], taylor_of: sp.Expr | None,
             args: Sequence[sp.Symbol]) -> sp.Expr | None:
-    """The candidate a cached label names (None if it no longer exists: measure again)."""
+    """The candidate a cached label names, built alone (None if it no longer exists: measure again)."""
     by_label = dict(cands)
     if label in by_label:
-        return by_label[label]
+        return by_label[label]()
     if label.startswith("taylor:") and taylor_of is not None and len(args) == 1:
         head, _, base_label = label.partition("|")
-        base = by_label.get(base_label)
+        base = by_label[base_label]() if base_label in by_label else None
         try:
             r = float(head[len("taylor:"):])
         except ValueError:
@@ -264,11 +264,11 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
     key = cache_key(expr, args)
     cached = _cached(key)
     stable = stabilise(expr)
-    fwd_cands = _distinct([*rule_candidates(stable), ("as written", lambda: expr)])
+    fwd_thunks = [*rule_candidates(stable), ("as written", lambda: expr)]
     need_measure = cached is None
     fwd = None
-    if cached is not None:
-        fwd = rebuild(cached.get("forward", ""), fwd_cands, expr, args)
+    if cached is not None:  # a cached choice builds only the candidate it names: start-up stays fast
+        fwd = rebuild(cached.get("forward", ""), fwd_thunks, expr, args)
         need_measure = fwd is None
     truths = [sp.S.Zero if a in nondiff else sp.diff(expr, a) for a in args]
     sampled: dict[str, Any] = {}
@@ -290,6 +290,7 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
     labels, errors = [], []
     measured = False
     if fwd is None:
+        fwd_cands = _distinct(fwd_thunks)
         if (len(fwd_cands) == 1 and not _may_cancel(expr, args)) or not measurable(expr):
             choice = Choice(fwd_cands[0][0], fwd_cands[0][1])
         else:
@@ -318,23 +319,25 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
             with_out.append((label, thunk))
             if fwd not in args:
                 with_out.append((f"{label}|out", lambda thunk=thunk: _out_form(thunk(), fwd, out)))
-        cands = _distinct([*with_out, ("as written", lambda j=j: truths[j])])
+        thunks = [*with_out, ("as written", lambda j=j: truths[j])]
         d = None
         if cached is not None and not need_measure:
-            d = rebuild(cached.get(f"d{j}", ""), cands, truths[j], args)
+            d = rebuild(cached.get(f"d{j}", ""), thunks, truths[j], args)
         if d is not None:
             label, derr = cached[f"d{j}"], {}
-        elif (len(cands) == 1 and not _may_cancel(truths[j], args)) or not measurable(truths[j]):
-            label, d, derr = cands[0][0], cands[0][1], {}
         else:
-            pts, exact = measurement()
-            if len(exact) == 1:
-                exact.extend(accuracy.truth(t, args, pts) for t in truths)
-            fwd_values = _numpy_evaluator(lambdify, args)(fwd, pts)
-            ev = _numpy_evaluator(lambdify, (delta, out, *args), (1.0, fwd_values))
-            ch = pick(truths[j], args, cands, ev, pts, exact[1 + j], taylor_of=truths[j])
-            label, d, derr = ch.label, ch.expr, ch.errors
-            measured = True
+            cands = _distinct(thunks)
+            if (len(cands) == 1 and not _may_cancel(truths[j], args)) or not measurable(truths[j]):
+                label, d, derr = cands[0][0], cands[0][1], {}
+            else:
+                pts, exact = measurement()
+                if len(exact) == 1:
+                    exact.extend(accuracy.truth(t, args, pts) for t in truths)
+                fwd_values = _numpy_evaluator(lambdify, args)(fwd, pts)
+                ev = _numpy_evaluator(lambdify, (delta, out, *args), (1.0, fwd_values))
+                ch = pick(truths[j], args, cands, ev, pts, exact[1 + j], taylor_of=truths[j])
+                label, d, derr = ch.label, ch.expr, ch.errors
+                measured = True
         labels.append(label)
         errors.append(derr)
         derivs.append(d.xreplace({out: fwd}) if out in d.free_symbols else d)
