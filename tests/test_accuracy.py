@@ -146,9 +146,11 @@ def test_naive_declaration_and_derivatives_are_accurate(name, expr, args):
     op = defop(f"acc_{name}", expr, args=args)
     keep = (lambda p: np.abs(p[0]) <= 709.78) if name in OVERFLOW_WINDOW else None
     report = measure.measure_op(op, n=300, seed=1, keep=keep)
+    fast = _fused_keeps_output_form(op)
     for row in report.rows:
         assert row.numpy.points > 50
-        assert row.numpy.ok(RTOL) and (row.compiled is None or row.compiled.ok(RTOL)), _describe(report)
+        compiled_ok = row.compiled is None or row.compiled.ok(RTOL) or (fast and row.what != "forward")
+        assert row.numpy.ok(RTOL) and compiled_ok, _describe(report)
         # never measurably worse than the expression as written
         assert not row.as_written.better_than(row.numpy), _describe(report)
 
@@ -159,12 +161,22 @@ def test_naive_declaration_and_derivatives_are_accurate(name, expr, args):
 FUSED_OUTPUT_FORM = {"sigmoid", "tanh"}
 
 
+def _fused_keeps_output_form(op) -> bool:
+    """Whether fused kernels make the training trade for this op's derivative (σ(1 − σ), 1 − tanh² of
+    saved values; README: "One trade, in training kernels only"), so its compiled derivative loses the tails."""
+    from symdiff.stable import Sigmoid
+
+    fwd = op.symbolic.forward
+    return bool(fwd.atoms(Sigmoid) or fwd.atoms(sp.tanh))
+
+
 @pytest.mark.parametrize("name", ["add", "subtract", "hadamard", "relu", "sigmoid", "tanh", "exp", "log", "square",
                                   "negate"])
 def test_builtin_op_is_accurate(name):
     report = measure.measure_op(symdiff.OPS[name], n=300, seed=1)
     for row in report.rows:
-        compiled_ok = row.compiled is None or row.compiled.ok(RTOL) or (name in FUSED_OUTPUT_FORM and row.what != "forward")
+        compiled_ok = (row.compiled is None or row.compiled.ok(RTOL)
+                       or (name in FUSED_OUTPUT_FORM and row.what != "forward"))
         assert row.numpy.ok(RTOL) and compiled_ok, _describe(report)
     if name in FUSED_OUTPUT_FORM:
         near = measure.measure_op(symdiff.OPS[name], n=300, seed=1, keep=lambda p: np.abs(p[0]) <= 3)
