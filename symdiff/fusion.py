@@ -133,12 +133,12 @@ def _fused_derivative(sym: Any, j: int) -> sp.Expr:
     """The derivative a fused kernel uses for argument j of an op: its chosen one, except where
     that reads the op's inputs again while the plain derivative needs only the op's value.
 
-    σ' = σ(u)σ(−u) and tanh' = sech²(u) are exact in the tails, but inside a fused LSTM step
-    they recompute the gate sums from all 13 input blocks in the backward kernel (measured:
-    the LSTM epoch 0.31 → 0.62 of the hand-written reference); σ(1 − σ) and 1 − tanh² read
-    only the saved values. So fused kernels keep the output form there and lose the tails
-    (|u| > ~19 for tanh, > ~37 for σ, where these derivatives are below 1e-16): the one
-    place the measured choice is overruled for speed, stated in the README.
+    σ' = σ(u)σ(−u) and tanh' = 4σ(2u)σ(−2u) are exact in the tails, but inside a fused LSTM
+    step they recompute the gate sums from all 13 input blocks in the backward kernel
+    (measured: the LSTM epoch 0.31 → 0.62 of the hand-written reference); σ(1 − σ) and
+    1 − tanh² read only the saved values. So fused kernels keep those and lose the tails
+    (|u| > ~19 for tanh, > ~37 for σ, where these derivatives are below 1e-16): the
+    training trade of :meth:`FusedKernel._fast_output_forms`, here for the chain rule.
     """
     chosen = sym.derivatives[j]
     plain = stabilise(sp.diff(sym.forward, sym.args[j]))
