@@ -322,7 +322,8 @@ def _backward_kernel(raw: Callable[..., Any], j: int) -> Callable[..., Any]:
     return backward
 
 
-def derive(expr: sp.Expr, args: Sequence[sp.Symbol], nondiff: Sequence[sp.Symbol] = ()) -> "Forms":
+def derive(expr: sp.Expr, args: Sequence[sp.Symbol], nondiff: Sequence[sp.Symbol] = (),
+           measure: bool = True) -> "Forms":
     """The forward and derivative forms to run: stabilised, then chosen by measured error.
 
     Arguments in ``nondiff`` get the derivative 0: they are never differentiated.
@@ -335,7 +336,8 @@ def derive(expr: sp.Expr, args: Sequence[sp.Symbol], nondiff: Sequence[sp.Symbol
     from .forms import choose_forms
 
     return choose_forms(expr, args, stabilise=stabilise, refine=refine, nondiff=nondiff,
-                        lambdify=lambda p, e: lambdify_numpy(p, e)[0], delta=DELTA, out=OUT)
+                        lambdify=lambda p, e: lambdify_numpy(p, e)[0], delta=DELTA, out=OUT,
+                        measure=measure)
 
 
 #: below this, an output-form σ' = out(1 - out) or tanh' = 1 - out² has lost more than ~1e-12 of
@@ -422,7 +424,7 @@ def _no_gradient(delta: Any, out: Any, *inputs: Any) -> Any:
 
 
 def declare(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Sequence[sp.Symbol] = (),
-            doc: str = "") -> Op:
+            doc: str = "", measure: bool = True) -> Op:
     """:func:`defop` without registering: the op, derived, stabilised and smoke-tested.
 
     Used for ops made on demand (a number times a register, ``r ** 0.5``), which
@@ -439,7 +441,7 @@ def declare(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Seq
     frozen = tuple(r for a, r in zip(args, real) if a in nondiff)
     expr = expr.xreplace(dict(zip(args, real)))
     try:
-        chosen = derive(expr, real, frozen)
+        chosen = derive(expr, real, frozen, measure=measure)
     except Exception as exc:  # noqa: BLE001 - SymPy failing deep inside: one line naming the op
         raise DefopError(f"defop({name!r}): SymPy could not differentiate or simplify {expr} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
@@ -491,7 +493,7 @@ def declare(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Seq
 
 
 def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Sequence[sp.Symbol] = (),
-          replace: bool = False, doc: str = "") -> Op:
+          replace: bool = False, doc: str = "", measure: bool = True) -> Op:
     """Declare an elementwise op from one SymPy expression; SymPy derives its gradient.
 
     >>> x = sympy.Symbol("x")
@@ -503,5 +505,8 @@ def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Seque
     gamma, Bessel functions, ...) are evaluated by ``scipy.special`` (the
     ``special`` extra). Arguments listed in ``nondiff`` (an integer order, a
     fixed shape parameter) are never differentiated: they get no gradient.
+    ``measure=False`` skips the measured choice of forms (:mod:`symdiff.forms`):
+    the stabilised forms run, declaration costs no mpmath (gradient graphs'
+    derivative ops, whose expressions are already measured choices).
     """
-    return register(declare(name, expr, args, nondiff=nondiff, doc=doc), replace=replace)
+    return register(declare(name, expr, args, nondiff=nondiff, doc=doc, measure=measure), replace=replace)

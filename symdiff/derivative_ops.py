@@ -86,7 +86,7 @@ def expression_op(expr: sp.Expr, args: Sequence[sp.Symbol], name: str, nondiff: 
         name = f"{base}_{k}"
     plain = [sp.Symbol(a.name) for a in args]
     op = defop(name, expr.xreplace(dict(zip(args, plain))), args=plain, nondiff=[plain[i] for i in nondiff],
-               doc=f"{name}({', '.join(map(str, plain))}) = {expr.xreplace(dict(zip(args, plain)))}")
+               measure=False, doc=f"{name}({', '.join(map(str, plain))}) = {expr.xreplace(dict(zip(args, plain)))}")
     _BY_EXPR[key] = op
     return op
 
@@ -103,7 +103,8 @@ def partial(op: Op, j: int) -> Op | sp.Expr:
     sym = op.symbolic
     if sym is None:
         raise DerivativeError(f"op {op.name!r} was not declared with defop: it has no SymPy expression to differentiate")
-    d = refine(sp.diff(sym.forward, sym.args[j]))
+    # the op's own derivative as chosen by measurement (symdiff.forms), not a fresh unmeasured one
+    d = refine(sym.derivatives[j]) if j < len(sym.derivatives) else refine(sp.diff(sym.forward, sym.args[j]))
     if d.is_number:
         result: Op | sp.Expr = d
     else:

@@ -251,8 +251,14 @@ def _numpy_evaluator(lambdify: Callable[[Sequence[sp.Symbol], sp.Expr], Callable
 def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callable[[sp.Expr], sp.Expr],
                  lambdify: Callable[[Sequence[sp.Symbol], sp.Expr], Callable[..., Any]],
                  delta: sp.Symbol, out: sp.Symbol, points: int = DECLARE_POINTS,
-                 refine: Callable[[sp.Expr], sp.Expr] | None = None, nondiff: Sequence[sp.Symbol] = ()) -> Forms:
+                 refine: Callable[[sp.Expr], sp.Expr] | None = None, nondiff: Sequence[sp.Symbol] = (),
+                 measure: bool = True) -> Forms:
     """The forward and derivative forms with the least measured error (see the module docstring).
+
+    ``measure=False`` measures nothing (no mpmath, no cache): the stabilised forms, each
+    derivative in output form where that adds ``out`` to nothing (exp' = out). Gradient
+    graphs declare their derivative ops so: each one's forward is already a measured
+    choice, and measuring each again (0.05-3 s apiece) made every cold graph slow.
 
     ``lambdify(params, expr)`` must build the numpy kernel exactly as the engine will,
     so what is measured is what runs. ``refine`` turns a raw derivative into the base
@@ -261,6 +267,8 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
     """
     refine = refine or stabilise
     args = tuple(args)
+    if not measure:
+        return _unmeasured(expr, args, stabilise(expr), refine, nondiff, delta, out)
     key = cache_key(expr, args)
     cached = _cached(key)
     stable = stabilise(expr)
@@ -346,6 +354,23 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
     if measured or cached is None or need_measure:
         _store(key, {"forward": labels[0], **{f"d{j}": lab for j, lab in enumerate(labels[1:])}})
     return Forms(fwd, tuple(derivs), tuple(backward), tuple(output_form), tuple(labels), measured, tuple(errors))
+
+
+def _unmeasured(expr: sp.Expr, args: tuple[sp.Symbol, ...], fwd: sp.Expr, refine: Callable[[sp.Expr], sp.Expr],
+                nondiff: Sequence[sp.Symbol], delta: sp.Symbol, out: sp.Symbol) -> Forms:
+    """The forms without measuring: stabilised, output form only where it cancels nothing."""
+    derivs, backward, output_form, labels = [], [], [], ["stabilised"]
+    for a in args:
+        d = sp.S.Zero if a in nondiff else refine(drop_dirac(sp.diff(fwd, a)))
+        in_out = _out_form(d, fwd, out) if fwd not in args and a not in nondiff else None
+        use_out = (in_out is not None and not (in_out.free_symbols & set(args))
+                   and not any(out in t.free_symbols for t in in_out.atoms(sp.Add)))
+        derivs.append(d)
+        backward.append(delta * (in_out if use_out else d))
+        output_form.append(use_out)
+        labels.append("nondiff" if a in nondiff else "stabilised|out" if use_out else "stabilised")
+    return Forms(fwd, tuple(derivs), tuple(backward), tuple(output_form), tuple(labels), False,
+                 tuple({} for _ in labels))
 
 
 def _may_cancel(e: sp.Expr, args: Sequence[sp.Symbol]) -> bool:
