@@ -233,3 +233,18 @@ def test_choice_is_cached_by_expression(tmp_path, monkeypatch):
 def test_nothing_is_measured_when_there_is_one_candidate():
     op = defop("acc_plain", sp.sin(x) * y, args=[x, y])
     assert not op.symbolic.measured and op.symbolic.forms == ("stabilised",) * 3
+
+
+def test_gradient_graph_derivative_ops_run_the_measured_derivative_unmeasured():
+    """A gradient graph's ∂op/∂x is an op whose forward is the op's own measured derivative
+    (not a fresh, unmeasured diff of its forward), and declaring it measures nothing."""
+    from symdiff.derivative_ops import partial
+
+    op = defop("acc_graph_sin_minus_x", sp.sin(x) - x, args=[x], replace=True)
+    d = partial(op, 0)
+    assert not d.symbolic.measured
+    xs = np.array([1e-9, 0.5, 2 * math.pi + 1e-5, 4 * math.pi - 1e-6])
+    want = [_mp(lambda t: mpmath.cos(t) - 1, v) for v in xs]
+    # diff of the chosen forward is cos(x) - 1 beyond the Taylor radius: ~1e-6 off near 2πk
+    np.testing.assert_allclose(d.forward(xs), want, rtol=RTOL)
+    assert np.all(np.isfinite(partial(d, 0).forward(xs)))  # second order: stabilised, not measured
