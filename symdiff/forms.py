@@ -118,9 +118,13 @@ def _store(key: str, labels: dict[str, str]) -> None:
             except (OSError, ValueError):
                 pass
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".forms.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(_disk["entries"], fh)
-            os.replace(tmp, path)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(_disk["entries"], fh)
+                os.replace(tmp, path)
+            except OSError:
+                os.unlink(tmp)  # a full disk: leave no half-written file behind
+                raise
         except OSError:
             pass  # no writable cache: the choice is made again next run, nothing else changes
 
