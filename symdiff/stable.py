@@ -696,7 +696,9 @@ def drop_dirac(e: sp.Expr) -> sp.Expr:
     """A derivative with SymPy's DiracDelta (from sign, Heaviside) set to 0: it is 0 wherever a
     double can land but on the kink itself, where the derivative is undefined anyway."""
     deltas = e.atoms(sp.DiracDelta)
-    return e.xreplace({d: sp.S.Zero for d in deltas}) if deltas else e
+    dropped = e.xreplace({d: sp.S.Zero for d in deltas}) if deltas else e
+    # nothing but DiracDelta (sign, Heaviside): no usable gradient; kept, so declaring it fails clearly
+    return e if dropped == 0 and e != 0 else dropped
 
 
 def rules_in(label: str) -> tuple[Rule, ...]:
