@@ -121,15 +121,13 @@ PULLBACKS: dict[str, Pullback] = {
     "transpose": lambda b, d, out, ins, need: [b("transpose", d)],
     "softMax": lambda b, d, out, ins, need: [
         b("hadamard", out, b("subtract", d, b("rowsum", b("hadamard", d, out))))],
-    "logSoftMax": lambda b, d, out, ins, need: [
-        b("subtract", d, b("hadamard", b("softMax", ins[0]), b("rowsum", d)))],
     "crossEnt": lambda b, d, out, ins, need: [
         need[0] and b("hadamard", _column(b, d), b(_xent_dp(), *ins)),
         need[1] and b("hadamard", _column(b, d), b("negate", b("log", ins[0])))],
     "crossEnt-softMax": lambda b, d, out, ins, need: [
         need[0] and b("hadamard", _column(b, d),
                       b("subtract", b("hadamard", b("softMax", ins[0]), b("rowsum", ins[1])), ins[1])),
-        need[1] and b("hadamard", _column(b, d), b("negate", b("logSoftMax", ins[0])))],
+        need[1] and b("hadamard", _column(b, d), b("negate", b("log_softmax", ins[0])))],
     "mean": lambda b, d, out, ins, need: [b("spread", d, ins[0])],
     "spread": lambda b, d, out, ins, need: [need[0] and b("mean", d), None],
     "sum": lambda b, d, out, ins, need: [b("broadcast_like", d, ins[0])],
@@ -206,7 +204,7 @@ def _push_crossent_softmax(b: Builder, out: Register, ins: tuple[Register, ...],
         g = b("subtract", b("hadamard", b("softMax", o), b("rowsum", t)), t)
         terms.append(_row_dot(b, g, dots[0]))
     if dots[1] is not None:
-        terms.append(_row_dot(b, b("negate", b("logSoftMax", o)), dots[1]))
+        terms.append(_row_dot(b, b("negate", b("log_softmax", o)), dots[1]))
     return b.add(terms) if terms else None
 
 
@@ -217,8 +215,6 @@ PUSHFORWARDS: dict[str, Pushforward] = {
     "transpose": _linear("transpose"),
     "softMax": lambda b, out, ins, dots: None if dots[0] is None else b(
         "hadamard", out, b("subtract", dots[0], b("rowsum", b("hadamard", out, dots[0])))),
-    "logSoftMax": lambda b, out, ins, dots: None if dots[0] is None else b(
-        "subtract", dots[0], b("rowsum", b("hadamard", b("softMax", ins[0]), dots[0]))),
     "crossEnt": _push_crossent,
     "crossEnt-softMax": _push_crossent_softmax,
     "mean": _linear("mean"),

@@ -137,15 +137,6 @@ def _spread_dd(delta: np.ndarray, out: Any, d: Any, ref: Any) -> np.ndarray:
     return np.asarray(np.mean(delta), dtype=np.result_type(d, delta))
 
 
-def _log_softmax(o: np.ndarray) -> np.ndarray:
-    z = o - o.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def _log_softmax_back(delta: np.ndarray, out: np.ndarray, o: np.ndarray) -> np.ndarray:
-    return delta - np.exp(out) * delta.sum(axis=-1, keepdims=True)
-
-
 SHAPE_OPS = (
     Op("sum", 1, _sum, (_sum_back,), formula="sum of all elements (a scalar)", derivative_formulas=("delta, broadcast",),
        backward_reads=((False,), (False,)), doc="sum of all elements (a scalar)"),
@@ -171,9 +162,6 @@ SHAPE_OPS = (
     Op("spread", 2, _spread, (_spread_dd, _zero_for), formula="d / size(ref), in ref's shape",
        derivative_formulas=("mean(delta)", "0 (ref lends its shape)"), backward_reads=((False,), (False, False)),
        doc="a scalar spread evenly over ref's shape (the gradient of a mean)"),
-    Op("logSoftMax", 1, _log_softmax, (_log_softmax_back,), formula="o - logsumexp(o), row-wise",
-       derivative_formulas=("delta - exp(out) * sum(delta)",), backward_reads=((True,), (False,)),
-       doc="row-wise log-softmax (stable)"),
 )
 for _op in SHAPE_OPS:
     if _op.name not in OPS:
