@@ -38,7 +38,7 @@ import numpy as np
 from benchmarks import handfused, reference as R
 from symdiff import native
 from models import data as D
-from models.training import DEFAULT_LR, StopFlag, Trainer, TrainConfig, build_model
+from models.training import DEFAULT_LR, QuietReporter, StopFlag, Trainer, TrainConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 #: what makes this process run as an AVX2-only x86-64 machine would (all three are read at start-up)
@@ -46,15 +46,6 @@ AVX2_ENV = {"SYMDIFF_MARCH": "x86-64-v3",                           # compiled k
             "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",  # numpy's own SIMD loops
             "OPENBLAS_CORETYPE": "Haswell"}                             # the BLAS's product kernels
 SHARED = REPO.parent / "shared" / "data" / "smaller"
-
-
-class _Quiet:
-    def start(self, *a: Any) -> None: ...
-    def batch(self, *a: Any) -> None: ...
-    def epoch(self, *a: Any) -> None: ...
-    def info(self, *a: Any) -> None: ...
-    def warn(self, *a: Any) -> None: ...
-    def finish(self, *a: Any) -> None: ...
 
 
 def _engine(kind: str, ds: D.Dataset, dtype: str, dense: bool, fuse: bool = True, native: bool = True) -> Trainer:
@@ -66,7 +57,7 @@ def _engine(kind: str, ds: D.Dataset, dtype: str, dense: bool, fuse: bool = True
 
 
 def _engine_epoch(trainer: Trainer) -> float:
-    result = trainer.train(_Quiet(), StopFlag())
+    result = trainer.train(QuietReporter(), StopFlag())
     return result.epochs[0].train_seconds
 
 
@@ -83,7 +74,7 @@ def agreement(kind: str, ds: D.Dataset) -> float:
     start = {n: a.copy() for n, a in trainer.model.params.items()}
     codes = trainer.codes["train"]
     y = np.eye(ds.vocab.num_labels)[ds.train.label_ids]
-    trainer.train(_Quiet(), StopFlag())
+    trainer.train(QuietReporter(), StopFlag())
     R.train_epoch(kind, start, codes, y, trainer.cfg.batch_size, trainer.cfg.init_lr,
                   np.random.default_rng(trainer.cfg.seed))
     return max(float(np.max(np.abs(start[n] - a))) for n, a in trainer.model.params.items())

@@ -23,19 +23,10 @@ from typing import Any
 import models  # noqa: F401,I001  (first: one BLAS thread, see models/__init__)
 
 from models import data as D
-from models.training import StopFlag, Trainer, TrainConfig, build_model
+from models.training import QuietReporter, StopFlag, Trainer, TrainConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "smaller"
-
-
-class _Quiet:
-    def start(self, *a: Any) -> None: ...
-    def batch(self, *a: Any) -> None: ...
-    def epoch(self, *a: Any) -> None: ...
-    def info(self, *a: Any) -> None: ...
-    def warn(self, *a: Any) -> None: ...
-    def finish(self, *a: Any) -> None: ...
 
 
 def cpu() -> dict[str, Any]:
@@ -80,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.repeats + 1):
         for kind, trainer in trainers.items():
             t0 = time.perf_counter()
-            trainer.train(_Quiet(), StopFlag())
+            trainer.train(QuietReporter(), StopFlag())
             if round_:  # round 0 is the warm-up
                 times[kind].append(time.perf_counter() - t0)
     base = args.models[0]

@@ -248,7 +248,7 @@ def worker_main(spec: TuneSpec, index: int) -> None:
     from . import data as D
     from .checkpoint import Checkpoint, CheckpointError, data_fingerprint, identity
     from .flags import default_lr
-    from .training import StopFlag, Trainer, TrainConfig, build_model, stop_on_signals
+    from .training import QuietReporter, StopFlag, Trainer, TrainConfig, build_model, stop_on_signals
 
     optuna = require_optuna()
     # a worker's failed trials are counted in the live view and listed by --show; Optuna's own
@@ -260,16 +260,9 @@ def worker_main(spec: TuneSpec, index: int) -> None:
     ckdir = Path(spec.checkpoints) if spec.checkpoints else None
     flag = StopFlag()
 
-    class TrialReporter:
+    class TrialReporter(QuietReporter):
         def __init__(self, trial: Any) -> None:
             self.trial = trial
-
-        def start(self, *a: Any) -> None: ...
-        def batch(self, *a: Any) -> None: ...
-        def info(self, *a: Any) -> None: ...
-        def warn(self, *a: Any) -> None: ...
-        def error(self, *a: Any) -> None: ...
-        def finish(self, *a: Any) -> None: ...
 
         def epoch(self, r: Any) -> None:
             if math.isfinite(r.valid_loss):
