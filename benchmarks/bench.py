@@ -276,7 +276,8 @@ def second_order_cost(kind: str, ds: D.Dataset, repeats: int, batch: int = 64) -
     vectors = {p: rng.standard_normal(np.shape(values[p])) for p in params}
     gx = grad(xm, "loss", params)
     graph = Autograd(gx).compile(wengert_for(gx, [f"grad_{p}" for p in params]))
-    hvp_f, hvp_r, jvp_ = HVP(xm, "loss", params), HVP(xm, "loss", params, mode="reverse"), JVP(xm, "loss", params)
+    hvp_f, hvp_r = HVP(xm, "loss", params, values=values), HVP(xm, "loss", params, mode="reverse", values=values)
+    jvp_ = JVP(xm, "loss", params)
 
     def gradient() -> None:
         v = program.forward(values, keep=("loss",))

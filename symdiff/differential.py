@@ -29,7 +29,7 @@ import numpy as np
 
 from . import shape_ops  # noqa: F401  (registers the ops gradient graphs are made of)
 from .autograd import Autograd
-from .errors import GradientError
+from .errors import GradientError, SymdiffError
 from .array_ops import PULLBACKS as FAMILY_PULLBACKS, PUSHFORWARDS as FAMILY_PUSHFORWARDS
 from .derivative_ops import constant_like, elementwise_op, identity_op, partial, scale_op
 from .graph import Register, Step, WengertList, XMan
@@ -43,10 +43,18 @@ __all__ = ["grad", "hvp", "jvp", "HVP", "JVP", "wengert_for", "PULLBACKS", "PUSH
 # building registers, with common subexpressions shared
 # --------------------------------------------------------------------------------------
 class Builder:
-    """Applies ops to registers, reusing a register when the same op was applied to the same inputs."""
+    """Applies ops to registers, reusing a register when the same op was applied to the same inputs.
 
-    def __init__(self, existing: Sequence[Register] = ()) -> None:
+    ``shapes`` (register name → shape), when given, are the shapes the graph will be evaluated
+    with: a sum back to an input's shape (``sum_like``) or a broadcast to the output's
+    (``broadcast_like``) that these shapes make a no-op is then left out. Such a graph holds only
+    for inputs of those shapes (``HVP`` builds one per set of input shapes); without ``shapes``
+    every one is kept.
+    """
+
+    def __init__(self, existing: Sequence[Register] = (), shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
         self._made: dict[tuple[int, tuple[int, ...]], Register] = {}
+        self._shapes = shapes or {}
         for r in existing:
             if r.op is not None:
                 self._made.setdefault((id(r.op), tuple(id(i) for i in r.inputs)), r)
@@ -58,6 +66,11 @@ class Builder:
         if reg is None:
             reg = self._made[key] = Register.operation(op, inputs)
         return reg
+
+    def same_shape(self, a: Register, b: Register) -> bool:
+        """Whether ``a`` and ``b`` are known to have the same shape (False when either is unknown)."""
+        sa = self._shapes.get(a.name) if a.name is not None else None
+        return sa is not None and b.name is not None and self._shapes.get(b.name) == sa
 
     def add(self, terms: Sequence[Register]) -> Register:
         total = terms[0]
@@ -97,7 +110,7 @@ def _pull_elementwise(op: Op) -> Pullback:
         grads: list[Register | None] = []
         for j, x in enumerate(ins):
             g = b.times_partial(op, j, ins, delta) if needed[j] and j not in op.nondifferentiable else None
-            if g is not None and op.arity > 1:  # the input may have been broadcast: sum back
+            if g is not None and op.arity > 1 and not b.same_shape(x, out):  # x may have been broadcast: sum back
                 g = b("sum_like", g, x)
             grads.append(g)
         return grads
@@ -144,7 +157,7 @@ PULLBACKS: dict[str, Pullback] = {
 # --------------------------------------------------------------------------------------
 def _push_elementwise(op: Op) -> Pushforward:
     def push(b: Builder, out: Register, ins: tuple[Register, ...], dots: tuple[Register | None, ...]) -> Register | None:
-        terms, full = [], False
+        terms, full, sources = [], False, []
         for j, dx in enumerate(dots):
             if dx is not None and j not in op.nondifferentiable:
                 p = partial(op, j)
@@ -152,13 +165,15 @@ def _push_elementwise(op: Op) -> Pushforward:
                 t = b.times_partial(op, j, ins, dx)
                 if t is not None:
                     terms.append(t)
+                    sources.append(ins[j])
         if not terms:
             return None
         total = b.add(terms)
         # a tangent that only reached a broadcast input through constant partials (x + b) has that
         # input's shape: give it the output's. When every input's tangent is a term, their sum
-        # broadcasts to the output's shape by itself (and a sum stays a sum for sum_products)
-        covered = len(terms) == op.arity
+        # broadcasts to the output's shape by itself (and a sum stays a sum for sum_products);
+        # when every such input is known to have the output's shape, so has the sum
+        covered = len(terms) == op.arity or all(b.same_shape(x, out) for x in sources)
         return b("broadcast_like", total, out) if op.arity > 1 and not full and not covered else total
 
     return push
@@ -319,6 +334,11 @@ def grad(xm: XMan, of: str, wrt: Sequence[str], *, prefix: str = "grad_") -> XMa
     Adjoints of intermediate registers are named ``{prefix}<register>`` where free.
     """
     _check_names(xm, of, wrt)
+    return _grad(xm, of, wrt, prefix, None)
+
+
+def _grad(xm: XMan, of: str, wrt: Sequence[str], prefix: str, shapes: Mapping[str, tuple[int, ...]] | None) -> XMan:
+    """``grad``; with ``shapes`` (see :class:`Builder`) the result holds only for inputs of those shapes."""
     regs = xm.registers()
     for w in wrt:
         if f"{prefix}{w}" in regs:
@@ -326,7 +346,7 @@ def grad(xm: XMan, of: str, wrt: Sequence[str], *, prefix: str = "grad_") -> XMa
                                 f"e.g. grad(..., prefix='d2_') for a second derivative")
     _scalar_check(xm, of, None)
     ops = _operations(xm, [of])
-    build = Builder(list(regs.values()))
+    build = Builder(list(regs.values()), shapes)
     # registers on a path from a wrt leaf to `of`: the only ones a gradient flows through
     depends = set(wrt)
     for r in ops:
@@ -498,34 +518,73 @@ def jvp(xm: XMan, out: str, tangents: Mapping[str, Any], values: Mapping[str, An
 # --------------------------------------------------------------------------------------
 # Hessian-vector products
 # --------------------------------------------------------------------------------------
+def _shapes(graph: XMan, names: Sequence[str], values: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every register's shape on the way to ``names`` at ``values`` (one plain numpy evaluation);
+    empty when they cannot be evaluated (a missing input, a shape error): nothing is left out
+    then, and the error comes from the real program, at the call that needs it."""
+    try:
+        with np.errstate(all="ignore"):
+            v = Autograd(graph, passes=(), fuse=False, native=False).eval(wengert_for(graph, names), values)
+    except (SymdiffError, ValueError, TypeError, IndexError):
+        return {}
+    return {name: tuple(np.shape(value)) for name, value in v.items()}
+
+
 class HVP:
-    """``H·v`` of a scalar register with respect to some leaves, built once as a graph.
+    """``H·v`` of a scalar register with respect to some leaves, built once per set of input shapes.
 
     ``mode="forward"`` (the default, forward-over-reverse) pushes the vectors
     forward through the gradient graph; ``mode="reverse"`` (reverse-over-reverse)
     differentiates ⟨∇f, v⟩ again with ``grad``. Both give the same numbers; the
     benchmark times them (``benchmarks/bench.py``).
+
+    The graph is built for the shapes of ``values`` (default ``xm.inputDict()``), which
+    lets it leave out the sums back to an input's shape that are no-ops at those shapes
+    (an LSTM's HVP: 352 of 393); a call with inputs of other shapes (a last, smaller
+    batch) builds the graph for those once more. ``graph``, ``wengert`` and ``program``
+    are those of the latest call's shapes.
     """
 
     def __init__(self, xm: XMan, of: str, wrt: Sequence[str], *, mode: str = "forward",
-                 native: bool | None = None) -> None:
+                 native: bool | None = None, values: Mapping[str, Any] | None = None) -> None:
         if mode not in ("forward", "reverse"):
             raise GradientError(f"hvp: mode must be 'forward' or 'reverse', got {mode!r}")
         _check_names(xm, of, wrt)
+        self._xm, self._native = xm, native
+        self.wrt, self.of, self.mode = tuple(wrt), of, mode
+        self._leaves = sorted(_leaves_of(xm, _operations(xm, [of]), [of]))
+        self._built: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._use(xm.inputDict() if values is None else values)
+
+    def _signature(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(tuple(np.shape(values[n])) if n in values else None for n in self._leaves)
+
+    def _use(self, values: Mapping[str, Any]) -> None:
+        """Make the graph for the shapes of ``values`` (built once per signature) the current one."""
+        sig = self._signature(values)
+        if sig not in self._built:
+            if len(self._built) >= 4:
+                self._built.clear()
+            self._built[sig] = self._build(values if all(s is not None for s in sig) else {})
+        self._sig = sig
+        (self.graph, self.vector_names, self.results, self.autograd, self.wengert, self.program) = self._built[sig]
+
+    def _build(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        xm, of, wrt = self._xm, self.of, self.wrt
         regs = xm.registers()
         prefix = _free_prefix(regs, wrt, "grad_")
-        gx = grad(xm, of, wrt, prefix=prefix)
+        gx = _grad(xm, of, wrt, prefix, _shapes(xm, [of], values) if values else None)
         taken = set(gx.registers())
-        self.vector_names = {}
+        vector_names = {}
         for w in wrt:
             name = _free_name(taken, f"vector_{w}")
             taken.add(name)
-            self.vector_names[w] = name
-        self.wrt, self.of, self.mode = tuple(wrt), of, mode
-        vin = {w: Register("input", name=self.vector_names[w]) for w in wrt}
+            vector_names[w] = name
+        vin = {w: Register("input", name=vector_names[w]) for w in wrt}
         for w in wrt:
-            setattr(gx, self.vector_names[w], vin[w])
-        if mode == "reverse":
+            setattr(gx, vector_names[w], vin[w])
+        feed = {**values, **{vector_names[w]: np.zeros(np.shape(values[w])) for w in wrt}} if values else {}
+        if self.mode == "reverse":
             build = Builder(list(gx.registers().values()))
             dots = [build("sum", build("hadamard", gx.register(f"{prefix}{w}"), vin[w])) for w in wrt]
             s = build.add(dots)
@@ -535,14 +594,15 @@ class HVP:
             setattr(gx, name, s)
             gx.setup()
             p2 = _free_prefix(gx.registers(), wrt, "hvp_")
-            hx = grad(gx, name, wrt, prefix=p2)
-            self.results = [f"{p2}{w}" for w in wrt]
+            hx = _grad(gx, name, wrt, p2, _shapes(gx, [name], feed) if feed else None)
+            results = [f"{p2}{w}" for w in wrt]
         else:
             gx.setup()
-            build = Builder(list(gx.registers().values()))
-            dots = _push(gx, [f"{prefix}{w}" for w in wrt], vin, build)
+            grads = [f"{prefix}{w}" for w in wrt]
+            build = Builder(list(gx.registers().values()), _shapes(gx, grads, feed) if feed else None)
+            dots = _push(gx, grads, vin, build)
             hx = gx
-            self.results = []
+            results = []
             for w in wrt:
                 d = dots[f"{prefix}{w}"]
                 if d is None:
@@ -552,21 +612,22 @@ class HVP:
                 d.name = _free_name(taken, f"hvp_{w}")
                 taken.add(d.name)
                 setattr(hx, d.name, d)
-                self.results.append(d.name)
+                results.append(d.name)
             hx.setup()
-        self.graph = hx
-        self.autograd = Autograd(hx, passes=GRAPH_PASSES, native=native)
-        self.wengert = wengert_for(hx, self.results)
+        autograd = Autograd(hx, passes=GRAPH_PASSES, native=self._native)
+        wengert = wengert_for(hx, results)
         # no backward runs over this program and only the results are read: no register is a
         # boundary for the passes, and each intermediate is released after its last use, so
         # memory is reused while in cache (an LSTM HVP: ~40% of its time was fresh pages)
-        self.program = self.autograd.compile(self.wengert)
+        return hx, vector_names, results, autograd, wengert, autograd.compile(wengert)
 
     def __call__(self, vectors: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, np.ndarray]:
         missing = [w for w in self.wrt if w not in vectors]
         if missing:
             raise GradientError(f"hvp: no vector given for {missing}; pass one array per wrt name")
         vectors = _check_arrays("vectors", vectors, values, self.wrt, self.graph)
+        if self._signature(values) != self._sig:
+            self._use(values)
         feed = dict(values)
         feed.update({self.vector_names[w]: vectors[w] for w in self.wrt})
         p = self.program
@@ -590,7 +651,7 @@ def hvp(xm: XMan, of: str, wrt: Sequence[str], vectors: Mapping[str, Any],
 
     def make() -> HVP:
         _scalar_check(xm, of, values)  # once, before the graph is built
-        return HVP(xm, of, wrt)
+        return HVP(xm, of, wrt, values=values)
 
     return _cached(xm, ("hvp", of, tuple(wrt)), make)(vectors, values)
 

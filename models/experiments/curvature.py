@@ -89,7 +89,7 @@ def run_curvature(*, dataset: str | None = None, epochs: int = EPOCHS, seed: int
         if "h0" in model.xm.registers():
             feed.update(h0=np.zeros((len(pick), cfg.num_hid)), c0=np.zeros((len(pick), cfg.num_hid)))
         params = model.xm.params()
-        hvp = HVP(model.xm, "loss", params)
+        hvp = HVP(model.xm, "loss", params, values={**model.params, **feed})  # built for these shapes
         shapes = {p: np.shape(model.params[p]) for p in params}
 
         class Measure(Reporter):
