@@ -30,7 +30,7 @@ import numpy as np
 from . import shape_ops  # noqa: F401  (registers the ops gradient graphs are made of)
 from .autograd import Autograd
 from .errors import GradientError, SymdiffError
-from .array_ops import PULLBACKS as FAMILY_PULLBACKS, PUSHFORWARDS as FAMILY_PUSHFORWARDS
+from .array_ops import PULLBACKS as FAMILY_PULLBACKS, PUSHFORWARDS as FAMILY_PUSHFORWARDS, sum_op
 from .derivative_ops import constant_like, elementwise_op, identity_op, partial, scale_op
 from .graph import Register, Step, WengertList, XMan
 from .passes import GRAPH_PASSES
@@ -143,7 +143,6 @@ PULLBACKS: dict[str, Pullback] = {
         need[1] and b("hadamard", _column(b, d), b("negate", b("log_softmax", ins[0])))],
     "mean": lambda b, d, out, ins, need: [b("spread", d, ins[0])],
     "spread": lambda b, d, out, ins, need: [need[0] and b("mean", d), None],
-    "sum": lambda b, d, out, ins, need: [b("broadcast_like", d, ins[0])],
     "rowsum": lambda b, d, out, ins, need: [b("broadcast_like", d, ins[0])],
     "sum_like": lambda b, d, out, ins, need: [need[0] and b("broadcast_like", d, ins[0]), None],
     "broadcast_like": lambda b, d, out, ins, need: [need[0] and b("sum_like", d, ins[0]), None],
@@ -234,7 +233,6 @@ PUSHFORWARDS: dict[str, Pushforward] = {
     "crossEnt-softMax": _push_crossent_softmax,
     "mean": _linear("mean"),
     "spread": _linear("spread"),
-    "sum": _linear("sum"),
     "rowsum": _linear("rowsum"),
     "sum_like": _linear("sum_like"),
     "broadcast_like": _linear("broadcast_like"),
@@ -586,7 +584,7 @@ class HVP:
         feed = {**values, **{vector_names[w]: np.zeros(np.shape(values[w])) for w in wrt}} if values else {}
         if self.mode == "reverse":
             build = Builder(list(gx.registers().values()))
-            dots = [build("sum", build("hadamard", gx.register(f"{prefix}{w}"), vin[w])) for w in wrt]
+            dots = [build(sum_op(), build("hadamard", gx.register(f"{prefix}{w}"), vin[w])) for w in wrt]
             s = build.add(dots)
             name = _free_name(taken, "grad_dot_vector")
             if s.name is not None:

@@ -1,10 +1,12 @@
 """Structural ops that gradient graphs are built from, each differentiable in turn.
 
 A gradient graph (:func:`symdiff.grad`) needs a few linear ops besides the
-model's own: sums over all elements or a row, summing a gradient back to a
+model's own: a row sum kept as a column, summing a gradient back to a
 broadcast input's shape and its adjoint (a broadcast), the two transposed
 matrix products of a product's backward, and the reshapes between a per-row
-vector and a column. Every op here has numpy kernels (so ``bprop`` and the
+vector and a column. The sum of all elements is not here: it is ``sum``, the
+default of the ``f.sum(x, axis=, keepdims=)`` family in :mod:`symdiff.array_ops`
+(one op whichever module is imported first). Every op here has numpy kernels (so ``bprop`` and the
 auto-verifier treat it like any op) and a graph pullback and pushforward in
 :mod:`symdiff.differential` built from ops of this same closed set, so a
 gradient can be differentiated again at any order.
@@ -24,14 +26,6 @@ from .registry import OPS, Op, register, sum_to_shape
 
 def _dense(a: Any) -> np.ndarray:
     return np.asarray(a)
-
-
-def _sum(a: np.ndarray) -> np.ndarray:
-    return np.asarray(np.sum(a))
-
-
-def _sum_back(delta: Any, out: Any, a: np.ndarray) -> np.ndarray:
-    return np.broadcast_to(np.asarray(delta, dtype=np.result_type(a, delta)), np.shape(a)).copy()
 
 
 def _rowsum(a: np.ndarray) -> np.ndarray:
@@ -138,8 +132,6 @@ def _spread_dd(delta: np.ndarray, out: Any, d: Any, ref: Any) -> np.ndarray:
 
 
 SHAPE_OPS = (
-    Op("sum", 1, _sum, (_sum_back,), formula="sum of all elements (a scalar)", derivative_formulas=("delta, broadcast",),
-       backward_reads=((False,), (False,)), doc="sum of all elements (a scalar)"),
     Op("rowsum", 1, _rowsum, (_rowsum_back,), formula="sum over the last axis, kept as size 1",
        derivative_formulas=("delta, broadcast along the last axis",), backward_reads=((False,), (False,)),
        doc="row sums as an (n, 1) column (sum over the last axis, keepdims)"),

@@ -285,3 +285,21 @@ def test_special_ops_pass_the_auto_verification(k):
         out = op.forward(*xs)
         grad = op.backward[-1](np.ones_like(u), out, *xs)
     assert not np.isnan(out).any() and not np.isnan(grad).any(), (out, grad)
+
+
+@pytest.mark.parametrize("first", ["symdiff.shape_ops", "symdiff.differential", "symdiff.array_ops", "symdiff"])
+def test_sum_is_one_op_whichever_module_is_imported_first(first):
+    """``f.sum(x)``, the name ``sum`` and the reverse HVP's inner product are one op, the default of
+    the ``f.sum(x, axis=, keepdims=)`` family: shape_ops once registered its own ``sum`` when it
+    was imported before array_ops (``import symdiff.differential`` first), with other kernels and rules."""
+    import subprocess
+    import sys
+
+    code = (f"import {first}\n"
+            "from symdiff import f, XMan\n"
+            "from symdiff.registry import OPS\n"
+            "from symdiff.array_ops import sum_op\n"
+            "xm = XMan(); xm.x = f.input(name='x'); xm.s = f.sum(xm.x); xm.setup()\n"
+            "print(OPS['sum'] is sum_op() is xm.s.op, OPS['sum'].family, OPS['sum'].static)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["True", "sum"], out
