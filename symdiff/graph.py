@@ -149,7 +149,8 @@ class _Builder:
         return family if family is not None and opname != "scalar" else get_op(opname)
 
     def __dir__(self) -> list[str]:
-        return ["input", "param", *OPS, *(n for n in FAMILIES if n != "scalar")]
+        # a family's default is also a registered op (f.sum is the family, OPS["sum"] its default): each name once
+        return sorted({"input", "param", *OPS, *(n for n in FAMILIES if n != "scalar")})
 
 
 f = _Builder()

@@ -60,6 +60,15 @@ def test_f_lists_the_leaf_makers_and_every_op():
 
     names = dir(f)
     assert {"input", "param", *symdiff.OPS} <= set(names)
+    assert {"sum", "mean", "max", "reshape", "concat", "where"} <= set(names)  # the families too
+
+
+def test_f_lists_each_name_once_and_each_answers():
+    names = dir(f)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    assert not twice, f"dir(f) lists {twice} twice (a family and the op of its defaults share the name)"
+    for n in names:
+        assert callable(getattr(f, n)), n
 
 
 def test_input_dict_hands_out_copies_of_the_defaults():
