@@ -8,7 +8,11 @@
 * Storage: a journal file by default (Optuna's ``JournalFileBackend``: no server, safe for
   several processes on one machine), or any SQLAlchemy URL for many machines. With a database,
   workers send heartbeats, and a trial whose worker died is failed and retried, from that
-  trial's checkpoint when the checkpoints folder is shared (``--checkpoints``).
+  trial's checkpoint when the checkpoints folder is shared (``--checkpoints``). A journal has
+  no heartbeats (Optuna 5's ``JournalStorage`` is no ``BaseHeartbeat``): there every command
+  fails the running trials whose worker process on this machine is gone
+  (:func:`fail_trials_of_dead_workers`) when it starts and when its workers end, and enqueues
+  them again the same way.
 * ``--workers K`` starts K worker processes (spawn); worker ``i`` samples with seed ``base + i``.
 
 A database URL's password is never printed, logged or stored: every message shows
@@ -164,6 +168,73 @@ class StorageSpec:
                             f"({TUNE_HINT})") from None
 
 
+# ---- journal: trials of dead workers ---------------------------------------------------------------
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``; None where there is no
+    ``/proc``): recorded on each trial beside the pid, so that a pid reused by another process
+    is not taken for the trial's worker."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+def worker_alive(pid: int, started: int | None) -> bool:
+    """Whether the process that ran a trial still runs on this machine (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive, and not ours to judge
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): the pid exists, which is all we can tell
+    if stat[stat.rindex(")") + 2:].split()[0] == "Z":
+        return False
+    return started is None or process_start(pid) == started
+
+
+MAX_RETRIES = 3
+
+
+def fail_trials_of_dead_workers(study: Any) -> dict[int, int]:
+    """Fail each running trial whose worker on this machine is gone, and enqueue it again.
+
+    Journal storage has no heartbeats (Optuna 5: ``JournalStorage`` is no ``BaseHeartbeat``, and
+    ``fail_stale_trials`` does nothing for it), so a killed worker's trial would stay RUNNING for
+    ever. A journal serves one machine, and each trial records its worker's host, pid and start
+    time: a trial of this host whose process no longer runs (or whose pid now belongs to another
+    process) is failed. Its parameters are enqueued again with ``retry_of`` the first trial of its
+    chain (at most :data:`MAX_RETRIES` times), so the retry resumes that trial's checkpoint
+    (``--checkpoints``), as after Ctrl-C. Trials of other hosts, and a trial whose worker has not
+    yet recorded its pid (the moment between Optuna creating it and the objective starting), are
+    left alone. Returns the trials failed: number -> their worker's pid.
+    """
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    failed: dict[int, int] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or not isinstance(pid, int) or worker_alive(pid, t.user_attrs.get("pid_start")):
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # another command failed it just now
+            continue
+        failed[t.number] = pid
+        root = int(t.user_attrs.get("retry_of", t.number))
+        chain = sum(1 for u in study.get_trials(deepcopy=False) if u.user_attrs.get("retry_of") == root)
+        if t.params and chain < MAX_RETRIES:
+            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": root, "retried_because": (
+                f"the worker of trial {t.number} (pid {pid}) died")})
+    return failed
+
+
 # ---- one study ------------------------------------------------------------------------------------
 @dataclass
 class TuneSpec:
@@ -275,6 +346,9 @@ def worker_main(spec: TuneSpec, index: int) -> None:
         hp = suggest(trial, spec.kind)
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", socket.gethostname())
+        started = process_start(os.getpid())
+        if started is not None:
+            trial.set_user_attr("pid_start", started)
         trial.set_user_attr("worker", index)
         trial.set_user_attr("sampler_seed", spec.seed + index)
         cfg = TrainConfig.from_params({"init_lr": default_lr(spec.kind), **FIXED, **hp, "epochs": spec.epochs,
@@ -390,6 +464,8 @@ def run_study(spec: TuneSpec, on_update: Callable[[Snapshot], None], poll: float
     import multiprocessing
 
     study = open_study(spec, create=True)
+    journal = not spec.storage.is_url
+    revived = sorted(fail_trials_of_dead_workers(study)) if journal else []
     if spec.checkpoints:
         Path(spec.checkpoints).mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
@@ -414,12 +490,20 @@ def run_study(spec: TuneSpec, on_update: Callable[[Snapshot], None], poll: float
         for s, h in previous.items():
             signal.signal(s, h)
     warnings = []
+    if revived:
+        warnings.append(f"trial{'s' if len(revived) > 1 else ''} {', '.join(map(str, revived))} of a worker that "
+                        f"had died (journal: no heartbeats) failed and enqueued again")
+    failed_now = fail_trials_of_dead_workers(study) if journal else {}
     for i, p in enumerate(procs):
         if p.exitcode not in (0, None) and "code" not in stop:
+            mine = sorted(n for n, pid in failed_now.items() if pid == p.pid)
             how = f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with code {p.exitcode}"
             warnings.append(f"worker {i} (pid {p.pid}) {how}; "
                             + ("its trial is retried by a live worker once its heartbeat is stale"
-                               if spec.storage.is_url else "its trial stays RUNNING in the journal (no heartbeats)"))
+                               if not journal else
+                               f"its trial {', '.join(map(str, mine))} failed and enqueued again (journal: no "
+                               f"heartbeats); the next symdiff tune on this study runs it"
+                               if mine else "it had no trial running"))
     final = snapshot(study)
     on_update(final)
     return stop.get("code", 0), final, warnings

@@ -191,3 +191,63 @@ def test_sigterm_mid_trial_and_the_next_run_continues_it(tmp_path: Path, monkeyp
     assert retry.state.name == "COMPLETE" and retry.params == first.params
     assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["resumed_from_epoch"] == 1
     assert not list((tmp_path / "ck").iterdir())
+
+
+@pytest.mark.subprocess
+def test_a_killed_workers_trial_in_a_journal_is_failed_and_the_next_run_continues_it(tmp_path: Path) -> None:
+    """A journal has no heartbeats: a worker killed with SIGKILL left its trial RUNNING for ever.
+    The next `symdiff tune` on the study fails it (its worker's pid is gone) and runs it again
+    from the checkpoint it had written."""
+    j, ck = tmp_path / "j.journal", tmp_path / "ck"
+    study = optuna.create_study(study_name="k", storage=journal(j))
+    study.set_user_attr("model", "lstm")
+    small = {**TU.baseline("lstm"), "num_hid": 32, "max_len": 10}
+    study.enqueue_trial(small)
+    ck.mkdir()
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal
+from models import checkpoint as C, tune as TU
+spec = TU.TuneSpec(kind="lstm", storage=TU.StorageSpec({str(j)!r}), study="k", dataset="demo", epochs=3,
+                   trials=1, checkpoints={str(ck)!r})
+save = C.Checkpoint.save
+def save_then_die(self, state):
+    save(self, state)
+    if state.epoch == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+C.Checkpoint.save = save_then_die
+TU.worker_main(spec, 0)
+"""], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180)
+    assert killed.returncode == -9, killed.stderr
+    (stale,) = optuna.load_study(study_name="k", storage=journal(j)).get_trials()
+    assert stale.state.name == "RUNNING" and stale.user_attrs["pid"] > 0  # what Optuna leaves behind
+
+    proc = tune(tmp_path, "lstm", "--trials", "1", "--epochs", "3", "--dataset", "demo", "--storage", str(j),
+                "--study", "k", "--checkpoints", str(ck))
+    assert proc.returncode == 0, proc.stderr
+    assert "trial 0 of a worker that had died" in proc.stdout + proc.stderr
+    first, retry = optuna.load_study(study_name="k", storage=journal(j)).get_trials()
+    assert first.state.name == "FAIL"
+    assert retry.state.name == "COMPLETE" and retry.params == small
+    assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["resumed_from_epoch"] == 1
+
+
+def test_running_trials_of_live_workers_and_other_hosts_are_left_alone(tmp_path: Path) -> None:
+    import socket
+
+    study = optuna.create_study(study_name="a", storage=journal(tmp_path / "j.journal"))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    here, there, _no_pid_yet = study.ask(), study.ask(), study.ask()
+    here.set_user_attr("pid", os.getpid())                  # a live worker (this process)
+    here.set_user_attr("host", socket.gethostname())
+    here.set_user_attr("pid_start", TU.process_start(os.getpid()))
+    there.set_user_attr("pid", dead_pid)                    # a worker on another machine
+    there.set_user_attr("host", socket.gethostname() + "-elsewhere")
+    # _no_pid_yet: its worker is between Optuna's ask and the objective (no pid recorded yet)
+    assert TU.fail_trials_of_dead_workers(study) == {}
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING"] * 3
+    # the same pid started at another time is another process: the worker is gone
+    here.set_user_attr("pid_start", (TU.process_start(os.getpid()) or 0) + 1)
+    if TU.process_start(os.getpid()) is not None:
+        assert TU.fail_trials_of_dead_workers(study) == {here.number: os.getpid()}
+        assert [t.state.name for t in study.get_trials()][:3] == ["FAIL", "RUNNING", "RUNNING"]
