@@ -222,3 +222,30 @@ def test_timing_leaves_the_first_epoch_out_and_reports_it_apart():
     one = [m for m in measurements if m["epoch"] == 1]
     row = timing.summarize_timing(one, {**settings, "epochs": 1})[0]
     assert row["warmup_included"] and row["median"] == pytest.approx(0.625)
+
+
+def test_the_readme_avx2_recipe_sets_what_the_benchmark_sets_and_takes_effect():
+    """The README's one-line recipe for running as an AVX2-only machine sets every variable
+    ``bench --isa avx2`` sets (OPENBLAS_CORETYPE too: without it the BLAS keeps AVX-512 kernels),
+    and a process started with it really runs numpy, the kernels and the BLAS at x86-64-v3."""
+    import shlex
+
+    from benchmarks.bench import AVX2_ENV
+
+    repo = Path(__file__).resolve().parents[1]
+    bash = re.findall(r"```bash\n(.*?)```", (repo / "README.md").read_text(), flags=re.S)
+    lines = [ln for block in bash for ln in block.splitlines() if "SYMDIFF_MARCH=" in ln]
+    assert lines, "README: no shell line with the AVX2 emulation variables"
+    env = dict(w.split("=", 1) for w in shlex.split(lines[0]) if "=" in w and w.split("=", 1)[0].isupper())
+    assert env == AVX2_ENV
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx512f" not in flags:
+        pytest.skip("the emulation is checked on an AVX-512 x86-64 machine (this one has no avx512f)")
+    code = "from benchmarks.bench import isa_levels; import json; print(json.dumps(isa_levels()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env={**os.environ, **env}, text=True,
+                         capture_output=True, check=True).stdout
+    import json
+
+    levels = json.loads(out)
+    assert levels["numpy"].startswith("x86-64-v3") and levels["kernels"] == "-march=x86-64-v3"
+    assert levels["blas"] in ("Haswell", "unknown"), levels
