@@ -257,3 +257,22 @@ def test_command_reports_errors_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["experiment", "timing", "--batch_sizes", "16,x"])
     assert "comma-separated" in capsys.readouterr().err
+
+
+def test_the_readme_says_what_experiment_all_runs_and_how_long():
+    """`symdiff experiment all` runs every experiment (curvature too, minutes of HVPs): the README's
+    line for it names each one and gives its duration, so nobody starts it expecting seconds."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("symdiff experiment all")
+    lines = [readme[start:].splitlines()[0]]
+    for line in readme[start:].splitlines()[1:]:  # the comment continues on the lines below
+        if not line.lstrip().startswith("#"):
+            break
+        lines.append(line)
+    said = " ".join(lines)
+    missing = [name for name in X.EXPERIMENTS if name not in said]
+    assert not missing, f"README's `symdiff experiment all` line does not name {missing}"
+    assert re.search(r"\d(\.\d)? min", said), "README's `symdiff experiment all` line does not say how long it takes"
