@@ -287,17 +287,44 @@ static PyObject *join_columns(PyObject *self, PyObject *args) {
 
 /* segment_sum(delta, rows, starts) -> (len(starts), K) array, or None.
  * out[s] = sum of delta[rows[j]] for starts[s] <= j < starts[s+1]: a one-hot product's weight
- * gradient (rows grouped by character), read straight from delta with no gathered copy. */
+ * gradient (rows grouped by character), read straight from delta with no gathered copy.
+ * delta may also be a list of (n, K) blocks standing for their row-wise concatenation (the
+ * gradients of a stacked product's row blocks, see ops.RowBlocks): row r is row r % n of block
+ * r / n, so the blocks need not be copied into one array first. */
+#define SEGMENT_MAXBLOCKS 4096
 static PyObject *segment_sum(PyObject *self, PyObject *args) {
-    PyArrayObject *delta, *rows, *starts;
-    if (!PyArg_ParseTuple(args, "O!O!O!", &PyArray_Type, &delta, &PyArray_Type, &rows, &PyArray_Type, &starts))
+    PyObject *dobj;
+    PyArrayObject *rows, *starts;
+    if (!PyArg_ParseTuple(args, "OO!O!", &dobj, &PyArray_Type, &rows, &PyArray_Type, &starts))
         return NULL;
+    PyArrayObject *single[1];
+    PyArrayObject **blocks = single;
+    Py_ssize_t nb = 1;
+    if (PyList_Check(dobj)) {
+        nb = PyList_GET_SIZE(dobj);
+        if (nb < 1 || nb > SEGMENT_MAXBLOCKS) Py_RETURN_NONE;
+        blocks = (PyArrayObject **)&PyList_GET_ITEM(dobj, 0);
+    } else {
+        single[0] = (PyArrayObject *)dobj;
+    }
+    for (Py_ssize_t b = 0; b < nb; b++)
+        if (!PyArray_Check((PyObject *)blocks[b])) Py_RETURN_NONE;
+    PyArrayObject *delta = blocks[0];
     int typenum = PyArray_TYPE(delta);
     if (PyArray_NDIM(delta) != 2 || (typenum != NPY_DOUBLE && typenum != NPY_FLOAT)) Py_RETURN_NONE;
-    npy_intp N = PyArray_DIM(delta, 0), K = PyArray_DIM(delta, 1), isz = PyArray_ITEMSIZE(delta);
-    if (K > 1 && PyArray_STRIDE(delta, 1) != isz) Py_RETURN_NONE;
-    if (PyArray_STRIDE(delta, 0) % isz) Py_RETURN_NONE;
-    npy_intp rs = PyArray_STRIDE(delta, 0) / isz;
+    npy_intp Nb = PyArray_DIM(delta, 0), K = PyArray_DIM(delta, 1), isz = PyArray_ITEMSIZE(delta);
+    char *base[SEGMENT_MAXBLOCKS];
+    npy_intp brs[SEGMENT_MAXBLOCKS];
+    for (Py_ssize_t b = 0; b < nb; b++) {
+        PyArrayObject *d = blocks[b];
+        if (PyArray_NDIM(d) != 2 || PyArray_TYPE(d) != typenum || PyArray_DIM(d, 0) != Nb
+            || PyArray_DIM(d, 1) != K) Py_RETURN_NONE;
+        if (K > 1 && PyArray_STRIDE(d, 1) != isz) Py_RETURN_NONE;
+        if (PyArray_STRIDE(d, 0) % isz) Py_RETURN_NONE;
+        base[b] = PyArray_BYTES(d);
+        brs[b] = PyArray_STRIDE(d, 0) / isz;
+    }
+    npy_intp N = Nb * nb;
     if (PyArray_NDIM(rows) != 1 || PyArray_TYPE(rows) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(rows)
         || PyArray_NDIM(starts) != 1 || PyArray_TYPE(starts) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(starts))
         Py_RETURN_NONE;
@@ -313,15 +340,17 @@ static PyObject *segment_sum(PyObject *self, PyObject *args) {
     for (npy_intp s = 0; s < S; s++) {
         npy_intp lo = st[s], hi = s + 1 < S ? st[s + 1] : n;
         if (typenum == NPY_DOUBLE) {
-            double *o = (double *)PyArray_DATA((PyArrayObject *)out) + s * K;
+            double *restrict o = (double *)PyArray_DATA((PyArrayObject *)out) + s * K;
             for (npy_intp j = lo; j < hi; j++) {
-                const double *d = (const double *)PyArray_DATA(delta) + r[j] * rs;
+                npy_intp b = r[j] / Nb;
+                const double *restrict d = (const double *)base[b] + (r[j] - b * Nb) * brs[b];
                 for (npy_intp k = 0; k < K; k++) o[k] += d[k];
             }
         } else {
-            float *o = (float *)PyArray_DATA((PyArrayObject *)out) + s * K;
+            float *restrict o = (float *)PyArray_DATA((PyArrayObject *)out) + s * K;
             for (npy_intp j = lo; j < hi; j++) {
-                const float *d = (const float *)PyArray_DATA(delta) + r[j] * rs;
+                npy_intp b = r[j] / Nb;
+                const float *restrict d = (const float *)base[b] + (r[j] - b * Nb) * brs[b];
                 for (npy_intp k = 0; k < K; k++) o[k] += d[k];
             }
         }

@@ -266,6 +266,31 @@ def test_segment_sum_is_the_one_hot_weight_gradient():
         assert d.segment_sum(delta, rows, np.array([2, 0], dtype=np.intp)) is None     # unsorted
 
 
+def test_row_blocks_are_read_in_place_as_their_concatenation():
+    """rsplit's backward hands the product's backward its blocks' gradients uncopied (ops.RowBlocks):
+    the one-hot scatter-add reads them where they are, a dense product joins them; same numbers."""
+    from symdiff.ops import RowBlocks, _mul_da, _mul_db
+
+    rng = np.random.default_rng(7)
+    parts = [rng.standard_normal((64, 30))[:, 5:25] for _ in range(4)]  # views with a row stride
+    joined = np.concatenate(parts)
+    x = OneHot(rng.integers(-1, 9, size=(256, 2)), 9)
+    rows = RowBlocks(parts)
+    assert rows.shape == joined.shape and np.array_equal(np.asarray(rows), joined)
+    np.testing.assert_allclose(np.asarray(x.rmatmul_grad(rows)), np.asarray(x).T @ joined, rtol=1e-12, atol=1e-14)
+    dense, b = rng.standard_normal((256, 9)), rng.standard_normal((9, 20))
+    np.testing.assert_array_equal(_mul_db(rows, None, dense, b), dense.T @ joined)
+    np.testing.assert_array_equal(_mul_da(rows, None, dense, b), _mul_da(joined, None, dense, b))
+    if native.enabled():
+        d = native.dispatcher()
+        r, starts = np.array([0, 63, 64, 255], dtype=np.intp), np.array([0, 1], dtype=np.intp)
+        np.testing.assert_array_equal(d.segment_sum(parts, r, starts),
+                                      np.stack([joined[0], joined[63] + joined[64] + joined[255]]))
+        assert d.segment_sum(parts, np.array([256], dtype=np.intp), starts[:1]) is None  # beyond the last block
+        assert d.segment_sum([parts[0], parts[1][:10]], r[:1], starts[:1]) is None        # blocks of other heights
+        assert d.segment_sum([parts[0], parts[1].astype(np.float32)], r[:1], starts[:1]) is None
+
+
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_training_steps_compiled_and_numpy_agree(compiled, monkeypatch, kind, dtype):
