@@ -4,7 +4,8 @@
  * vectorising. Two builds, both vectorising on any x86-64 level (SSE2, AVX2, AVX-512):
  *
  * - with SYMDIFF_VECTOR_MATH (symdiff.native tries it first: glibc's libmvec is there), exp, expm1,
- *   log and log1p are libm's, declared `simd` so gcc calls libmvec's 2-8 lane variants; the kernels
+ *   log and log1p are libm's (float32 expm1 excepted: the C below is faster), declared `simd` so gcc
+ *   calls libmvec's 2-8 lane variants; the kernels
  *   are built with -fno-trapping-math, without which gcc does not if-convert sigmoid's select below
  *   AVX-512 and calls scalar exp instead;
  * - otherwise (musl, macOS, clang without libmvec, aarch64 before glibc 2.38) they are the
@@ -33,6 +34,39 @@ static inline double sd_double(int64_t i) { double x; memcpy(&x, &i, 8); return 
 static inline int32_t sd_bitsf(float x) { int32_t i; memcpy(&i, &x, 4); return i; }
 static inline float sd_float(int32_t i) { float x; memcpy(&x, &i, 4); return x; }
 
+/* ------------------------------------------------- float32 expm1: this straight-line C, libmvec or not
+ * (libmvec's 8-lane expm1f in glibc 2.36 cost 5x its expf: the LSTM cell's float32 forward kernel,
+ * three sigmoids and two tanh, ran 10% faster with this one on AVX2; float64 measured the same) */
+#define SD_LN2_HIF 6.9313812256e-01f /* 0x3f317180: k * SD_LN2_HIF is exact */
+#define SD_LN2_LOF 9.0580006145e-06f
+#define SD_LOG2EF 1.44269504088896338700e+00f
+
+static inline float sd_reducef(float x, int32_t *k) {
+    float kd = x * SD_LOG2EF + 0x1.8p23f;
+    *k = sd_bitsf(kd) - sd_bitsf(0x1.8p23f);
+    kd -= 0x1.8p23f;
+    return (x - kd * SD_LN2_HIF) - kd * SD_LN2_LOF;
+}
+
+/* e^r - 1 - r for |r| <= ln2/2, up to r^8/8! (remainder < 2^-30 relative), Estrin */
+static inline float sd_expm1_tailf(float r) {
+    float r2 = r * r, r4 = r2 * r2;
+    float a0 = 0.5f + r * (1.0f / 6), a1 = 1.0f / 24 + r * (1.0f / 120), a2 = 1.0f / 720 + r * (1.0f / 5040);
+    float b0 = a0 + r2 * a1, b1 = a2 + r2 * (1.0f / 40320);
+    return r2 * (b0 + r4 * b1);
+}
+
+static inline float sd_expm1f(float x) {
+    float xc = x < -18.0f ? -18.0f : x; /* e^-18 < 2^-25 */
+    xc = xc > 89.0f ? 89.0f : xc;
+    int32_t k;
+    float r = sd_reducef(xc, &k);
+    float q = r + sd_expm1_tailf(r);
+    float s = sd_float((k - 1 + 127) << 23);
+    float y = 2.0f * (s * q + (s - 0.5f));
+    return fabsf(x) < 0x1p-25f ? x : y;
+}
+
 #ifdef SYMDIFF_VECTOR_MATH
 /* glibc's vector math library (libmvec) is there: its exp, expm1, log and log1p, declared `simd` so
  * the compiler calls their 2-8 lane variants. Whole LSTM epochs measured ~5% faster with them than
@@ -40,14 +74,13 @@ static inline float sd_float(int32_t i) { float x; memcpy(&x, &i, 4); return x; 
 #define SD_SIMD_MATH __attribute__((simd("notinbranch"), nothrow, const))
 double exp(double) SD_SIMD_MATH; double expm1(double) SD_SIMD_MATH;
 double log(double) SD_SIMD_MATH; double log1p(double) SD_SIMD_MATH;
-float expf(float) SD_SIMD_MATH; float expm1f(float) SD_SIMD_MATH;
+float expf(float) SD_SIMD_MATH;
 float logf(float) SD_SIMD_MATH; float log1pf(float) SD_SIMD_MATH;
 static inline double sd_exp(double x) { return exp(x); }
 static inline double sd_expm1(double x) { return expm1(x); }
 static inline double sd_log(double x) { return log(x); }
 static inline double sd_log1p(double x) { return log1p(x); }
 static inline float sd_expf(float x) { return expf(x); }
-static inline float sd_expm1f(float x) { return expm1f(x); }
 static inline float sd_logf(float x) { return logf(x); }
 static inline float sd_log1pf(float x) { return log1pf(x); }
 #else
@@ -142,25 +175,6 @@ static inline double sd_log1p(double x) {
 
 
 /* ---------------------------------------------------------------------------------- float32 */
-#define SD_LN2_HIF 6.9313812256e-01f /* 0x3f317180: k * SD_LN2_HIF is exact */
-#define SD_LN2_LOF 9.0580006145e-06f
-#define SD_LOG2EF 1.44269504088896338700e+00f
-
-static inline float sd_reducef(float x, int32_t *k) {
-    float kd = x * SD_LOG2EF + 0x1.8p23f;
-    *k = sd_bitsf(kd) - sd_bitsf(0x1.8p23f);
-    kd -= 0x1.8p23f;
-    return (x - kd * SD_LN2_HIF) - kd * SD_LN2_LOF;
-}
-
-/* e^r - 1 - r for |r| <= ln2/2, up to r^8/8! (remainder < 2^-30 relative), Estrin */
-static inline float sd_expm1_tailf(float r) {
-    float r2 = r * r, r4 = r2 * r2;
-    float a0 = 0.5f + r * (1.0f / 6), a1 = 1.0f / 24 + r * (1.0f / 120), a2 = 1.0f / 720 + r * (1.0f / 5040);
-    float b0 = a0 + r2 * a1, b1 = a2 + r2 * (1.0f / 40320);
-    return r2 * (b0 + r4 * b1);
-}
-
 static inline float sd_expf(float x) {
     x = x < -104.0f ? -104.0f : x;
     x = x > 89.0f ? 89.0f : x;
@@ -169,17 +183,6 @@ static inline float sd_expf(float x) {
     float p = 1.0f + (r + sd_expm1_tailf(r));
     int32_t k1 = k >> 1, k2 = k - k1;
     return p * sd_float((k1 + 127) << 23) * sd_float((k2 + 127) << 23);
-}
-
-static inline float sd_expm1f(float x) {
-    float xc = x < -18.0f ? -18.0f : x; /* e^-18 < 2^-25 */
-    xc = xc > 89.0f ? 89.0f : xc;
-    int32_t k;
-    float r = sd_reducef(xc, &k);
-    float q = r + sd_expm1_tailf(r);
-    float s = sd_float((k - 1 + 127) << 23);
-    float y = 2.0f * (s * q + (s - 0.5f));
-    return fabsf(x) < 0x1p-25f ? x : y;
 }
 
 static inline float sd_log_coref(float x) {
