@@ -15,7 +15,7 @@ import numpy as np
 from .errors import GraphError, MissingInputError, ShapeError, SymdiffError, UnknownNameError, did_you_mean
 from .graph import Step, XMan
 from .onehot import OneHot, RowSparse
-from .ops import Blocks
+from .ops import Blocks, shared_transposes
 from .passes import DEFAULT_PASSES, PASSES
 from . import native as native_kernels
 from .registry import MULTI_OPS, get_op
@@ -269,14 +269,15 @@ class Program:
             g[k] = np.asarray(value, dtype=dtype if dtype is not None and dtype.kind == "f" else None)
         step = 0
         try:
-            if params_only:
-                for (run, step), drop in zip(plan, self._drops[tuple(sorted(seeds))]):
-                    run(g, v)
-                    for d in drop:
-                        g[d] = v[d] = None
-            else:
-                for run, step in plan:
-                    run(g, v)
+            with shared_transposes():
+                if params_only:
+                    for (run, step), drop in zip(plan, self._drops[tuple(sorted(seeds))]):
+                        run(g, v)
+                        for d in drop:
+                            g[d] = v[d] = None
+                else:
+                    for run, step in plan:
+                        run(g, v)
         except (ValueError, TypeError, IndexError) as exc:
             raise self._error(step, exc, v, "backward") from exc
         self.counters.backward_steps += count

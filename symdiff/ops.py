@@ -10,7 +10,9 @@ One of the modules that import SymPy, with :mod:`symdiff.stable`, :mod:`symdiff.
 """
 from __future__ import annotations
 
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import sympy as sp
@@ -43,6 +45,22 @@ def _mul(a: Any, b: np.ndarray) -> np.ndarray:
     return a @ b
 
 
+_PASS = threading.local()  # .transposes: {id(b): (b, contiguous b.T)} while a backward pass runs
+
+
+@contextmanager
+def shared_transposes() -> Iterator[None]:
+    """One backward pass: values do not change inside it, so the contiguous copy of a product's
+    right operand's transpose (:func:`_mul_da`) is made once per operand, not once per product
+    using it (an LSTM's ten ``delta @ Uᵀ``). The copies go when the pass ends."""
+    outer = getattr(_PASS, "transposes", None)
+    _PASS.transposes = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _PASS.transposes = outer
+
+
 def _mul_da(delta: Any, out: Any, a: Any, b: np.ndarray) -> np.ndarray:
     if type(delta) is RowBlocks:
         delta = delta.joined()
@@ -51,7 +69,13 @@ def _mul_da(delta: Any, out: Any, a: Any, b: np.ndarray) -> np.ndarray:
     if b.flags.c_contiguous and 1024 <= b.size <= 1 << 16:
         # OpenBLAS is slower with a transposed right operand at these sizes than the copy
         # costs (LSTM, 64x200 @ (50x200).T: 34 us; 3.6 us copy + 24 us)
-        return delta @ np.ascontiguousarray(b.T)
+        cache = getattr(_PASS, "transposes", None)
+        if cache is None:
+            return delta @ np.ascontiguousarray(b.T)
+        hit = cache.get(id(b))
+        if hit is None or hit[0] is not b:  # (b is held: its id cannot be reused while cached)
+            hit = cache[id(b)] = (b, np.ascontiguousarray(b.T))
+        return delta @ hit[1]
     return delta @ b.T
 
 
@@ -174,7 +198,7 @@ class Stack:
     def forward(self, *parts: Any) -> tuple[Any, np.ndarray]:
         k, axis = self.n_inputs, self.axis
         if axis == 0 and all(isinstance(p, OneHot) for p in parts) and len({p.depth for p in parts}) == 1:
-            return OneHot.vstack(list(parts)), np.array([np.cumsum([0, *(p.shape[0] for p in parts)]), [0] * (k + 1)])
+            return OneHot.vstack(list(parts)), self._layout(tuple(p.shape[0] for p in parts), (False,) * k)
         dense = [np.asarray(p) for p in parts]
         if any(d.ndim not in (1, 2) for d in dense):
             raise ValueError(f"{self.name} needs vectors or matrices, got shapes {[d.shape for d in dense]}")
