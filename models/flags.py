@@ -37,6 +37,7 @@ positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite
 _non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 _unit_float = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 seed_int = _checked(int, lambda v: v >= 0, "0 or more")
+_decay = _checked(float, lambda v: 0 < v < 1, "in (0, 1)")
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,7 +53,7 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # ---- presets --------------------------------------------------------------------------------
 # The hyperparameters a preset sets; each is also a flag, and a flag given on the command line wins.
 PRESET_KEYS = ("max_len", "num_hid", "batch_size", "epochs", "init_lr", "dtype", "optimizer", "momentum",
-               "weight_decay", "clip", "schedule", "patience")
+               "weight_decay", "clip", "schedule", "patience", "average")
 # The tables live in the model files (PRESETS in models/mlp.py, models/lstm.py, ...; docs/tuning.md).
 # "seed" itself is no table: it is the parser's defaults.
 PRESET_NAMES = ("seed", "best")  # what `symdiff mlp|lstm --preset` offers; a model file may define others
@@ -154,6 +155,9 @@ def add_train_arguments(p: argparse.ArgumentParser, kind: str | None) -> None:
                    help="learning-rate schedule")
     p.add_argument("--patience", action=_Given, type=positive_int, default=None,
                    help="stop when validation loss has not improved for this many epochs")
+    p.add_argument("--average", action=_Given, type=_decay, default=None, metavar="DECAY",
+                   help="validate, keep and save a moving average of the weights instead of the last step's "
+                        "(Polyak averaging; DECAY caps how slowly it forgets, e.g. 0.998)")
     p.add_argument("--preset", choices=None if kind is None else PRESET_NAMES, default="seed",
                    help="seed (default): the seed's defaults above; best (or another name in the model file's "
                         "PRESETS): the tuned values for this model (docs/tuning.md) for every hyperparameter "

@@ -18,7 +18,7 @@ GATES = ("i", "f", "o", "c")
 # Chosen on the validation split of ../shared/data/smaller (docs/tuning.md); keys left out keep the flags' defaults.
 PRESETS = {
     "best": dict(optimizer="adam", init_lr=0.01, weight_decay=0.0, num_hid=64, max_len=30, batch_size=64,
-                 epochs=20, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None),
+                 epochs=20, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None, average=None),
 }
 
 

@@ -17,7 +17,7 @@ from symdiff.init import bias, glorot
 # Chosen on the validation split of ../shared/data/smaller (docs/tuning.md); keys left out keep the flags' defaults.
 PRESETS = {
     "best": dict(optimizer="adamw", init_lr=0.006, weight_decay=0.3, num_hid=128, max_len=25, batch_size=128,
-                 epochs=30, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None),
+                 epochs=30, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None, average=None),
 }
 
 

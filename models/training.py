@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -22,7 +22,7 @@ import numpy as np
 
 from symdiff import Autograd, Program, native
 from symdiff.init import bias, glorot  # noqa: F401  (their old home; model files import symdiff.init)
-from symdiff.optim import clip_grad_norm, make_optimizer, make_schedule
+from symdiff.optim import Averaged, clip_grad_norm, make_optimizer, make_schedule
 
 from . import data as D
 from .checkpoint import Checkpoint, CheckpointError, TrainState, data_fingerprint, identity
@@ -95,6 +95,7 @@ class TrainConfig:
     clip: float | None = None
     schedule: str = "constant"
     patience: int | None = None
+    average: float | None = None  # decay of the parameters' moving average that is evaluated and kept
 
     def record(self) -> dict[str, Any]:
         """Every hyperparameter for the metrics file; ``momentum`` is ``None`` where the optimizer has none."""
@@ -350,8 +351,10 @@ class Trainer:
         params = model.params
         C = model.dims["num_labels"]
         rng = np.random.default_rng(cfg.seed)
-        optimizer = make_optimizer(cfg.optimizer, params, cfg.init_lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
+        optimizer: Any = make_optimizer(cfg.optimizer, params, cfg.init_lr, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay)
+        if cfg.average is not None:  # validation, the kept best and so the saved model use the average
+            optimizer = Averaged(optimizer, cfg.average)
         schedule = make_schedule(cfg.schedule, cfg.init_lr, cfg.epochs)
         n_train = len(self.ds.train)
         batches = -(-n_train // cfg.batch_size)
@@ -413,16 +416,18 @@ class Trainer:
                 result.stopped = stop.reason
                 result.message = f"{stop.reason} during epoch {epoch} (batch {k + 1} of {batches})"
                 return result
-            ev = self.evaluate("valid")
-            vloss = ev.loss if ev.loss is not None else math.nan
-            improved = vloss < best_loss
+            with optimizer.swapped() if cfg.average is not None else nullcontext():
+                ev = self.evaluate("valid")
+                vloss = ev.loss if ev.loss is not None else math.nan
+                improved = vloss < best_loss
+                if improved:
+                    result.best_params = {n: a.copy() for n, a in params.items()}
             er = EpochResult(epoch, total / max(seen, 1), vloss, ev.accuracy or 0.0, train_seconds,
                              optimizer.lr, improved)
             result.epochs.append(er)
             if improved:
                 best_loss, since_best = vloss, 0
                 result.best_epoch = epoch
-                result.best_params = {n: a.copy() for n, a in params.items()}
             else:
                 since_best += 1
             reporter.epoch(er)

@@ -22,6 +22,9 @@ Conventions follow PyTorch so that hyper-parameters carry over:
 * ``weight_decay`` on SGD/Adam is L2 (``g + wd*w``); AdamW decouples it
   (``w *= 1 - lr*wd`` before the Adam step).
 
+``Averaged`` wraps any of them and keeps an exponential moving average of the
+parameters beside the raw ones (what a training loop evaluates and keeps).
+
 Schedules are plain objects queried once after every epoch; they return the
 learning rate for the next epoch and the training loop assigns it to
 ``optimizer.lr``.
@@ -31,7 +34,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -43,6 +47,7 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamW",
+    "Averaged",
     "clip_grad_norm",
     "make_optimizer",
     "OPTIMIZERS",
@@ -407,6 +412,88 @@ class AdamW(Adam):
         weight_decay: float = 0.01,
     ):
         super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+class Averaged:
+    """An optimiser that also keeps an exponential moving average of the parameters.
+
+    Why: with minibatch noise the weights keep jumping around the minimum they have found; their
+    running average sits nearer its centre and usually evaluates better (a lower validation loss
+    and a smoother curve) than the last step's weights. The raw weights go on training unchanged;
+    ``swapped()`` puts the average into the parameter arrays for evaluating or saving, then puts the
+    raw weights back.
+
+    After step ``t`` every average moves ``a += (1 - b) * (p - a)`` with
+    ``b = min(decay, (1 + t) / (10 + t))``: the early steps, whose weights are still far from any
+    minimum, are forgotten quickly (the warm-up of TensorFlow's ExponentialMovingAverage).
+    ``decay`` 0.998 averages over roughly the last 500 steps. Steps, ``lr`` and the state dict
+    pass through to the wrapped optimiser; the state dict adds ``average/<name>`` and ``average_steps``.
+    """
+
+    def __init__(self, optimizer: Optimizer, decay: float):
+        self.decay = _as_float("decay", decay)
+        if not 0.0 < self.decay < 1.0:
+            raise SymdiffError(f"decay must be in (0, 1), got {decay}")
+        self.optimizer = optimizer
+        self.params = optimizer.params
+        self.average = {name: p.copy() for name, p in self.params.items()}
+        self.steps = 0
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer.lr = value
+
+    def step(self, grads: Mapping[str, np.ndarray]) -> None:
+        """The wrapped optimiser's step, then every average moves towards its parameter."""
+        self.optimizer.step(grads)
+        self.steps += 1
+        weight = 1.0 - min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
+        for name, p in self.params.items():
+            a = self.average[name]
+            a += weight * (p - a)  # in place: float32 averages stay float32
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The averages in the parameter arrays inside the block; the raw weights again after it."""
+        raw = {name: p.copy() for name, p in self.params.items()}
+        try:
+            for name, p in self.params.items():
+                np.copyto(p, self.average[name])
+            yield
+        finally:
+            for name, p in self.params.items():
+                np.copyto(p, raw[name])
+
+    def state_dict(self) -> StateDict:
+        out = self.optimizer.state_dict()
+        out.update({f"average/{name}": a.copy() for name, a in self.average.items()})
+        out["average_steps"] = int(self.steps)
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        inner = {k: v for k, v in state.items() if not k.startswith("average")}
+        expected = {f"average/{name}" for name in self.average} | {"average_steps"}
+        got = {k for k in state if k.startswith("average")}
+        if got != expected:
+            raise SymdiffError(f"state does not match Averaged: missing keys {sorted(expected - got)}, "
+                               f"unexpected keys {sorted(got - expected)}")
+        values = {}
+        for name, a in self.average.items():
+            value = np.asarray(state[f"average/{name}"])
+            if value.shape != a.shape:
+                raise SymdiffError(f"state['average/{name}'] has shape {value.shape}, expected {a.shape}")
+            values[name] = value
+        steps = int(np.asarray(state["average_steps"]))
+        if steps < 0:
+            raise SymdiffError(f"state['average_steps'] must be >= 0, got {steps}")
+        self.optimizer.load_state_dict(inner)  # checks its own keys first: a bad state changes nothing here
+        for name, value in values.items():
+            np.copyto(self.average[name], value, casting="same_kind")
+        self.steps = steps
 
 
 def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float) -> float:

@@ -74,10 +74,12 @@ def assert_same_run(tmp: Path, a: str, b: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_resume_after_kill_and_sigterm_is_bit_identical(tmp_path: Path, dtype: str, optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer", "average"), [("sgd", None), ("adam", None), ("adam", 0.9)])
+def test_resume_after_kill_and_sigterm_is_bit_identical(tmp_path: Path, dtype: str, optimizer: str,
+                                                        average: float | None) -> None:
+    """Also with --average: the weights' moving average is part of the optimizer state saved."""
     kw = dict(dtype=dtype, optimizer=optimizer, init_lr=0.01 if optimizer == "adam" else 0.2,
-              schedule="plateau" if optimizer == "adam" else "cosine")
+              schedule="plateau" if optimizer == "adam" else "cosine", average=average)
     assert T.run("mlp", params(tmp_path, "ref", **kw), Stopper()) == 0
 
     # killed mid-epoch 2, then resumed (from the end of epoch 1) to the end

@@ -617,3 +617,52 @@ def test_adam_converges_to_least_squares():
     opt = make_optimizer("adam", params, 0.05)
     _minimise(opt, A, b, 3000)
     np.testing.assert_allclose(params["w"], w_star, atol=1e-6)
+
+
+# ---- Averaged: the weights' moving average ----------------------------------------------------
+def test_averaged_keeps_the_moving_average_and_swaps_it_in_and_out() -> None:
+    from symdiff.optim import SGD, Averaged
+
+    rng = np.random.default_rng(0)
+    p = {"w": rng.normal(size=(3, 2)).astype(np.float32)}
+    opt = Averaged(SGD(p, lr=0.1), decay=0.5)
+    expected = p["w"].astype(np.float64)
+    for t in range(1, 8):
+        opt.step({"w": rng.normal(size=(3, 2)).astype(np.float32)})
+        b = min(0.5, (1 + t) / (10 + t))  # warm-up first, then the decay caps it
+        expected = b * expected + (1 - b) * p["w"]
+    assert opt.average["w"].dtype == np.float32 and opt.steps == 7
+    np.testing.assert_allclose(opt.average["w"], expected, rtol=1e-6)
+    raw = p["w"].copy()
+    assert not np.allclose(raw, expected)
+    with opt.swapped():
+        np.testing.assert_array_equal(p["w"], opt.average["w"])
+    np.testing.assert_array_equal(p["w"], raw)  # the raw weights go on training
+    opt.lr = 0.05
+    assert opt.optimizer.lr == 0.05
+
+
+def test_averaged_state_round_trips_and_a_foreign_state_is_refused() -> None:
+    from symdiff.errors import SymdiffError
+    from symdiff.optim import Adam, Averaged
+
+    rng = np.random.default_rng(1)
+    p = {"w": rng.normal(size=(2, 2))}
+    opt = Averaged(Adam(p, lr=0.01), decay=0.9)
+    for _ in range(3):
+        opt.step({"w": rng.normal(size=(2, 2))})
+    state = opt.state_dict()
+    assert state["average_steps"] == 3 and "average/w" in state and "step/w" in state
+    other = Averaged(Adam({"w": p["w"].copy()}, lr=0.01), decay=0.9)
+    other.load_state_dict(state)
+    assert other.steps == 3 and np.array_equal(other.average["w"], opt.average["w"])
+    assert all(np.array_equal(np.asarray(v), np.asarray(other.state_dict()[k])) for k, v in state.items())
+    fresh = Averaged(Adam({"w": p["w"].copy()}, lr=0.01), decay=0.9)
+    start = fresh.average["w"].copy()
+    with pytest.raises(SymdiffError, match="state does not match Averaged"):
+        fresh.load_state_dict({k: v for k, v in state.items() if k != "average_steps"})
+    with pytest.raises(SymdiffError, match="state does not match Adam"):  # inner keys checked before any change
+        fresh.load_state_dict({k: v for k, v in state.items() if k != "step/w"})
+    assert fresh.steps == 0 and np.array_equal(fresh.average["w"], start)  # a refused state changes nothing
+    with pytest.raises(SymdiffError, match="decay must be in"):
+        Averaged(Adam({"w": np.zeros(2)}), decay=1.0)

@@ -24,13 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = ("mlp", "lstm")
 # The seed's hyperparameters, written out: --preset seed (and no --preset) must give exactly these.
 SEED = dict(max_len=10, num_hid=50, batch_size=64, epochs=15, dtype="float64", optimizer="sgd", momentum=0.9,
-            weight_decay=0.0, clip=None, schedule="constant", patience=None)
+            weight_decay=0.0, clip=None, schedule="constant", patience=None, average=None)
 # --preset best, written out as README.md ("Better than the seed") and docs/tuning.md give it.
 BEST = {
     "mlp": dict(optimizer="adamw", init_lr=0.006, weight_decay=0.3, num_hid=128, max_len=25, batch_size=128,
-                epochs=30, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None),
+                epochs=30, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None,
+                average=None),
     "lstm": dict(optimizer="adam", init_lr=0.01, weight_decay=0.0, num_hid=64, max_len=30, batch_size=64,
-                 epochs=20, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None),
+                 epochs=20, schedule="plateau", patience=2, dtype="float32", momentum=0.9, clip=None,
+                 average=None),
 }
 
 

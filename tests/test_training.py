@@ -406,3 +406,14 @@ def test_trainer_says_native_code_is_off_when_it_is_switched_off(demo: D.Dataset
     finally:
         native.set_enabled(None)
     assert line.startswith("fused, numpy kernels, native code off (SYMDIFF_NATIVE=0"), line
+
+
+def test_average_evaluates_and_keeps_the_weights_moving_average(demo: D.Dataset) -> None:
+    """--average: the validation loss and the kept best parameters are the average's, not the last step's."""
+    trainer, result = train_in_process("mlp", demo, epochs=1, average=0.9)
+    live = {n: a.copy() for n, a in trainer.model.params.items()}
+    assert any(not np.array_equal(live[n], result.best_params[n]) for n in live)
+    trainer.model.set_params(result.best_params)
+    assert trainer.evaluate("valid").loss == result.epochs[0].valid_loss
+    plain_trainer, plain = train_in_process("mlp", demo, epochs=1)
+    assert all(np.array_equal(a, plain.best_params[n]) for n, a in plain_trainer.model.params.items())
