@@ -176,7 +176,7 @@ TUNE_PRUNERS = ("median", "halving", "none")  # models/tune.py's make_pruner bui
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     """``symdiff tune``'s flags (the study logic is in models/tune.py)."""
     one_line_errors(p)
-    p.add_argument("model", choices=("mlp", "lstm", "gru", "bilstm", "attention", "bilstm_max"))  # models/tune.py SEARCH_SPACES
+    p.add_argument("model", choices=("mlp", "lstm", "gru", "bilstm", "attention", "lstm_max"))  # models/tune.py SEARCH_SPACES
     p.add_argument("--trials", type=positive_int, default=20,
                    help="trials this command runs, split over its workers (default 20)")
     p.add_argument("--storage", default=None, metavar="URL_OR_PATH",

@@ -34,7 +34,7 @@ import numpy as np
 
 from .flags import PRESET_KEYS
 
-SHIPPED = ("mlp", "lstm", "gru", "bilstm", "attention", "bilstm_max")  # models/<name>.py, trainable by name
+SHIPPED = ("mlp", "lstm", "gru", "bilstm", "attention", "lstm_max")  # models/<name>.py, trainable by name
 _HERE = Path(__file__).resolve().parent
 _STEP = re.compile(r"x(\d+)")
 

@@ -17,7 +17,7 @@ from models import loader
 from models.training import build_model, load_model
 
 REPO = Path(__file__).resolve().parents[1]
-NEW = ("gru", "bilstm", "attention", "bilstm_max")
+NEW = ("gru", "bilstm", "attention", "lstm_max")
 SMALL = ["--epochs", "1", "--num_hid", "6", "--max_len", "6"]
 
 # A small model file in the documented form (the README shows a longer one, checked below).
@@ -138,26 +138,27 @@ def test_attention_pools_states_by_softmax_of_query_times_states() -> None:
     np.testing.assert_allclose(values["pooled"], np.einsum("nm,nmh->nh", alpha, H), rtol=1e-12)
 
 
-def test_bilstm_max_pools_each_units_maximum_and_padding_changes_nothing() -> None:
-    """Pb/Pf are each unit's maximum over its direction's states; more padding after the titles
-    (a longer max_len, same parameters) leaves the states, the pooling and the outputs as they were."""
+def test_lstm_max_pools_each_units_maximum_and_padding_changes_nothing() -> None:
+    """pooled is each unit's maximum over the states; more padding after the titles (a longer
+    max_len, same parameters) leaves the pooling and the outputs as they were."""
     from symdiff import Autograd
 
     rng = np.random.default_rng(4)
     codes = rng.integers(0, 7, size=(6, 5))
     codes[np.arange(5)[None, :] >= rng.integers(0, 5, size=6)[:, None]] = -1  # lengths 0-4, then pads
-    outputs = []
+    outputs, pooled = [], []
     for M in (5, 8):
-        model = build_model("bilstm_max", dict(max_len=M, num_chars=7, num_hid=4, num_labels=3), seed=2,
+        model = build_model("lstm_max", dict(max_len=M, num_chars=7, num_hid=4, num_labels=3), seed=2,
                             dtype=np.float64)
         padded = np.pad(codes, ((0, 0), (0, M - 5)), constant_values=-1)
         xm = model.xm
         values = Autograd(xm).eval(xm.operationSequence(xm.register("loss")),
                                    {**model.params, **model.feed(padded), "y": np.eye(3)[np.arange(6) % 3]})
-        for d in ("b", "f"):
-            states = np.stack([values[f"{d}wh{t + 1}"] for t in range(M)], axis=1)   # N x M x h
-            np.testing.assert_array_equal(values[f"P{d}"], states.max(axis=1))
+        states = np.stack([values[f"h{t + 1}"] for t in range(M)], axis=1)   # N x M x h
+        np.testing.assert_array_equal(values["pooled"], states.max(axis=1))
         outputs.append(values["outputs"])
+        pooled.append(values["pooled"])
+    np.testing.assert_allclose(pooled[0], pooled[1], rtol=1e-12)
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-12)
 
 
