@@ -251,3 +251,18 @@ def test_running_trials_of_live_workers_and_other_hosts_are_left_alone(tmp_path:
     if TU.process_start(os.getpid()) is not None:
         assert TU.fail_trials_of_dead_workers(study) == {here.number: os.getpid()}
         assert [t.state.name for t in study.get_trials()][:3] == ["FAIL", "RUNNING", "RUNNING"]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm_max"])
+def test_the_printed_train_command_is_one_the_cli_accepts(kind: str) -> None:
+    """`symdiff gru` is no command: models without one of their own are trained by `symdiff train`."""
+    import shlex
+
+    import cli
+    from models import tune
+
+    line = tune.train_command(kind, "demo", 3, {"init_lr": 0.01, "num_hid": 32, "average": 0.998})
+    argv = shlex.split(line)[1:]
+    args = vars(cli.build_parser().parse_args(argv))
+    assert args["num_hid"] == 32 and args["epochs"] == 3 and args["average"] == 0.998
+    assert args.get("model", kind) == kind
