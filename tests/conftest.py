@@ -11,9 +11,11 @@ folder. Under pytest-xdist the controller does this once and its workers inherit
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +35,23 @@ def _clean_environment() -> None:
 
 
 _clean_environment()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under mutmut, a mutant's tests run cheapest first, so a killed mutant costs its cheapest failing test.
+
+    mutmut runs a mutant's tests with ``-x`` in the order it lists them (a set's order) and records each
+    test's duration in ``mutants/mutmut-stats.json`` (this file's copy lives in ``mutants/tests/``).
+    Outside mutation testing (no mutant under test, or no such file) the order is left to pytest.
+    """
+    if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+        return
+    try:
+        durations = json.loads((Path(__file__).resolve().parent.parent / "mutmut-stats.json").read_text("utf-8"))
+        durations = durations["duration_by_test"]
+    except (OSError, ValueError, KeyError):
+        return
+    items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -86,3 +86,32 @@ def test_input_dict_passes_a_default_without_copy_as_it_is():
     xm.loss = f.mean(f.square(xm.s))
     xm.setup()
     assert xm.inputDict() == {"s": 2.5}
+
+
+def test_register_arithmetic_computes_what_numpy_does():
+    """``-a``, ``a - 2``, ``a - b``, ``a / b``, ``a / 2``, ``a ** 3``: values and the op each makes."""
+    from symdiff import Autograd
+
+    rng = np.random.default_rng(0)
+    av, bv = rng.uniform(0.5, 2.0, (2, 3)), rng.uniform(0.5, 2.0, (2, 3))
+    xm = XMan()
+    xm.a = f.input(name="a", default=av)
+    xm.b = f.input(name="b", default=bv)
+    xm.neg = -xm.a
+    xm.minus_number = xm.a - 2.5
+    xm.minus_register = xm.a - xm.b
+    xm.over_register = xm.a / xm.b
+    xm.over_number = xm.a / 4.0
+    xm.cube = xm.a ** 3
+    xm.loss = f.mean(xm.neg + xm.minus_number + xm.minus_register + xm.over_register + xm.over_number + xm.cube)
+    xm.setup()
+    assert xm.register("neg").op.name == "negate"
+    assert xm.register("minus_register").op.name == "subtract"
+    assert xm.register("over_register").op.name == "divide"
+    values = Autograd(xm).eval(xm.operationSequence(xm.loss), xm.inputDict())
+    np.testing.assert_allclose(values["neg"], -av, rtol=1e-15)
+    np.testing.assert_allclose(values["minus_number"], av - 2.5, rtol=1e-15)
+    np.testing.assert_allclose(values["minus_register"], av - bv, rtol=1e-15)
+    np.testing.assert_allclose(values["over_register"], av / bv, rtol=1e-15)
+    np.testing.assert_allclose(values["over_number"], av / 4.0, rtol=1e-15)
+    np.testing.assert_allclose(values["cube"], av ** 3, rtol=1e-13)

@@ -51,3 +51,17 @@ def test_sum_to_shape(grad, shape, want):
     got = sum_to_shape(grad, shape, np.float32)
     assert got.shape == want.shape and got.dtype == np.float32
     np.testing.assert_array_equal(got, want)
+
+
+def test_an_on_demand_instance_is_made_once_and_then_found():
+    from symdiff.registry import instance
+
+    made = []
+
+    def make() -> Op:
+        made.append(1)
+        return Op("registry_instance_probe", 1, lambda x: x, (lambda d, o, x: d,))
+
+    first = instance("registry_instance_probe", make)
+    assert instance("registry_instance_probe", make) is first and len(made) == 1
+    assert get_op("registry_instance_probe") is first
