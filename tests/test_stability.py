@@ -273,3 +273,43 @@ def test_only_exactly_one_plus_exp_is_rewritten():
     for name, (expr, want) in cases.items():
         op = defop(name, expr, args=[x, y])
         np.testing.assert_allclose(op.forward(xs, ys), want, rtol=1e-14, err_msg=name)
+
+
+# ---- the building blocks by themselves (killing sampled mutants, docs/testing.md) --------------------
+def test_derivatives_of_the_stable_functions_are_the_textbook_ones():
+    from symdiff.stable import LogAddExp, Sech2
+
+    a, b, u = sp.symbols("a b u", real=True)
+    assert sp.diff(LogAddExp(a, b), a) == Sigmoid(a - b)
+    assert sp.diff(LogAddExp(a, b), b) == Sigmoid(b - a)
+    assert sp.diff(Sech2(u), u) == -2 * sp.tanh(u) * Sech2(u)
+
+
+def test_xlogx_is_zero_at_zero_float_and_silent():
+    from symdiff.stable import _xlogx
+
+    u = np.array([0.0, 0.5, 2.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = _xlogx(u)
+    assert r.dtype == np.float64
+    np.testing.assert_array_equal(r, [0.0, 0.5 * np.log(0.5), 2.0 * np.log(2.0)])
+
+
+def test_rules_in_reads_the_rules_a_label_names():
+    from symdiff.stable import RULES, rules_in
+
+    assert [r.name for r in rules_in("rule:expm1|out")] == ["expm1"]
+    assert {r.name for r in rules_in("rule:log1p|rule:expm1")} == {"expm1", "log1p"}
+    assert rules_in("all rules") == RULES and rules_in("out") == ()
+
+
+def test_taylor_fallback_keeps_every_term_and_refuses_what_is_no_polynomial():
+    from symdiff.stable import Taylor, taylor_fallback
+
+    u = sp.Symbol("u", real=True)
+    t = taylor_fallback(sp.Integer(0), (sp.exp(u) - 1 - u) / u**2, u, 1e-3)
+    assert isinstance(t, Taylor) and sp.Poly(sp.expand(t.args[2]), u).degree() > 8  # 18 terms, not SymPy's 6
+    const = taylor_fallback(sp.Integer(0), sp.Integer(3) + 0 * u, u, 1e-3)
+    assert isinstance(const, Taylor) and isinstance(const.args[2], sp.Float) and float(const.args[2]) == 3.0
+    assert taylor_fallback(sp.sqrt(u), sp.sqrt(u), u, 1e-3) is None
