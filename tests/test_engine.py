@@ -794,3 +794,42 @@ def test_a_wengert_list_rebuilt_every_step_is_compiled_once():
         assert ad.compile(w) is first
         ad.bprop(w, ad.eval(w, xm.inputDict()), loss=np.float64(1.0))
     assert ad.forward_steps == 5 * len(first.steps)
+
+
+# ---- messages the sampled mutants changed unnoticed (docs/testing.md) ----------------------------------
+def test_bprop_without_a_seed_says_how_to_give_one():
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.ones(3))
+    xm.loss = f.mean(f.tanh(xm.a))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    ad = Autograd(xm)
+    with pytest.raises(symdiff.GraphError,
+                       match=r"^bprop needs the output to differentiate, e\.g\. bprop\(w, values, loss=np\.float64\(1\.0\)\)$"):
+        ad.bprop(w, ad.eval(w, xm.inputDict()))
+
+
+def test_a_failing_backward_kernel_is_named_with_its_phase():
+    def broken(delta, out, x):
+        raise ValueError("planted failure")
+
+    register(Op("engine_broken_backward", 1, np.tanh, (broken,)))
+    xm = XMan()
+    xm.W = f.param(name="W", default=np.ones(3))
+    xm.loss = f.mean(f.engine_broken_backward(xm.W))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    ad = Autograd(xm, fuse=False)
+    values = ad.eval(w, xm.inputDict())
+    with pytest.raises(symdiff.SymdiffError, match=r"^backward of op 'engine_broken_backward' computing register "
+                                                   r".*failed for inputs W\(3,\): planted failure"):
+        ad.bprop(w, values, loss=np.float64(1.0))
+
+
+def test_a_program_without_an_xman_lists_its_inputs_for_an_unknown_name():
+    from symdiff.autograd import Counters, Program
+    from symdiff.graph import Step
+
+    program = Program([Step("h", "tanh", ("a",))], (), Counters(), False)
+    with pytest.raises(symdiff.UnknownNameError, match=r"^unknown input 'zzz': .* Known inputs: a\.$"):
+        program.forward({"zzz": np.ones(2)})
