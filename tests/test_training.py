@@ -417,3 +417,22 @@ def test_average_evaluates_and_keeps_the_weights_moving_average(demo: D.Dataset)
     assert trainer.evaluate("valid").loss == result.epochs[0].valid_loss
     plain_trainer, plain = train_in_process("mlp", demo, epochs=1)
     assert all(np.array_equal(a, plain.best_params[n]) for n, a in plain_trainer.model.params.items())
+
+
+def test_an_epochs_train_loss_is_the_row_weighted_mean_of_its_batch_losses(demo: D.Dataset) -> None:
+    class Batches(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.losses: list[float] = []
+
+        def batch(self, epoch: int, k: int, loss: float) -> None:
+            self.losses.append(loss)
+
+    config = T.TrainConfig(num_hid=8, epochs=1, init_lr=DEFAULT_LR["mlp"], batch_size=64)
+    dims = dict(max_len=config.max_len, num_chars=demo.vocab.num_chars, num_hid=8, num_labels=demo.vocab.num_labels)
+    rec = Batches()
+    result = T.Trainer(T.build_model("mlp", dims, seed=config.seed), demo, config).train(rec, T.StopFlag())
+    n = len(demo.train)
+    sizes = [64] * (n // 64) + ([n % 64] if n % 64 else [])
+    assert len(rec.losses) == len(sizes) > 1 and sizes[-1] != 64  # a short last batch: weights matter
+    np.testing.assert_allclose(result.epochs[0].train_loss, np.dot(rec.losses, sizes) / n, rtol=1e-12)
