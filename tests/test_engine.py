@@ -833,3 +833,17 @@ def test_a_program_without_an_xman_lists_its_inputs_for_an_unknown_name():
     program = Program([Step("h", "tanh", ("a",))], (), Counters(), False)
     with pytest.raises(symdiff.UnknownNameError, match=r"^unknown input 'zzz': .* Known inputs: a\.$"):
         program.forward({"zzz": np.ones(2)})
+
+
+def test_vector_dot_vector_gradients_are_the_other_vector():
+    av, bv = np.array([0.5, 2.0, 3.0]), np.array([4.0, -1.0, 0.25])
+    xm = XMan()
+    xm.a = f.param(name="a", default=av.copy())
+    xm.b = f.param(name="b", default=bv.copy())
+    xm.loss = xm.a @ xm.b
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    ad = Autograd(xm, passes=(), fuse=False)
+    grads = ad.bprop(w, ad.eval(w, xm.inputDict()), loss=np.float64(1.0))
+    np.testing.assert_allclose(grads["a"], bv, rtol=1e-15)
+    np.testing.assert_allclose(grads["b"], av, rtol=1e-15)

@@ -89,7 +89,7 @@ def test_input_dict_passes_a_default_without_copy_as_it_is():
 
 
 def test_register_arithmetic_computes_what_numpy_does():
-    """``-a``, ``a - 2``, ``a - b``, ``a / b``, ``a / 2``, ``a ** 3``: values and the op each makes."""
+    """``-a``, ``a + 1.5``, ``a - 2``, ``a - b``, ``a / b``, ``a / 2``, ``a ** 3``: values and the op each makes."""
     from symdiff import Autograd
 
     rng = np.random.default_rng(0)
@@ -103,7 +103,8 @@ def test_register_arithmetic_computes_what_numpy_does():
     xm.over_register = xm.a / xm.b
     xm.over_number = xm.a / 4.0
     xm.cube = xm.a ** 3
-    xm.loss = f.mean(xm.neg + xm.minus_number + xm.minus_register + xm.over_register + xm.over_number + xm.cube)
+    xm.plus_number = xm.a + 1.5
+    xm.loss = f.mean(xm.plus_number + xm.neg + xm.minus_number + xm.minus_register + xm.over_register + xm.over_number + xm.cube)
     xm.setup()
     assert xm.register("neg").op.name == "negate"
     assert xm.register("minus_register").op.name == "subtract"
@@ -115,3 +116,4 @@ def test_register_arithmetic_computes_what_numpy_does():
     np.testing.assert_allclose(values["over_register"], av / bv, rtol=1e-15)
     np.testing.assert_allclose(values["over_number"], av / 4.0, rtol=1e-15)
     np.testing.assert_allclose(values["cube"], av ** 3, rtol=1e-13)
+    np.testing.assert_allclose(values["plus_number"], av + 1.5, rtol=1e-15)

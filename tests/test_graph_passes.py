@@ -148,3 +148,11 @@ def test_graph_passes_extend_the_training_defaults():
     from symdiff.passes import DEFAULT_PASSES
 
     assert GRAPH_PASSES[:len(DEFAULT_PASSES)] == DEFAULT_PASSES and "sum_products" in GRAPH_PASSES
+
+
+def test_a_blockmap_describes_its_runs_of_blocks():
+    from symdiff.ops import BlockMap
+
+    assert BlockMap(("sigmoid", "sigmoid", "sigmoid", "tanh")).describe() == (
+        "sigmoid on blocks 0-2; tanh on block 3 of the stacked input, one call per run; "
+        "gradients from each op's own kernel")
