@@ -117,3 +117,16 @@ def test_register_arithmetic_computes_what_numpy_does():
     np.testing.assert_allclose(values["over_number"], av / 4.0, rtol=1e-15)
     np.testing.assert_allclose(values["cube"], av ** 3, rtol=1e-13)
     np.testing.assert_allclose(values["plus_number"], av + 1.5, rtol=1e-15)
+
+
+def test_a_register_refuses_to_combine_with_what_is_not_a_number():
+    import pytest
+
+    from symdiff import GraphError
+
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.ones(2))
+    with pytest.raises(GraphError, match=r"^cannot combine register a with a str \(add\): only numbers and registers"):
+        xm.a + "1"
+    with pytest.raises(GraphError, match=r"^cannot combine register a with an array \(mul\)"):
+        xm.a * np.ones(2)
