@@ -130,3 +130,14 @@ def test_a_register_refuses_to_combine_with_what_is_not_a_number():
         xm.a + "1"
     with pytest.raises(GraphError, match=r"^cannot combine register a with an array \(mul\)"):
         xm.a * np.ones(2)
+
+
+def test_f_gives_families_with_static_arguments_before_ops_of_the_same_name():
+    from symdiff import Autograd
+
+    xm = XMan()
+    xm.a = f.input(name="a", default=np.arange(6.0).reshape(2, 3))
+    xm.s = f.sum(xm.a, axis=1)  # the family takes axis=; a plain op would not
+    xm.setup()
+    values = Autograd(xm).eval(xm.operationSequence(xm.s), xm.inputDict())
+    np.testing.assert_array_equal(values["s"], [3.0, 12.0])
