@@ -3,7 +3,7 @@
 Why a sample: mutmut 3.8.1 generates about 6,400 mutants for ``only_mutate`` (setup.cfg); on the
 team's shared 2-core machine a mutant costs 5-30 s, so the whole set is a day of CPU. A uniform
 random sample (fixed seed, stratified by module: the same fraction of every module) estimates the
-score with a stated confidence interval in about an hour. docs/testing.md reports the result.
+score with a stated confidence interval in one to two hours. docs/testing.md reports the result.
 
 Population ("the engine core"): every mutant of symdiff/{registry,graph,stable,declare,ops,autograd,
 passes,fusion}.py plus the training loop (the methods of ``models.training.Trainer``); the rest of
@@ -67,13 +67,21 @@ def generate() -> None:
     import mutmut.__main__ as mm  # imported here: ``score`` works without generating again
 
     os.chdir(ROOT)
-    mm.set_mutant_under_test("mutant_generation")
-    MUTANTS.mkdir(exist_ok=True)
-    mm.copy_src_dir()
-    mm.copy_also_copy_files()
-    mm.setup_source_paths()
-    mm.store_lines_covered_by_tests()
-    mm.create_mutants(os.cpu_count() or 2)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)  # mutmut (and its worker processes) print every file: keep stdout for the names
+    try:
+        mm.set_mutant_under_test("mutant_generation")
+        MUTANTS.mkdir(exist_ok=True)
+        mm.copy_src_dir()
+        mm.copy_also_copy_files()
+        mm.setup_source_paths()
+        mm.store_lines_covered_by_tests()
+        mm.create_mutants(os.cpu_count() or 2)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def all_results() -> dict[str, int | None]:
