@@ -265,7 +265,10 @@ def _print_accuracy() -> None:
     console.print(table)
     points = reports[0].rows[0].numpy.points if reports else 0
     console.print(f"[dim]about {points} points per op (log-uniform over all doubles and over moderate values, "
-                  f"zeros, points near cancellations; other points than the declaration chose on); compiled kernels: "
+                  f"zeros, points near cancellations; other points than the declaration chose on; ops with special "
+                  f"functions: |x| <= 64, fewer points, a time budget per truth); form 'given': a derivative op of "
+                  f"a gradient graph (with --order N, each order's op is listed), whose forward is its op's chosen "
+                  f"derivative and whose own derivative was chosen by measurement; compiled kernels: "
                   f"{escape('; '.join(sorted(statuses)))}[/]", highlight=False)
 
 
@@ -677,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = command("ops", defaults_in_help=False, help="list every primitive with its SymPy expression and generated derivatives")
     o.add_argument("--accuracy", action="store_true",
                    help="also measure every declared op and derivative against mpmath: bits of error as written "
-                        "and as run (numpy and compiled kernels), and the form chosen (takes a few seconds)")
+                        "and as run (numpy and compiled kernels), and the form chosen (takes a few seconds); "
+                        "with --order N also the derivative ops of every order up to N")
     o.add_argument("--wengert", choices=SHIPPED, help="also print a small model's Wengert list")
     o.add_argument("--fused", choices=SHIPPED,
                    help="also print a small model's step list after the graph rewrites and its fused kernels")

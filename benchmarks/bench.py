@@ -36,7 +36,7 @@ import models  # noqa: F401,I001  (first: one BLAS thread for engine and referen
 import numpy as np
 
 from benchmarks import handfused, reference as R
-from symdiff import native
+from symdiff import fusion, native
 from models import data as D
 from models.training import DEFAULT_LR, QuietReporter, StopFlag, Trainer, TrainConfig, build_model
 
@@ -80,6 +80,10 @@ def agreement(kind: str, ds: D.Dataset) -> float:
     return max(float(np.max(np.abs(start[n] - a))) for n, a in trainer.model.params.items())
 
 
+#: the engine with fused kernels differentiating σ and tanh exactly (see symdiff.fusion.FUSED_DERIVATIVES)
+EXACT = "engine, exact σ'/tanh'"
+
+
 def time_model(kind: str, ds: D.Dataset, repeats: int) -> list[dict[str, Any]]:
     rows = []
     y64 = np.eye(ds.vocab.num_labels)[ds.train.label_ids]
@@ -90,6 +94,12 @@ def time_model(kind: str, ds: D.Dataset, repeats: int) -> list[dict[str, Any]]:
             variants["engine --no-fuse"] = _engine(kind, ds, dtype, dense=False, fuse=False)
             if native.enabled():  # the engine on a machine without a C compiler (numpy kernels only)
                 variants["engine --no-native"] = _engine(kind, ds, dtype, dense=False, native=False)
+            if kind == "lstm":  # fused kernels' σ', tanh' as the ops' exact forms (fusion.FUSED_DERIVATIVES)
+                chosen, fusion.FUSED_DERIVATIVES = fusion.FUSED_DERIVATIVES, "exact"
+                try:  # the program's fused kernels are made when it compiles, here
+                    variants[EXACT] = _engine(kind, ds, dtype, dense=False)
+                finally:
+                    fusion.FUSED_DERIVATIVES = chosen
         ref_params = {n: a.copy() for n, a in variants["engine"].model.params.items()}
         codes = variants["engine"].codes["train"]
         y = y64.astype(dtype)

@@ -26,6 +26,7 @@ SymPy and mpmath) and imports no other symdiff module.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -39,6 +40,8 @@ TINY = float(np.finfo(np.float64).tiny)
 #: far outside float64 either way (exp(1e308) is still kept exactly: log(exp(x) + exp(y)) needs it)
 _CLAMP_MAG = 1 << 1100
 _MAX_PREC = 1 << 14
+#: the precision cap of a truth computed under a time budget (see :func:`truth`)
+BUDGET_PREC = 1 << 12
 
 
 # --------------------------------------------------------------------------------------
@@ -120,8 +123,9 @@ def _mag(x: Any) -> int:
     return exp + bc if man else -(1 << 62)
 
 
-def _exp(x: Any) -> Any:
-    """exp for any magnitude: e^x = 2^n e^r with r = x - n ln 2 (mpmath's own is slow for |x| > 1e6)."""
+def mp_exp(x: Any) -> Any:
+    """exp for any magnitude: e^x = 2^n e^r with r = x - n ln 2 (mpmath's own is slow for |x| > 1e6:
+    seconds per call at 1e300, which made measuring a sigmoid's derivatives take minutes)."""
     if not mpmath.isfinite(x) or _mag(x) < 20:
         return mpmath.exp(x)
     if _mag(x) > 1090:  # e^x beyond 2^(2^1090): no double is near it
@@ -140,7 +144,7 @@ def _periodic(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _tanh(x: Any) -> Any:
-    return mpmath.sign(x) * (1 - 2 / (_exp(2 * abs(x)) + 1)) if _mag(x) > 6 else mpmath.tanh(x)
+    return mpmath.sign(x) * (1 - 2 / (mp_exp(2 * abs(x)) + 1)) if _mag(x) > 6 else mpmath.tanh(x)
 
 
 def _heaviside(x: Any, h0: Any = mpmath.mpf(0.5)) -> Any:
@@ -159,9 +163,9 @@ def _pow(b: Any, e: Any) -> Any:
 
 #: SymPy function -> mpmath function (the stable functions add themselves via MPMATH_FUNCTIONS)
 MPMATH_FUNCTIONS: dict[type, Callable[..., Any]] = {
-    sp.exp: _exp, sp.log: _log, sp.sin: _periodic(mpmath.sin), sp.cos: _periodic(mpmath.cos),
-    sp.tan: _periodic(mpmath.tan), sp.sinh: lambda x: (_exp(x) - _exp(-x)) / 2,
-    sp.cosh: lambda x: (_exp(x) + _exp(-x)) / 2, sp.tanh: _tanh, sp.asin: mpmath.asin,
+    sp.exp: mp_exp, sp.log: _log, sp.sin: _periodic(mpmath.sin), sp.cos: _periodic(mpmath.cos),
+    sp.tan: _periodic(mpmath.tan), sp.sinh: lambda x: (mp_exp(x) - mp_exp(-x)) / 2,
+    sp.cosh: lambda x: (mp_exp(x) + mp_exp(-x)) / 2, sp.tanh: _tanh, sp.asin: mpmath.asin,
     sp.acos: mpmath.acos, sp.atan: mpmath.atan, sp.asinh: mpmath.asinh, sp.acosh: mpmath.acosh,
     sp.atanh: mpmath.atanh, sp.erf: mpmath.erf, sp.erfc: mpmath.erfc, sp.Abs: mpmath.fabs,
     sp.sign: mpmath.sign, sp.atan2: mpmath.atan2, sp.sec: mpmath.sec, sp.csc: mpmath.csc,
@@ -271,23 +275,25 @@ def _extra_bits(xs: Sequence[float]) -> int:
     return 2 * k
 
 
-def _eval_adaptive(fn: MpFn, xs: Sequence[float]) -> float:
-    """The double nearest ``fn(xs)``: precision doubled until two evaluations agree."""
-    prec = 80 + _extra_bits(xs)
+def _eval_adaptive(fn: MpFn, xs: Sequence[float], max_prec: int = _MAX_PREC) -> float:
+    """The double nearest ``fn(xs)``: precision doubled until two evaluations agree (or ``max_prec``)."""
+    prec = min(80 + _extra_bits(xs), max_prec // 2)
     prev: float | None = None
     while True:
-        _checks[0] = prec < _MAX_PREC
+        _checks[0] = prec < max_prec
         try:
             with mpmath.workprec(prec):
                 v = _to_double(fn([mpmath.mpf(x) for x in xs]))
         except _NeedMore as more:
-            prev, prec = None, min(max(2 * prec, more.bits), _MAX_PREC)
+            prev, prec = None, min(max(2 * prec, more.bits), max_prec)
             continue
         finally:
             _checks[0] = True
-        if (prev is not None and _same(v, prev)) or prec >= _MAX_PREC:
+        if prev is not None and _same(v, prev):
             return v
-        prev, prec = v, min(2 * prec, _MAX_PREC)
+        if prec >= max_prec:  # not settled: the last value, or none under a budget's lower cap
+            return v if max_prec >= _MAX_PREC else math.nan
+        prev, prec = v, min(2 * prec, max_prec)
 
 
 def _limit(fn: MpFn, xs: Sequence[float]) -> float:
@@ -308,17 +314,30 @@ def _limit(fn: MpFn, xs: Sequence[float]) -> float:
     return sides[0] if _same(sides[0], sides[1]) else math.nan
 
 
-def truth(expr: sp.Expr, args: Sequence[sp.Symbol], points: Sequence[np.ndarray]) -> np.ndarray:
+def truth(expr: sp.Expr, args: Sequence[sp.Symbol], points: Sequence[np.ndarray],
+          deadline: float | None = None) -> np.ndarray:
     """The correctly rounded float64 value of ``expr`` at each point (NaN where undefined).
 
     Where the expression has no value at a point but the same value on both sides
     (0/0 of ``x/(exp(x)-1)`` at 0, ``x*log(x)`` at 0) that limit is the truth.
+    ``deadline`` (a :func:`time.monotonic` value): points are evaluated in a shuffled
+    (fixed) order, and those not reached by then are left NaN, i.e. not measured — a
+    time budget that still leaves a sample spread over the whole domain. With a deadline
+    the working precision also stops at :data:`BUDGET_PREC` bits and removable
+    singularities get no limit (mpmath's Bessel functions at thousands of bits took
+    seconds per point): a point whose value has not settled by then is not measured.
     """
     fn = mp_compile(sp.sympify(expr), args)
     cols = [np.broadcast_to(np.asarray(p, dtype=np.float64), np.shape(points[0])).ravel() for p in points]
-    out = np.empty(cols[0].size if cols else 1)
-    for i in range(out.size):
+    out = np.full(cols[0].size if cols else 1, np.nan)
+    order = np.random.default_rng(0).permutation(out.size) if deadline is not None else range(out.size)
+    for i in order:
+        if deadline is not None and time.monotonic() > deadline:
+            break
         xs = [float(c[i]) for c in cols]
+        if deadline is not None:
+            out[i] = _eval_adaptive(fn, xs, BUDGET_PREC)
+            continue
         v = _eval_adaptive(fn, xs)
         if math.isnan(v) and all(math.isfinite(x) for x in xs):
             v = _limit(fn, xs)
@@ -390,18 +409,38 @@ def _scan_points(expr: sp.Expr, args: Sequence[sp.Symbol], base: Sequence[float]
     return found
 
 
-def sample(expr: "sp.Expr | Sequence[sp.Expr]", args: Sequence[sp.Symbol], n: int = 400, seed: int = 0) -> tuple[np.ndarray, ...]:
+def has_special(e: "sp.Expr | Sequence[sp.Expr]") -> bool:
+    """Whether ``e`` has a special function (Bessel, gamma, erf, ...; not Heaviside or DiracDelta).
+
+    Such expressions are measured on a bounded domain (:data:`SPECIAL_MAX_LOG2`) with fewer
+    points: mpmath's Bessel functions at arguments near 1e308 take minutes per point.
+    """
+    exprs = [e] if isinstance(e, sp.Basic) else list(e)
+    return any(type(f).__module__.startswith("sympy.functions.special")
+               and not type(f).__module__.endswith("delta_functions")
+               for x in exprs for f in sp.sympify(x).atoms(sp.Function))
+
+
+#: expressions with special functions are sampled with |x| ≤ 2^SPECIAL_MAX_LOG2 (= 64), at most
+#: SPECIAL_POINTS points (README, "Accuracy by measurement": the limits)
+SPECIAL_MAX_LOG2 = 6.0
+SPECIAL_POINTS = 120
+
+
+def sample(expr: "sp.Expr | Sequence[sp.Expr]", args: Sequence[sp.Symbol], n: int = 400, seed: int = 0,
+           max_log2: float = 1023.9) -> tuple[np.ndarray, ...]:
     """About ``n`` points (one array per argument) spread over ``expr``'s domain, deterministic per seed.
 
     A third log-uniform over every double magnitude (2^-1074 .. 2^1024), a third
     log-uniform over moderate ones (2^-40 .. 2^12), the rest special values (0, ±1,
     small integers, points near cancellations); with two or more arguments also pairs
-    that nearly cancel (y = ±x(1 + 2^-k)).
+    that nearly cancel (y = ±x(1 + 2^-k)). ``max_log2`` bounds every magnitude
+    (special functions: :data:`SPECIAL_MAX_LOG2`).
     """
     rng = np.random.default_rng(seed)
     k = len(args)
-    wide = [_log_uniform(rng, n // 3, -1074, 1023.9) for _ in range(k)]
-    moderate = [_log_uniform(rng, n // 3, -40, 12) for _ in range(k)]
+    wide = [_log_uniform(rng, n // 3, -1074, max_log2) for _ in range(k)]
+    moderate = [_log_uniform(rng, n // 3, -40, min(12.0, max_log2)) for _ in range(k)]
     special = np.array([0.0, 1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 3.0, -3.0, 10.0, -10.0, 30.0, -30.0, 700.0,
                         -700.0, 710.0, -710.0, 745.0, -745.0, 5e-324, -5e-324, TINY, -TINY])
     cols = [np.concatenate([w, m]) for w, m in zip(wide, moderate)]
@@ -422,7 +461,11 @@ def sample(expr: "sp.Expr | Sequence[sp.Expr]", args: Sequence[sp.Symbol], n: in
     exprs = [expr] if isinstance(expr, sp.Basic) else list(expr)
     for block in (b for e in exprs for b in _scan_points(sp.sympify(e), args, base)):
         cols = [np.concatenate([c, b]) for c, b in zip(cols, block)]
-    return tuple(np.asarray(c, dtype=np.float64) for c in cols)
+    out = tuple(np.asarray(c, dtype=np.float64) for c in cols)
+    if max_log2 < 1023.9:
+        keep = np.all([np.abs(c) <= 2.0**max_log2 for c in out], axis=0)
+        out = tuple(c[keep] for c in out)
+    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ C_PRELUDE = "\n".join([
       f"return m + log1p{x}(exp{x}(-fabs{x}(a - b))); }}\n"
       f"static inline {t} sd_xlogx{x}({t} u) {{ return u == 0 ? 0 : u * log{x}(u); }}\n"
       f"static inline {t} sd_sech2{x}({t} u) {{ {t} e = exp{x}(-2 * fabs{x}(u)); "
-      f"return 4 * e / ((1 + e) * (1 + e)); }}"
+      f"return 4 * e / ((1 + e) * (1 + e)); }}\n"
+      f"static inline {t} sd_stableerfc{x}({t} u) {{ return erfc{x}(u); }}"
       for t, x in (("double", ""), ("float", "f"))),
 ])
 

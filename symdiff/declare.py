@@ -323,7 +323,7 @@ def _backward_kernel(raw: Callable[..., Any], j: int) -> Callable[..., Any]:
 
 
 def derive(expr: sp.Expr, args: Sequence[sp.Symbol], nondiff: Sequence[sp.Symbol] = (),
-           measure: bool = True) -> "Forms":
+           measure: bool = True, given_forward: bool = False) -> "Forms":
     """The forward and derivative forms to run: stabilised, then chosen by measured error.
 
     Arguments in ``nondiff`` get the derivative 0: they are never differentiated.
@@ -332,12 +332,13 @@ def derive(expr: sp.Expr, args: Sequence[sp.Symbol], nondiff: Sequence[sp.Symbol
     each accuracy rule of :data:`symdiff.stable.RULES`, their combination, the output
     forms of each derivative (``out`` for the forward expression) and a Taylor fallback;
     the cheapest of those not measurably less accurate than the best is kept.
+    ``given_forward``: the forward is already a measured choice, only the derivatives are chosen.
     """
     from .forms import choose_forms
 
     return choose_forms(expr, args, stabilise=stabilise, refine=refine, nondiff=nondiff,
                         lambdify=lambda p, e: lambdify_numpy(p, e)[0], delta=DELTA, out=OUT,
-                        measure=measure)
+                        measure=measure, given_forward=given_forward)
 
 
 #: below this, an output-form σ' = out(1 - out) or tanh' = 1 - out² could lose more than 1e-13 of
@@ -425,11 +426,13 @@ def _no_gradient(delta: Any, out: Any, *inputs: Any) -> Any:
 
 
 def declare(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Sequence[sp.Symbol] = (),
-            doc: str = "", measure: bool = True) -> Op:
+            doc: str = "", measure: bool = True, given_forward: bool = False) -> Op:
     """:func:`defop` without registering: the op, derived, stabilised and smoke-tested.
 
     Used for ops made on demand (a number times a register, ``r ** 0.5``), which
-    are found by name but are not primitives of their own.
+    are found by name but are not primitives of their own, and for gradient graphs'
+    derivative ops (``given_forward``: their forward is an op's measured derivative,
+    their own derivatives are measured, :func:`symdiff.forms.choose_forms`).
     """
     expr, args = _validate(name, expr, args)
     if isinstance(nondiff, sp.Symbol) or not isinstance(nondiff, (list, tuple)):
@@ -442,7 +445,7 @@ def declare(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Seq
     frozen = tuple(r for a, r in zip(args, real) if a in nondiff)
     expr = expr.xreplace(dict(zip(args, real)))
     try:
-        chosen = derive(expr, real, frozen, measure=measure)
+        chosen = derive(expr, real, frozen, measure=measure, given_forward=given_forward)
     except Exception as exc:  # noqa: BLE001 - SymPy failing deep inside: one line naming the op
         raise DefopError(f"defop({name!r}): SymPy could not differentiate or simplify {expr} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "

@@ -23,7 +23,7 @@ import sympy as sp
 
 from .errors import DerivativeError
 from .registry import OPS, Op, register
-from .declare import defop
+from .declare import declare
 from .stable import refine
 
 
@@ -85,8 +85,11 @@ def expression_op(expr: sp.Expr, args: Sequence[sp.Symbol], name: str, nondiff: 
         k += 1
         name = f"{base}_{k}"
     plain = [sp.Symbol(a.name) for a in args]
-    op = defop(name, expr.xreplace(dict(zip(args, plain))), args=plain, nondiff=[plain[i] for i in nondiff],
-               measure=False, doc=f"{name}({', '.join(map(str, plain))}) = {expr.xreplace(dict(zip(args, plain)))}")
+    # the forward is given (an op's measured derivative, or a gradient graph's plain algebra); the
+    # op's own derivatives -- the next order -- are chosen by measurement, cached by expression
+    op = register(declare(name, expr.xreplace(dict(zip(args, plain))), args=plain, nondiff=[plain[i] for i in nondiff],
+                          given_forward=True,
+                          doc=f"{name}({', '.join(map(str, plain))}) = {expr.xreplace(dict(zip(args, plain)))}"))
     _BY_EXPR[key] = op
     return op
 

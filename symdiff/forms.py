@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -31,9 +32,14 @@ from . import accuracy
 from .stable import RULES, Taylor, apply_rules, drop_dirac, taylor_fallback
 
 #: bump when candidates or their labels change: old cached choices are then ignored
-VERSION = "5"
+VERSION = "6"
 #: points measured per expression at declaration (the tests and ``ops --accuracy`` use more)
 DECLARE_POINTS = 240
+#: points for a gradient graph's derivative op (one is declared per op and order; its forward is already
+#: a measured choice, so only its derivatives are measured) and the time budget of each truth there and
+#: for special functions (:func:`symdiff.accuracy.truth`: points not reached are not measured)
+DERIVATIVE_POINTS = 120
+TRUTH_SECONDS = 1.5
 #: radii the Taylor fallback tries
 TAYLOR_RADII = (2.0**-3, 2.0**-5, 2.0**-8, 2.0**-12)
 
@@ -80,10 +86,11 @@ def _path() -> str:
     return os.path.join(str(cache_dir()), f"forms-v{VERSION}.json")
 
 
-def cache_key(declared: sp.Expr, args: Sequence[sp.Symbol]) -> str:
-    """Stable across processes: the expression with its arguments renamed a0, a1, ... (Dummy-free)."""
+def cache_key(declared: sp.Expr, args: Sequence[sp.Symbol], kind: str = "") -> str:
+    """Stable across processes: the expression with its arguments renamed a0, a1, ... (Dummy-free);
+    ``kind`` keeps a derivative op's choice (forward given) apart from a defop of the same expression."""
     named = declared.xreplace({a: sp.Symbol(f"a{j}", real=True) for j, a in enumerate(args)})
-    return hashlib.sha256(f"{VERSION}|{len(args)}|{sp.srepr(named)}".encode()).hexdigest()[:24]
+    return hashlib.sha256(f"{VERSION}|{kind}|{len(args)}|{sp.srepr(named)}".encode()).hexdigest()[:24]
 
 
 def _cached(key: str) -> dict[str, str] | None:
@@ -256,8 +263,14 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
                  lambdify: Callable[[Sequence[sp.Symbol], sp.Expr], Callable[..., Any]],
                  delta: sp.Symbol, out: sp.Symbol, points: int = DECLARE_POINTS,
                  refine: Callable[[sp.Expr], sp.Expr] | None = None, nondiff: Sequence[sp.Symbol] = (),
-                 measure: bool = True) -> Forms:
+                 measure: bool = True, given_forward: bool = False) -> Forms:
     """The forward and derivative forms with the least measured error (see the module docstring).
+
+    ``given_forward``: the forward expression is already a measured choice (a gradient
+    graph's derivative op: the derivative an op chose), so it runs stabilised as given and
+    only its derivatives are chosen, on :data:`DERIVATIVE_POINTS` points with a time
+    budget (:data:`TRUTH_SECONDS` per truth). Expressions with special functions are
+    measured on a bounded domain (:func:`symdiff.accuracy.has_special`) with that budget.
 
     ``measure=False`` measures nothing (no mpmath, no cache): the stabilised forms, each
     derivative in output form where that adds ``out`` to nothing (exp' = out). Gradient
@@ -273,28 +286,37 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
     args = tuple(args)
     if not measure:
         return _unmeasured(expr, args, stabilise(expr), refine, nondiff, delta, out)
-    key = cache_key(expr, args)
+    key = cache_key(expr, args, "derivative op" if given_forward else "")
     cached = _cached(key)
     stable = stabilise(expr)
-    fwd_thunks = [*rule_candidates(stable), ("as written", lambda: expr)]
+    fwd_thunks = [("given", lambda: stable)] if given_forward else [*rule_candidates(stable), ("as written", lambda: expr)]
     need_measure = cached is None
     fwd = None
     if cached is not None:  # a cached choice builds only the candidate it names: start-up stays fast
         fwd = rebuild(cached.get("forward", ""), fwd_thunks, expr, args)
         need_measure = fwd is None
     truths = [sp.S.Zero if a in nondiff else sp.diff(expr, a) for a in args]
-    sampled: dict[str, Any] = {}
+    special = accuracy.has_special([expr, *truths])
+    budgeted = given_forward or special
+    sampled: dict[Any, Any] = {}
 
-    def measurement() -> tuple[tuple[np.ndarray, ...], list[np.ndarray]]:
-        if not sampled:
-            pts = accuracy.sample([expr, *truths], args, n=points)
-            sampled["points"] = pts
-            sampled["exact"] = [accuracy.truth(expr, args, pts)]
-        return sampled["points"], sampled["exact"]
+    def measurement() -> tuple[np.ndarray, ...]:
+        if "points" not in sampled:
+            n = min(points, DERIVATIVE_POINTS) if given_forward else points
+            if special:  # mpmath's Bessel, gamma, ... near 1e308 take minutes: a bounded domain, fewer points
+                n = min(n, accuracy.SPECIAL_POINTS)
+            sampled["points"] = accuracy.sample([expr, *truths], args, n=n,
+                                                max_log2=accuracy.SPECIAL_MAX_LOG2 if special else 1023.9)
+        return sampled["points"]
+
+    def exact(i: int) -> np.ndarray:
+        """The truth of the forward (0) or of derivative i - 1 on the sampled points."""
+        if i not in sampled:
+            deadline = time.monotonic() + TRUTH_SECONDS if budgeted else None
+            sampled[i] = accuracy.truth([expr, *truths][i], args, measurement(), deadline=deadline)
+        return sampled[i]
 
     def measurable(e: sp.Expr) -> bool:
-        if _special(e):  # mpmath's Bessel, gamma, ... at samples up to 1e308: minutes per op; no rule applies
-            return False
         try:  # a function mpmath has no counterpart for: nothing to measure against, keep the default
             accuracy.mp_compile(e, args)
             return True
@@ -305,11 +327,11 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
     measured = False
     if fwd is None:
         fwd_cands = _distinct(fwd_thunks)
-        if (len(fwd_cands) == 1 and not _may_cancel(expr, args)) or not measurable(expr):
+        if (len(fwd_cands) == 1 and (given_forward or not _may_cancel(expr, args))) or not measurable(expr):
             choice = Choice(fwd_cands[0][0], fwd_cands[0][1])
         else:
-            pts, exact = measurement()
-            choice = pick(expr, args, fwd_cands, _numpy_evaluator(lambdify, args), pts, exact[0], taylor_of=expr)
+            pts = measurement()
+            choice = pick(expr, args, fwd_cands, _numpy_evaluator(lambdify, args), pts, exact(0), taylor_of=expr)
             measured = True
         fwd, flabel, ferr = choice.expr, choice.label, choice.errors
     else:
@@ -341,15 +363,15 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
             label, derr = cached[f"d{j}"], {}
         else:
             cands = _distinct(thunks)
-            if (len(cands) == 1 and not _may_cancel(truths[j], args)) or not measurable(truths[j]):
+            # a derivative op gets no new Taylor series (SymPy's series of a third derivative took
+            # minutes); its forward's own Taylor branch, if chosen, is differentiated branch by branch
+            if (len(cands) == 1 and (given_forward or not _may_cancel(truths[j], args))) or not measurable(truths[j]):
                 label, d, derr = cands[0][0], cands[0][1], {}
             else:
-                pts, exact = measurement()
-                if len(exact) == 1:
-                    exact.extend(accuracy.truth(t, args, pts) for t in truths)
+                pts = measurement()
                 fwd_values = _numpy_evaluator(lambdify, args)(fwd, pts)
                 ev = _numpy_evaluator(lambdify, (delta, out, *args), (1.0, fwd_values))
-                ch = pick(truths[j], args, cands, ev, pts, exact[1 + j], taylor_of=truths[j])
+                ch = pick(truths[j], args, cands, ev, pts, exact(1 + j), taylor_of=None if given_forward else truths[j])
                 label, d, derr = ch.label, ch.expr, ch.errors
                 measured = True
         labels.append(label)
@@ -377,13 +399,6 @@ def _unmeasured(expr: sp.Expr, args: tuple[sp.Symbol, ...], fwd: sp.Expr, refine
         labels.append("nondiff" if a in nondiff else "stabilised|out" if use_out else "stabilised")
     return Forms(fwd, tuple(derivs), tuple(backward), tuple(output_form), tuple(labels), False,
                  tuple({} for _ in labels))
-
-
-def _special(e: sp.Expr) -> bool:
-    """Whether ``e`` has a special function (Bessel, gamma, erf, ...; not Heaviside or DiracDelta):
-    such expressions keep the stabilised forms unmeasured (README, "Accuracy by measurement")."""
-    return any(type(f).__module__.startswith("sympy.functions.special")
-               and not type(f).__module__.endswith("delta_functions") for f in e.atoms(sp.Function))
 
 
 def _may_cancel(e: sp.Expr, args: Sequence[sp.Symbol]) -> bool:

@@ -100,22 +100,30 @@ def costly(op_name: str) -> bool:
     return sym is not None and any(not isinstance(fn, (Relu, Step)) for fn in sym.forward.atoms(sp.Function))
 
 
-_OP_CALLS: dict[int, tuple[Any, type]] = {}
+#: How fused training kernels differentiate σ and tanh, chosen by measurement (README, "One trade"):
+#: ``"saved"``, σ(1 − σ) and 1 − tanh² of the saved values (no transcendental in the backward kernel,
+#: relative precision lost where the derivative is below 1e-16 of the gradient it scales), or
+#: ``"exact"``, each op's own measured derivative (σ(u)σ(−u) as r·σ(−u), 4σ(2u)σ(−2u): one vectorised
+#: ``sd_exp`` each, but u is recomputed from the group's inputs). ``python -m benchmarks.bench`` times
+#: both in the same run ("engine, exact σ'/tanh'" against "engine"); kernels are cached per setting.
+FUSED_DERIVATIVES = "saved"
+
+_OP_CALLS: dict[tuple[int, bool], tuple[Any, type]] = {}
 
 
-def _op_call(op: Any) -> type:
+def _op_call(op: Any, exact: bool = False) -> type:
     """A SymPy function standing for one application of a declared op, for the chain rule.
 
     Differentiating a composite of these uses each op's *own* derivative, the form its
     declaration chose by measured error (σ' = σ(u)σ(-u), tanh' = sech²), instead of
     SymPy re-deriving it from the forward expression (σ(1 - σ), 1 - tanh²); ``unwrap``
-    gives the plain composite back.
+    gives the plain composite back. ``exact``: see :data:`FUSED_DERIVATIVES`.
     """
-    hit = _OP_CALLS.get(id(op))
+    hit = _OP_CALLS.get((id(op), exact))
     if hit is not None and hit[0] is op:
         return hit[1]
     sym = op.symbolic
-    local = tuple(_fused_derivative(sym, j) for j in range(len(sym.args)))
+    local = tuple(sym.derivatives[j] if exact else _fused_derivative(sym, j) for j in range(len(sym.args)))
 
     def fdiff(self: Any, argindex: int = 1) -> sp.Expr:
         return local[argindex - 1].xreplace(dict(zip(sym.args, self.args)))
@@ -125,7 +133,7 @@ def _op_call(op: Any) -> type:
 
     cls = type(f"op_{_c_stem(op.name)}_{len(_OP_CALLS)}", (sp.Function,),
                {"nargs": op.arity, "fdiff": fdiff, "unwrap": unwrap})
-    _OP_CALLS[id(op)] = (op, cls)
+    _OP_CALLS[(id(op), exact)] = (op, cls)
     return cls
 
 
@@ -166,6 +174,7 @@ class FusedKernel:
 
     def __init__(self, name: str, spec: GroupSpec) -> None:
         self.name, self.spec = name, spec
+        self.exact = FUSED_DERIVATIVES == "exact"  # fixed at creation: fused_kernel caches per setting
         self.inputs = tuple(sp.Dummy(f"in{k}", real=True) for k in range(spec.n_inputs))
         exprs: list[sp.Expr] = []
         calls: list[sp.Expr] = []  # the same composite of op applications, differentiated by the chain rule
@@ -174,7 +183,7 @@ class FusedKernel:
             sym = op.symbolic
             vals = [self.inputs[k] if kind == "in" else exprs[k] for kind, k in args]
             exprs.append(sym.forward.xreplace(dict(zip(sym.args, vals))))
-            calls.append(_op_call(op)(*(self.inputs[k] if kind == "in" else calls[k] for kind, k in args)))
+            calls.append(_op_call(op, self.exact)(*(self.inputs[k] if kind == "in" else calls[k] for kind, k in args)))
         self.expressions = tuple(exprs)
         self._calls = tuple(calls)
         self.results = spec.results
@@ -300,8 +309,7 @@ class FusedKernel:
 
         self.forward = forward
 
-    @staticmethod
-    def _fast_output_forms(to_result: dict[sp.Expr, Any]) -> dict[sp.Expr, Any]:
+    def _fast_output_forms(self, to_result: dict[sp.Expr, Any]) -> dict[sp.Expr, Any]:
         """The training kernels' one trade of tail precision for speed: σ(-u) read as ``1 - r``.
 
         A saved sigmoid ``r = σ(u)`` makes σ'(u) = σ(u)σ(-u) into ``r·(1 - r)``, and
@@ -312,8 +320,11 @@ class FusedKernel:
         level. The precise forms (σ(u)σ(-u), 4σ(2u)σ(-2u): the op kernels', gradient
         graphs' and every higher order's) cost 25% of an LSTM training epoch here,
         measured (compiled kernels, 2026-11-30). Tests hold fused and unfused to 1e-12.
+        With :data:`FUSED_DERIVATIVES` ``"exact"`` nothing is traded.
         """
         out = dict(to_result)
+        if self.exact:
+            return out
         out.update({Sigmoid(-e.args[0]): 1 - s for e, s in to_result.items() if isinstance(e, Sigmoid)})
         return out
 
@@ -391,13 +402,13 @@ class FusedKernel:
 
 #: fused kernels by name; the same structure (an LSTM cell at every time step) derives once
 FUSED: dict[str, FusedKernel] = {}
-_FUSED_BY_SPEC: dict[tuple[GroupSpec, tuple[Any, ...]], FusedKernel] = {}
+_FUSED_BY_SPEC: dict[tuple[GroupSpec, tuple[Any, ...], str], FusedKernel] = {}
 
 
 def fused_kernel(spec: GroupSpec) -> FusedKernel:
     """The kernel for ``spec``, derived on first use and cached by structure (registered in MULTI_OPS)."""
     # keyed by the Op objects too: an op redefined with replace=True must not reuse the old kernel
-    key = (spec, tuple(get_op(op) for op, _ in spec.steps))
+    key = (spec, tuple(get_op(op) for op, _ in spec.steps), FUSED_DERIVATIVES)
     kernel = _FUSED_BY_SPEC.get(key)
     if kernel is None:
         ops = "+".join(dict.fromkeys(op for op, _ in spec.steps))

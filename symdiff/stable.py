@@ -37,6 +37,8 @@ import numpy as np
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, hypot, log1p
 
+from .accuracy import mp_exp
+
 
 class _StableFunction(sp.Function):
     """A SymPy function with a fixed numpy template (``{0}`` is the argument)."""
@@ -57,6 +59,10 @@ class Softplus(_StableFunction):
 
     def fdiff(self, argindex: int = 1) -> sp.Expr:
         return Sigmoid(self.args[0])
+
+    @staticmethod
+    def mpmath_eval(u: Any) -> Any:
+        return mpmath.log1p(mp_exp(u))
 
 
 _EXP_OVERFLOWS_BELOW: dict[np.dtype, float] = {}
@@ -106,6 +112,11 @@ class Sigmoid(_StableFunction):
         u = self.args[0]
         return Sigmoid(u) * Sigmoid(-u)
 
+    @staticmethod
+    def mpmath_eval(u: Any) -> Any:
+        # mp_exp, not mpmath.sigmoid: that took seconds per point at |u| ~ 1e300 (measuring σ'' took minutes)
+        return 1 / (1 + mp_exp(-u))
+
 
 class Step(_StableFunction):
     """Heaviside step with step(0) = 0, so relu'(0) = 0 deterministically."""
@@ -116,6 +127,10 @@ class Step(_StableFunction):
     def fdiff(self, argindex: int = 1) -> sp.Expr:
         return sp.S.Zero
 
+    @staticmethod
+    def mpmath_eval(u: Any) -> Any:
+        return mpmath.mpf(1) if u > 0 else mpmath.mpf(0)
+
 
 class Relu(_StableFunction):
     """max(u, 0), printed as numpy.maximum (SymPy's Max prints as a slow select)."""
@@ -125,6 +140,10 @@ class Relu(_StableFunction):
 
     def fdiff(self, argindex: int = 1) -> sp.Expr:
         return Step(self.args[0])
+
+    @staticmethod
+    def mpmath_eval(u: Any) -> Any:
+        return u if u > 0 else mpmath.mpf(0)
 
 
 STABLE_FUNCTIONS = (Softplus, Sigmoid, Step, Relu)
@@ -316,7 +335,8 @@ class LogAddExp(_StableFunction):
 
     @staticmethod
     def mpmath_eval(a: Any, b: Any) -> Any:
-        return mpmath.log(mpmath.exp(a) + mpmath.exp(b))
+        top, low = (a, b) if a >= b else (b, a)
+        return top + mpmath.log1p(mp_exp(low - top))
 
 
 def _xlogx(u: Any) -> Any:
@@ -357,7 +377,8 @@ class Sech2(_StableFunction):
 
     @staticmethod
     def mpmath_eval(u: Any) -> Any:
-        return mpmath.sech(u) ** 2
+        e = mp_exp(-2 * abs(u))
+        return 4 * e / (1 + e) ** 2
 
 
 class Taylor(_StableFunction):
@@ -388,10 +409,78 @@ class Taylor(_StableFunction):
         raise TypeError("Taylor is a kernel form, not a value: measure the expression it came from")
 
 
-NUMPY_HELPERS.update({"_symdiff_xlogx": _xlogx, "_symdiff_sech2": _sech2})
+def _erfcx(u: Any) -> Any:
+    """exp(u²)·erfc(u) by scipy.special.erfcx (only reached from erf/erfc, which need SciPy already)."""
+    from scipy.special import erfcx
+
+    return erfcx(u)
+
+
+def _log_half_erfc(u: Any) -> Any:
+    """log(erfc(u)/2): log(erfcx(u)) - u² - log 2 for u > 0 (erfc underflows from u ≈ 27 on),
+    log1p(-erfc(-u)/2) for u ≤ 0 (erfc(u)/2 is near 1 there: the log of it would cancel)."""
+    from scipy.special import erfc, erfcx
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        pos = np.log(erfcx(u)) - u * u - 0.6931471805599453
+        neg = np.log1p(-0.5 * erfc(-u))
+    return np.where(u > 0, pos, neg)
+
+
+def _erfc(u: Any) -> Any:
+    from scipy.special import erfc
+
+    return erfc(u)
+
+
+class StableErfc(_StableFunction):
+    """erfc(u), kept as written: SymPy turns erfc(-u) into 2 - erfc(u), the cancellation removed."""
+
+    nargs = 1
+    numpy_template = "_symdiff_erfc({0})"
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return -2 / sp.sqrt(sp.pi) * sp.exp(-self.args[0] ** 2)
+
+    @staticmethod
+    def mpmath_eval(u: Any) -> Any:
+        return mpmath.erfc(u)
+
+
+class Erfcx(_StableFunction):
+    """The scaled complementary error function exp(u²)·erfc(u) (scipy.special.erfcx; no C99 counterpart)."""
+
+    nargs = 1
+    numpy_template = "_symdiff_erfcx({0})"
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return 2 * self.args[0] * Erfcx(self.args[0]) - 2 / sp.sqrt(sp.pi)
+
+    @staticmethod
+    def mpmath_eval(u: Any) -> Any:
+        return mp_exp(u * u) * mpmath.erfc(u)
+
+
+class LogHalfErfc(_StableFunction):
+    """log(erfc(u)/2) = log Φ(-u·√2): the log of the normal CDF, every digit in both tails."""
+
+    nargs = 1
+    numpy_template = "_symdiff_log_half_erfc({0})"
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return -2 / (sp.sqrt(sp.pi) * Erfcx(self.args[0]))
+
+    @staticmethod
+    def mpmath_eval(u: Any) -> Any:
+        return mpmath.log(mpmath.erfc(u) / 2)
+
+
+NUMPY_HELPERS.update({"_symdiff_xlogx": _xlogx, "_symdiff_sech2": _sech2, "_symdiff_erfcx": _erfcx, "_symdiff_erfc": _erfc,
+                      "_symdiff_log_half_erfc": _log_half_erfc})
 
 #: the catalogue's functions that print as C helpers ``sd_<name>`` (see :mod:`symdiff.cprint`)
-NEW_FUNCTIONS = (LogAddExp, XLogX, Sech2)
+#: (Erfcx and LogHalfErfc have none: C99 lacks erfcx, so kernels with them run numpy/SciPy)
+NEW_FUNCTIONS = (LogAddExp, XLogX, Sech2, StableErfc)
 
 
 # --------------------------------------------------------------------------------------
@@ -549,6 +638,32 @@ def _one_plus_tanh(e: sp.Expr) -> sp.Expr | None:
     return None
 
 
+def _one_plus_erf(e: sp.Expr) -> sp.Expr | None:
+    """``k + k·erf(u)`` → ``k·erfc(-u)`` and ``k - k·erf(u)`` → ``k·erfc(u)`` (Φ, GELU's erf form)."""
+    if not isinstance(e, sp.Add):
+        return None
+    consts = [t for t in e.args if t.is_Number]
+    if len(consts) != 1 or consts[0] == 0:
+        return None
+    k = consts[0]
+    for t in e.args:
+        coeff, f = t.as_coeff_Mul()
+        if isinstance(f, sp.erf) and abs(coeff) == abs(k):
+            rest = [s for s in e.args if s is not t and s is not k]
+            return sp.Add(k * StableErfc(-f.args[0] * sp.sign(coeff / k)), *rest)
+    return None
+
+
+def _log_erfc(e: sp.Expr) -> sp.Expr | None:
+    """``log(c·erfc(u))`` → ``log(2c) + log_half_erfc(u)`` (log Φ: finite far in the left tail)."""
+    if not isinstance(e, sp.log):
+        return None
+    c, f = e.args[0].as_coeff_Mul()
+    if isinstance(f, (sp.erfc, StableErfc)) and c > 0:
+        return sp.log(2 * c) + LogHalfErfc(f.args[0])
+    return None
+
+
 def _sigmoid_difference(e: sp.Expr) -> sp.Expr | None:
     """``k·σ(u) - k·σ(-u)`` → ``k·tanh(u/2)`` (the difference vanishes at u = 0, tanh keeps its digits)."""
     if not isinstance(e, sp.Add):
@@ -625,6 +740,12 @@ RULES: tuple[Rule, ...] = (
     Rule("1+tanh", "1 + tanh(u), 1 - tanh(u)", "2·σ(2u), 2·σ(-2u)",
          "u < -1 (resp. u > 1): tanh(u) rounds toward ∓1; from |u| ≈ 19 on the result is 0 "
          "(added: measurement of GELU's tanh form)", _one_plus_tanh),
+    Rule("1+erf", "1 + erf(u), 1 - erf(u)", "erfc(-u), erfc(u)",
+         "u < -1 (resp. u > 1): erf(u) rounds toward ∓1; from u ≈ -6 on the result is 0 instead of ~e^-u² "
+         "(added: GELU x/2·(1 + erf(x/√2)) and Φ were 0 for x < -8)", _one_plus_erf),
+    Rule("log-erfc", "log(c·erfc(u))", "log(2c) + log_half_erfc(u)",
+         "u > 27: erfc underflows and the log is -inf; u < -1: log(erfc(u)/2) cancels near 0 "
+         "(added: log Φ(x) = log((1 + erf(x/√2))/2))", _log_erfc),
     Rule("sigmoid-diff", "σ(u) - σ(-u)", "tanh(u/2)",
          "|u| < 1: both near 1/2; from |u| < 1e-16 on the result is 0 (added: measurement of σ'')",
          _sigmoid_difference),

@@ -123,6 +123,9 @@ CATALOGUE: list[tuple[str, sp.Expr, list[sp.Symbol]]] = [
     ("exp_difference", E(x) - E(y), [x, y]),
     ("product", x * y, [x, y]),
     ("difference", x - y, [x, y]),
+    # special functions: measured on |x| ≤ 64 (accuracy.SPECIAL_MAX_LOG2), not skipped
+    ("gelu_erf", x / 2 * (1 + sp.erf(x / sp.sqrt(2))), [x]),
+    ("log_normal_cdf", sp.log((1 + sp.erf(x / sp.sqrt(2))) / 2), [x]),
 ]
 
 
@@ -235,16 +238,60 @@ def test_nothing_is_measured_when_there_is_one_candidate():
     assert not op.symbolic.measured and op.symbolic.forms == ("stabilised",) * 3
 
 
-def test_gradient_graph_derivative_ops_run_the_measured_derivative_unmeasured():
+def test_gradient_graph_derivative_ops_run_the_measured_derivative():
     """A gradient graph's ∂op/∂x is an op whose forward is the op's own measured derivative
-    (not a fresh, unmeasured diff of its forward), and declaring it measures nothing."""
+    (not a fresh diff of its forward)."""
     from symdiff.derivative_ops import partial
 
     op = defop("acc_graph_sin_minus_x", sp.sin(x) - x, args=[x], replace=True)
     d = partial(op, 0)
-    assert not d.symbolic.measured
+    assert d.symbolic.forms[0] == "given"
     xs = np.array([1e-9, 0.5, 2 * math.pi + 1e-5, 4 * math.pi - 1e-6])
     want = [_mp(lambda t: mpmath.cos(t) - 1, v) for v in xs]
     # diff of the chosen forward is cos(x) - 1 beyond the Taylor radius: ~1e-6 off near 2πk
     np.testing.assert_allclose(d.forward(xs), want, rtol=RTOL)
-    assert np.all(np.isfinite(partial(d, 0).forward(xs)))  # second order: stabilised, not measured
+    second = partial(d, 0).forward(xs)
+    np.testing.assert_allclose(second, [_mp(lambda t: -mpmath.sin(t), v) for v in xs], rtol=RTOL)
+
+
+def test_every_order_is_chosen_by_measurement_and_cached(tmp_path, monkeypatch):
+    """σ's derivative ops (orders 2 and 3) choose their own derivatives by measurement; a second
+    process reads the choice from the cache instead of measuring again."""
+    from symdiff.declare import declare
+    from symdiff.derivative_ops import partial
+
+    monkeypatch.setenv("SYMDIFF_CACHE", str(tmp_path))
+    forms.clear_memory()
+    try:
+        d1 = partial(symdiff.OPS["sigmoid"], 0)
+        d2 = partial(d1, 0)
+        for d in (d1, d2):
+            assert d.symbolic.forms[0] == "given" and d.symbolic.measured, d.symbolic.forms
+        stored = json.loads((tmp_path / f"forms-v{forms.VERSION}.json").read_text())
+        assert len(stored) >= 2
+        forms.clear_memory()  # a new process: the choice comes from disk, nothing is measured
+        again = declare("acc_again", d2.symbolic.declared, d2.symbolic.args, given_forward=True)
+        assert not again.symbolic.measured and again.symbolic.forms == d2.symbolic.forms
+        # the third derivative of σ as run by the order-2 op, against mpmath, into the tails
+        xs = np.array([-700.0, -40.0, -3.0, -1e-9, 0.0, 0.3, 30.0, 40.0, 700.0])
+        got = d2.backward[0](np.ones_like(xs), d2.forward(xs), xs)
+        want = [_mp(lambda t: mpmath.diff(lambda s: 1 / (1 + mpmath.exp(-s)), t, 3), v) for v in xs]
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
+    finally:
+        forms.clear_memory()
+
+
+def test_gelu_and_log_normal_cdf_keep_their_left_tail():
+    """Written with erf, GELU and log Φ were 0 and -inf for x < -8 (1 + erf rounds to 0): the
+    erfc forms keep every digit there, and log Φ stays finite down to -1000 and exact near 0 for x > 0."""
+    gelu = defop("acc_gelu_tail", x / 2 * (1 + sp.erf(x / sp.sqrt(2))), args=[x], replace=True)
+    logphi = defop("acc_logphi_tail", sp.log((1 + sp.erf(x / sp.sqrt(2))) / 2), args=[x], replace=True)
+    xs = np.array([-30.0, -20.0, -10.0, -8.5, -1.0, 0.5, 10.0])
+    np.testing.assert_allclose(gelu.forward(xs), [_mp(lambda t: t * mpmath.ncdf(t), v) for v in xs], rtol=RTOL)
+    dg = gelu.backward[0](np.ones_like(xs), gelu.forward(xs), xs)
+    np.testing.assert_allclose(dg, [_mp(lambda t: mpmath.ncdf(t) + t * mpmath.npdf(t), v) for v in xs], rtol=1e-12)
+    ls = np.array([-1000.0, -40.0, -10.0, -1.0, 0.0, 2.0, 10.0])
+    out = logphi.forward(ls)
+    np.testing.assert_allclose(out, [_mp(lambda t: mpmath.log(mpmath.ncdf(t)), v) for v in ls], rtol=RTOL)
+    dl = logphi.backward[0](np.ones_like(ls), out, ls)
+    np.testing.assert_allclose(dl, [_mp(lambda t: mpmath.npdf(t) / mpmath.ncdf(t), v) for v in ls], rtol=1e-12)
