@@ -510,7 +510,7 @@ def defop(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Seque
     ``special`` extra). Arguments listed in ``nondiff`` (an integer order, a
     fixed shape parameter) are never differentiated: they get no gradient.
     ``measure=False`` skips the measured choice of forms (:mod:`symdiff.forms`):
-    the stabilised forms run, declaration costs no mpmath (gradient graphs'
-    derivative ops, whose expressions are already measured choices).
+    the stabilised forms run, declaration costs no mpmath. (Gradient graphs'
+    derivative ops are measured: their forward is given, their derivatives chosen.)
     """
     return register(declare(name, expr, args, nondiff=nondiff, doc=doc, measure=measure), replace=replace)

@@ -1,9 +1,11 @@
 """Partial derivatives as ops: every order of an elementwise op derived by SymPy.
 
 ``partial(op, j)`` is the op computing ∂op/∂arg_j, declared through the same
-:func:`symdiff.defop` pipeline as any op (stabilised, output form only where it
-keeps precision, lambdified, compiled when fused), so differentiating it again
-asks SymPy again: the k-th derivative is ``partial`` applied k times. Ops are
+pipeline as any op (:func:`symdiff.declare.declare`: stabilised, lambdified,
+compiled when fused); its forward is the op's measured derivative, given, and its
+own derivatives — the next order — are chosen by measurement (:mod:`symdiff.forms`,
+cached by expression), so differentiating it again asks SymPy again and measures
+again: the k-th derivative is ``partial`` applied k times. Ops are
 cached by their expression, so repeated ``grad`` calls declare nothing new and
 a derivative that *is* an op already (exp' = exp) reuses it.
 

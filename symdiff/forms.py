@@ -273,9 +273,8 @@ def choose_forms(expr: sp.Expr, args: Sequence[sp.Symbol], *, stabilise: Callabl
     measured on a bounded domain (:func:`symdiff.accuracy.has_special`) with that budget.
 
     ``measure=False`` measures nothing (no mpmath, no cache): the stabilised forms, each
-    derivative in output form where that adds ``out`` to nothing (exp' = out). Gradient
-    graphs declare their derivative ops so: each one's forward is already a measured
-    choice, and measuring each again (0.05-3 s apiece) made every cold graph slow.
+    derivative in output form where that adds ``out`` to nothing (exp' = out) — for a
+    caller that must not spend mpmath time at all.
 
     ``lambdify(params, expr)`` must build the numpy kernel exactly as the engine will,
     so what is measured is what runs. ``refine`` turns a raw derivative into the base
