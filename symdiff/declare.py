@@ -46,7 +46,7 @@ from sympy.printing.numpy import SciPyPrinter
 
 from .errors import DefopError
 from .registry import Op, register, sum_to_shape
-from .stable import NUMPY_HELPERS, STABLE_FUNCTIONS, Sigmoid, Taylor, refine, stabilise
+from .stable import NUMPY_HELPERS, SCIPY_HELPERS, STABLE_FUNCTIONS, Sigmoid, Taylor, refine, stabilise
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,9 @@ def special_functions(expr: Any) -> dict[str, str]:
             raise TypeError(f"{fn.func.__name__} has no numpy or scipy.special counterpart") from None
         head = re.match(r"[\w.]+", text)
         name = head.group(0).removeprefix("numpy.").removeprefix("scipy.special.") if head else ""
+        if name in SCIPY_HELPERS:  # a stable function computed by scipy.special (erfc, erfcx)
+            needed[fn.func.__name__] = SCIPY_HELPERS[name]
+            continue
         if not name or hasattr(np, name) or name in NUMPY_HELPERS:
             continue
         needed[fn.func.__name__] = name
@@ -435,6 +438,12 @@ def declare(name: str, expr: sp.Expr, args: Sequence[sp.Symbol], *, nondiff: Seq
     their own derivatives are measured, :func:`symdiff.forms.choose_forms`).
     """
     expr, args = _validate(name, expr, args)
+    try:  # SciPy missing: say so for the function the user wrote, before a rewrite (erf -> erfc) hides it
+        _namespace(expr)
+    except MissingExtraError as exc:
+        raise MissingExtraError(f"defop({name!r}): {exc}") from None
+    except TypeError:
+        pass  # a function neither numpy nor SciPy has: diagnosed below, on the kernel
     if isinstance(nondiff, sp.Symbol) or not isinstance(nondiff, (list, tuple)):
         raise DefopError(f"defop({name!r}): nondiff must be a list of argument symbols, e.g. nondiff=[nu]")
     for a in nondiff:

@@ -475,6 +475,9 @@ class LogHalfErfc(_StableFunction):
         return mpmath.log(mpmath.erfc(u) / 2)
 
 
+#: the helpers above that call scipy.special (name printed -> the scipy.special function it needs), so a
+#: kernel using one without SciPy fails with the one-line MissingExtraError (symdiff.declare)
+SCIPY_HELPERS = {"_symdiff_erfc": "erfc", "_symdiff_erfcx": "erfcx", "_symdiff_log_half_erfc": "erfcx"}
 NUMPY_HELPERS.update({"_symdiff_xlogx": _xlogx, "_symdiff_sech2": _sech2, "_symdiff_erfcx": _erfcx, "_symdiff_erfc": _erfc,
                       "_symdiff_log_half_erfc": _log_half_erfc})
 
