@@ -156,3 +156,35 @@ def test_a_blockmap_describes_its_runs_of_blocks():
     assert BlockMap(("sigmoid", "sigmoid", "sigmoid", "tanh")).describe() == (
         "sigmoid on blocks 0-2; tanh on block 3 of the stacked input, one call per run; "
         "gradients from each op's own kernel")
+
+
+def test_a_blockmap_backward_with_vector_blocks_and_an_unreached_block_matches_numpy():
+    # a fused LSTM step cuts one stacked pre-activation into gate blocks; a block that is one column of
+    # a vector operand comes out 1-D, and a block no gradient reached arrives as the number 0
+    from symdiff.ops import BlockMap
+
+    rng = np.random.default_rng(0)
+    bm = BlockMap(("sigmoid", "sigmoid", "tanh"))
+    s = rng.normal(size=(3, 4))
+    layout = np.array([[0, 1, 3, 4], [1, 0, 0, 0]])  # block 0: one column as a vector; 1: two; 2: one
+    out = bm.forward(s, layout)
+    blocks, whole = out[:3], out[3:]
+    sig, th = 1 / (1 + np.exp(-s)), np.tanh(s)
+    np.testing.assert_allclose(blocks[0], sig[:, 0])
+    np.testing.assert_allclose(blocks[1], sig[:, 1:3])
+    np.testing.assert_allclose(blocks[2], th[:, 3:4])
+    d0, d1 = rng.normal(size=3), rng.normal(size=(3, 2))
+    (grad,) = bm.backward((True,))(d0, d1, 0, *blocks, *whole, s, layout)
+    want = np.column_stack([d0 * sig[:, 0] * (1 - sig[:, 0]), d1 * sig[:, 1:3] * (1 - sig[:, 1:3]),
+                            np.zeros(3)])
+    np.testing.assert_allclose(grad, want, rtol=1e-12, atol=1e-15)
+
+
+def test_block_ops_are_registered_once_per_name():
+    # the fuse_blocks pass asks for its ops at every compile: the same arguments give the same op object
+    # (its layout caches are shared), a redefined op a new one
+    from symdiff.ops import block_op
+
+    assert block_op("blockmap", ("tanh", "sigmoid")) is block_op("blockmap", ("tanh", "sigmoid"))
+    assert block_op("blockwise", "add") is block_op("blockwise", "add")
+    assert block_op("cat", 3) is block_op("cat", 3)
