@@ -313,3 +313,17 @@ def test_taylor_fallback_keeps_every_term_and_refuses_what_is_no_polynomial():
     const = taylor_fallback(sp.Integer(0), sp.Integer(3) + 0 * u, u, 1e-3)
     assert isinstance(const, Taylor) and isinstance(const.args[2], sp.Float) and float(const.args[2]) == 3.0
     assert taylor_fallback(sp.sqrt(u), sp.sqrt(u), u, 1e-3) is None
+
+
+def test_refine_rewrites_r_sigmoid_minus_r_and_keeps_the_other_terms():
+    # r·σ(u) - r = -r·σ(-u): in float64 the left side is 0 for u ≳ 37, the right side every digit;
+    # the sum's other terms stay (b² here, which factor_terms leaves beside σ(u) - 1 inside b·(...))
+    from symdiff.declare import lambdify_numpy
+    from symdiff.stable import Sigmoid, refine
+
+    u, r = sp.symbols("u r", real=True)
+    u_vals = np.array([-3.0, 0.5, 3.0, 40.0])
+    lone, _ = lambdify_numpy((u, r), refine(r * Sigmoid(u) - r))
+    np.testing.assert_allclose(lone(u_vals, 2.0), -2.0 / (1 + np.exp(u_vals)), rtol=1e-14)
+    with_other, _ = lambdify_numpy((u, r), refine(r * Sigmoid(u) - r + r ** 2))
+    np.testing.assert_allclose(with_other(u_vals, 0.5), 0.5 * (0.5 - 1 / (1 + np.exp(u_vals))), rtol=1e-14)
