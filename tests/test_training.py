@@ -436,3 +436,19 @@ def test_an_epochs_train_loss_is_the_row_weighted_mean_of_its_batch_losses(demo:
     sizes = [64] * (n // 64) + ([n % 64] if n % 64 else [])
     assert len(rec.losses) == len(sizes) > 1 and sizes[-1] != 64  # a short last batch: weights matter
     np.testing.assert_allclose(result.epochs[0].train_loss, np.dot(rec.losses, sizes) / n, rtol=1e-12)
+
+
+def test_resuming_a_run_that_stopped_early_reports_the_same_stop_without_training(tmp_path: Path) -> None:
+    # the checkpoint of an early-stopped run records why it stopped: resuming it trains nothing more
+    # and ends with the same reason, message, epochs and predictions
+    flags = {"dataset": "demo", "num_hid": 16, "init_lr": 0.5, "epochs": 30, "patience": 1,
+             "checkpoint": str(tmp_path / "c.npz"), "metrics_file": str(tmp_path / "m.json")}
+    assert T.run("mlp", {**flags, "output_file": str(tmp_path / "a.npy")}, Recorder()) == T.EXIT_OK
+    first = json.loads((tmp_path / "m.json").read_text())
+    assert first["stopped"] == "early-stop" and len(first["epochs"]) < 30
+    rep = Recorder()
+    assert T.run("mlp", {**flags, "output_file": str(tmp_path / "b.npy")}, rep) == T.EXIT_OK
+    again = json.loads((tmp_path / "m.json").read_text())
+    assert again["stopped"] == "early-stop" and again["epochs"] == first["epochs"]
+    assert any("resuming from" in i for i in rep.infos) and any("early stop" in i for i in rep.infos), rep.infos
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
