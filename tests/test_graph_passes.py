@@ -188,3 +188,73 @@ def test_block_ops_are_registered_once_per_name():
     assert block_op("blockmap", ("tanh", "sigmoid")) is block_op("blockmap", ("tanh", "sigmoid"))
     assert block_op("blockwise", "add") is block_op("blockwise", "add")
     assert block_op("cat", 3) is block_op("cat", 3)
+
+
+def test_a_sum_of_products_and_another_term_adds_the_term_to_the_stacked_product():
+    rng = np.random.default_rng(5)
+    values = {"a0": rng.standard_normal((4, 3)), "b0": rng.standard_normal((4, 2)),
+              "a1": rng.standard_normal((5, 3)), "b1": rng.standard_normal((5, 2)), "c": rng.standard_normal((3, 2))}
+    steps = [Step("p0", "mul_tn", ("a0", "b0")), Step("p1", "mul_tn", ("a1", "b1")),
+             Step("s1", "add", ("p0", "p1")), Step("s2", "add", ("s1", "c"))]
+    rewritten = sum_products(steps)
+    assert [s.op for s in rewritten] == ["sum_mul_tn2", "add"]
+    program = Program(rewritten, (), Counters())
+    got = program.forward(values)[program.slot["s2"]]
+    v = values
+    np.testing.assert_allclose(got, v["a0"].T @ v["b0"] + v["a1"].T @ v["b1"] + v["c"], rtol=1e-12)
+
+
+def _cut_and_squash(stack: str, cut: str, ops: list[str], tag: str) -> list[Step]:
+    """``(m, layout) = stack(x0, x1, x2)``, its blocks cut again, then a unary op on each block."""
+    from symdiff.ops import multi_op
+
+    k = len(ops)
+    for kind in (stack, cut):
+        multi_op(kind, k)
+    xs = tuple(f"x{tag}{j}" for j in range(k))
+    ys = tuple(f"y{tag}{j}" for j in range(k))
+    return [Step((f"m{tag}", f"lay{tag}"), f"{stack}{k}", xs), Step(ys, f"{cut}{k}", (f"m{tag}", f"lay{tag}")),
+            *(Step(f"z{tag}{j}", op, (y,)) for j, (op, y) in enumerate(zip(ops, ys)))]
+
+
+def _run_steps(steps, values):
+    program = Program(steps, (), Counters())
+    v = program.forward(values)
+    return {name: v[slot] for name, slot in program.slot.items()}
+
+
+NUMPY_UNARY = {"sigmoid": lambda x: 1 / (1 + np.exp(-x)), "tanh": np.tanh}
+
+
+def test_fuse_blocks_fuses_a_later_cut_after_one_with_nothing_to_gain():
+    from symdiff.passes import fuse_blocks
+
+    rng = np.random.default_rng(6)
+    nothing = ["sigmoid", "tanh", "sigmoid"]  # no two neighbouring blocks share an op
+    gain = ["sigmoid", "sigmoid", "tanh"]
+    steps = _cut_and_squash("hconcat", "split", nothing, "a") + _cut_and_squash("hconcat", "split", gain, "b")
+    values = {f"x{t}{j}": rng.standard_normal((3, 2 + j)) for t in "ab" for j in range(3)}
+    rewritten = fuse_blocks(steps)
+    assert "blockmap[sigmoid*2,tanh]" in [s.op for s in rewritten]
+    assert "blockmap[sigmoid,tanh,sigmoid]" not in [s.op for s in rewritten]
+    got = _run_steps(rewritten, values)
+    for t, ops in (("a", nothing), ("b", gain)):
+        for j, op in enumerate(ops):
+            np.testing.assert_allclose(got[f"z{t}{j}"], NUMPY_UNARY[op](values[f"x{t}{j}"]), rtol=1e-13)
+
+
+def test_fuse_blocks_leaves_row_cuts_and_steps_that_are_no_cut_alone():
+    # fuse_blocks lifts work over column blocks (split{k}); a row cut (rsplit{k}) is not one, and neither
+    # is an ordinary step (here with one-letter registers, which iterate like a tuple of names)
+    from symdiff.passes import fuse_blocks
+
+    rng = np.random.default_rng(7)
+    rows = _cut_and_squash("vconcat", "rsplit", ["sigmoid", "sigmoid", "tanh"], "r")
+    plain = [Step("q", "hadamard", ("x", "y")), Step("w", "add", ("q", "b"))]
+    values = {**{f"xr{j}": rng.standard_normal((1 + j, 4)) for j in range(3)},
+              "x": rng.standard_normal((3, 2)), "y": rng.standard_normal((3, 2)), "b": rng.standard_normal((3, 2))}
+    assert fuse_blocks(rows + plain) == rows + plain
+    got = _run_steps(fuse_blocks(rows + plain), values)
+    for j, op in enumerate(["sigmoid", "sigmoid", "tanh"]):
+        np.testing.assert_allclose(got[f"zr{j}"], NUMPY_UNARY[op](values[f"xr{j}"]), rtol=1e-13)
+    np.testing.assert_allclose(got["w"], values["x"] * values["y"] + values["b"], rtol=1e-13)
