@@ -258,3 +258,25 @@ def test_fuse_blocks_leaves_row_cuts_and_steps_that_are_no_cut_alone():
     for j, op in enumerate(["sigmoid", "sigmoid", "tanh"]):
         np.testing.assert_allclose(got[f"zr{j}"], NUMPY_UNARY[op](values[f"xr{j}"]), rtol=1e-13)
     np.testing.assert_allclose(got["w"], values["x"] * values["y"] + values["b"], rtol=1e-13)
+
+
+def test_cat_hands_each_part_its_block_of_the_gradient_after_intermediates_are_released():
+    # cat{k} joins the biases of a fused LSTM's gates; its backward cuts the gradient by the layout it made,
+    # so that layout must survive the release of intermediates (forward with keep=) and one delta comes in
+    from symdiff.ops import block_op
+
+    rng = np.random.default_rng(8)
+    widths = (2, 1, 3, 2, 4)
+    cat = block_op("cat", len(widths))
+    parts = tuple(f"p{j}" for j in range(len(widths)))
+    steps = [Step(("c", "lay"), cat.name, parts), Step("y", "hadamard", ("c", "w"))]
+    values = {**{p: rng.standard_normal(n) for p, n in zip(parts, widths)}, "w": rng.standard_normal((3, sum(widths)))}
+    program = Program(steps, parts, Counters())
+    v = program.forward(values, keep=("y",))
+    np.testing.assert_allclose(v[program.slot["y"]], np.concatenate([values[p] for p in parts]) * values["w"])
+    delta = rng.standard_normal((3, sum(widths)))
+    g = program.backward(v, {"y": delta})
+    full = (delta * values["w"]).sum(axis=0)
+    offsets = np.cumsum((0, *widths))
+    for j, p in enumerate(parts):
+        np.testing.assert_allclose(g[program.slot[p]], full[offsets[j]:offsets[j + 1]], rtol=1e-13)
