@@ -613,3 +613,77 @@ def test_a_new_groups_outputs_of_different_shapes_get_their_own_gradient_terms()
     n = t.size
     d_s = ((1 - t ** 2) / n @ xm.inputDict()["W"].T).sum(axis=0) + len(t) * 2 * np.abs(s) / n  # s(s) in every row
     np.testing.assert_allclose(g0["b"], d_s * 2 * np.abs(bv), rtol=1e-12)
+
+
+def _fused_kernels(xm, w, **kw):
+    program = Autograd(xm, **kw).compile(w)
+    return [MULTI_OPS[s.op] for s in program.steps if s.op.startswith("fused")]
+
+
+def test_a_kernel_with_a_function_c99_lacks_says_so_and_runs_with_numpy():
+    pytest.importorskip("scipy", reason="the Bessel function runs with SciPy (the 'special' extra)")
+    from symdiff import defop
+
+    x = sp.Symbol("x")
+    defop("fusion_test_bessel", sp.besselj(0, x), args=[x])
+    xm = XMan()
+    xm.a = f.param(name="a", default=np.linspace(0.1, 2.0, 6))
+    xm.loss = f.mean(f.tanh(f.fusion_test_bessel(xm.a)))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    (kernel,) = _fused_kernels(xm, w)
+    assert kernel.runs_as() == "C99 has no besselj: runs with numpy/SciPy"
+    from scipy.special import j0, j1
+    a = np.linspace(0.1, 2.0, 6)
+    g = Autograd(xm).bprop(w, Autograd(xm).eval(w, xm.inputDict()), loss=np.float64(1.0))
+    np.testing.assert_allclose(g["a"], (1 - np.tanh(j0(a)) ** 2) * -j1(a) / 6, rtol=1e-12)
+
+
+def test_a_kernel_shows_one_block_per_set_of_inputs_needing_gradients():
+    # symdiff ops --fused prints display(): with two backward kernels, each under a header naming its inputs
+    xm = XMan()
+    xm.a = f.param(name="a", default=np.array([0.5, -1.0]))
+    xm.b = f.param(name="b", default=np.array([2.0, 0.25]))
+    xm.loss = f.mean(f.tanh(f.add(xm.a, f.hadamard(xm.b, xm.b))))
+    xm.setup()
+    (kernel,) = _fused_kernels(xm, xm.operationSequence(xm.loss))
+    assert kernel.n_inputs == 2
+    kernel.backward((True, False))
+    kernel.backward((False, True))
+    _, bwd = kernel.display()
+    assert [line for line in bwd if not line.startswith("dL/d")] == ["backward kernel for in0:",
+                                                                      "backward kernel for in1:"]
+    assert [line.split(" = ")[0] for line in bwd if line.startswith("dL/d")] == ["dL/d in0", "dL/d in1"]
+
+
+def test_bprop_leaves_out_an_unnamed_register_whose_group_also_uses_it_inside():
+    # t = a + x feeds tanh(t) in its own fused group and a product outside: the group's backward sees only
+    # the outside part of dL/dt, so bprop must not hand that out as t's gradient; every gradient it does
+    # return is the whole one (the plain list's)
+    rng = np.random.default_rng(9)
+    xm = XMan()
+    xm.a = f.param(name="a", default=rng.normal(size=(4, 3)))
+    x = f.input(name="x", default=rng.normal(size=(4, 3)))
+    xm.W = f.param(name="W", default=rng.normal(size=(3, 3)))
+    t = f.add(xm.a, x)
+    xm.loss = f.mean(f.hadamard(f.tanh(t), t * xm.W))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    plain, fast = Autograd(xm, passes=(), fuse=False), Autograd(xm)
+    assert any(getattr(MULTI_OPS.get(s.op), "internally_used", lambda _: ())(s.outputs)
+               for s in fast.compile(w, whole=True).steps)
+    g0 = plain.bprop(w, plain.eval(w, xm.inputDict()), loss=np.float64(1.0))
+    g1 = fast.bprop(w, fast.eval(w, xm.inputDict()), loss=np.float64(1.0))
+    assert "a" in g1 and "W" in g1
+    for name in g1:
+        np.testing.assert_allclose(g1[name], g0[name], rtol=1e-12, atol=1e-15, err_msg=name)
+
+
+@pytest.mark.skipif(not native.enabled(), reason=f"native kernels: {native.status()}")
+def test_a_native_kernel_is_built_for_the_first_arrays_at_the_size_threshold():
+    from symdiff.fusion import _Native
+
+    x = sp.Dummy("x", real=True)
+    kernel = _Native("fusion_test_threshold", (x,), (sp.sin(x) * x + 3,))
+    assert kernel.ready([np.ones(native.MIN_ELEMENTS - 1)]) is None and kernel.error is None  # too small: numpy
+    assert kernel.ready([np.ones(native.MIN_ELEMENTS)]) is not None and kernel.error is None
