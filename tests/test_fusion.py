@@ -687,3 +687,19 @@ def test_a_native_kernel_is_built_for_the_first_arrays_at_the_size_threshold():
     kernel = _Native("fusion_test_threshold", (x,), (sp.sin(x) * x + 3,))
     assert kernel.ready([np.ones(native.MIN_ELEMENTS - 1)]) is None and kernel.error is None  # too small: numpy
     assert kernel.ready([np.ones(native.MIN_ELEMENTS)]) is not None and kernel.error is None
+
+
+def test_a_fused_group_composes_its_ops_over_real_inputs():
+    # the group's SymPy composite is built over real symbols, so log(exp(a)) is a itself: exact where the
+    # op-by-op list rounds exp(a) to 1 first (and loses a tiny a entirely)
+    a = np.array([1e-17, -2e-16, 5e-17])
+    xm = XMan()
+    xm.a = f.param(name="a", default=a)
+    xm.loss = f.mean(f.log(f.exp(xm.a)))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    fast = Autograd(xm, native=False)
+    assert [s.op.startswith("fused") for s in fast.compile(w).steps] == [True, False]
+    values = fast.eval(w, xm.inputDict())
+    assert values["loss"] == np.mean(a)
+    np.testing.assert_allclose(fast.bprop(w, values, loss=np.float64(1.0))["a"], np.full(3, 1 / 3), rtol=1e-15)

@@ -280,3 +280,4 @@ def test_cat_hands_each_part_its_block_of_the_gradient_after_intermediates_are_r
     offsets = np.cumsum((0, *widths))
     for j, p in enumerate(parts):
         np.testing.assert_allclose(g[program.slot[p]], full[offsets[j]:offsets[j + 1]], rtol=1e-13)
+
