@@ -265,14 +265,20 @@ def test_every_order_is_chosen_by_measurement_and_cached(tmp_path, monkeypatch):
     try:
         d1 = partial(symdiff.OPS["sigmoid"], 0)
         d2 = partial(d1, 0)
-        # partial() memoises its ops (an earlier test, in any order, may have made them from another
-        # cache): so the measuring itself is checked on fresh declarations of the same expressions
+        # partial() memoises its ops, and declaring them stored their choice: whether they were
+        # made here or by an earlier test (any order), the measuring is checked on fresh
+        # declarations of the same expressions, with an empty cache and nothing in memory
+        for d in (d1, d2):
+            assert d.symbolic.forms[0] == "given", d.symbolic.forms
+        fresh_dir = tmp_path / "fresh"
+        fresh_dir.mkdir()
+        monkeypatch.setenv("SYMDIFF_CACHE", str(fresh_dir))
+        forms.clear_memory()
         fresh = []
         for k, d in enumerate((d1, d2)):
-            assert d.symbolic.forms[0] == "given", d.symbolic.forms
             fresh.append(declare(f"acc_order_{k + 2}", d.symbolic.declared, d.symbolic.args, given_forward=True))
             assert fresh[-1].symbolic.measured, fresh[-1].symbolic.forms
-        stored = json.loads((tmp_path / f"forms-v{forms.VERSION}.json").read_text())
+        stored = json.loads((fresh_dir / f"forms-v{forms.VERSION}.json").read_text())
         assert len(stored) >= 2
         forms.clear_memory()  # a new process: the choice comes from disk, nothing is measured
         again = declare("acc_again", d2.symbolic.declared, d2.symbolic.args, given_forward=True)
