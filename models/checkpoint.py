@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .storage import save_npz
+from .storage import remove_output, save_npz
 
 FORMAT = "symdiff-checkpoint-1"
 # TrainConfig fields that change how the numbers are computed but not the model or the optimisation
@@ -154,3 +154,7 @@ class Checkpoint:
 
     def save(self, state: TrainState) -> None:
         save_checkpoint(self.path, self.ident, state)
+
+    def discard(self) -> None:
+        """The run is over: remove the checkpoint and any half-written copy a killed writer left."""
+        remove_output(self.path)

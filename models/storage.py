@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -114,6 +115,15 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWrit
         if isinstance(exc, OSError):
             raise OutputWriteError(path, exc, previous and path.is_file(), stray) from exc
         raise
+
+
+def remove_output(path: str | os.PathLike[str]) -> None:
+    """Remove ``path`` and the temporary files its writers left beside it (``.NAME.*.tmp``): a
+    writer killed mid-write (SIGKILL, a preempted machine) never gets to remove its own."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    for stray in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        stray.unlink(missing_ok=True)
 
 
 def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:

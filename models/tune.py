@@ -382,7 +382,7 @@ def worker_main(spec: TuneSpec, index: int) -> None:
             trial.set_user_attr("error", f"worker {result.stopped} (Ctrl-C or SIGTERM)")
             raise WorkerStopped(result.stopped)
         if checkpoint is not None:
-            checkpoint.path.unlink(missing_ok=True)
+            checkpoint.discard()
         trial.set_user_attr("epochs_run", len(result.epochs))
         trial.set_user_attr("stopped", result.stopped)
         losses = [e.valid_loss for e in result.epochs if math.isfinite(e.valid_loss)]

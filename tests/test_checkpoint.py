@@ -216,3 +216,20 @@ def test_sigterm_to_the_cli_writes_the_best_epoch_and_exits_143(tmp_path: Path) 
     assert metrics["stopped"] == "terminated" and 2 <= len(metrics["epochs"]) < 400
     assert np.load(tmp_path / "s.npy").shape == (150, 5)
     assert "SIGTERM" in err and "exit code 143" in err
+
+
+def test_a_finished_checkpoint_goes_with_what_a_killed_writer_left(tmp_path: Path) -> None:
+    """A worker killed by SIGKILL while writing its checkpoint leaves `.NAME.*.tmp` beside it (the
+    PostgreSQL tune test caught one): when the run is over, both go; other files stay."""
+    from models.storage import remove_output
+
+    ck = tmp_path / "run[1].npz"  # glob characters in the name are taken literally
+    ck.write_bytes(b"x")
+    strays = [tmp_path / ".run[1].npz.ab12cd.tmp", tmp_path / ".run[1].npz.zz99.tmp"]
+    others = [tmp_path / ".run1.npz.ab12cd.tmp", tmp_path / ".other.npz.ab12cd.tmp", tmp_path / "run[1].npz.bak"]
+    for p in strays + others:
+        p.write_bytes(b"half")
+    remove_output(ck)
+    assert not ck.exists() and not any(p.exists() for p in strays)
+    assert all(p.exists() for p in others)
+    remove_output(ck)  # nothing left to remove: no error
