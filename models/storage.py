@@ -2,7 +2,8 @@
 
 Each writer writes a temporary file in the destination folder, flushes it to
 disk, then ``os.replace``-s it over the destination (atomic on POSIX), so a
-killed process leaves at worst a stray ``.tmp`` file, never a truncated output.
+killed process leaves at worst a stray ``.tmp`` file, never a truncated output
+(:func:`remove_output` clears those with the file they were for).
 
 A write that fails (no space left, permission denied, the folder removed or made
 read-only, an I/O error) removes its temporary file and raises :class:`OutputWriteError`,
@@ -91,12 +92,19 @@ class _Stream:
         self.write = fh.write
 
 
+def _temporary_affixes(path: Path) -> tuple[str, str]:
+    """How a writer's temporary file for ``path`` is named (``.NAME.<random>.tmp``), in one place
+    for the writer and for :func:`remove_output`, which clears what a killed writer left."""
+    return f".{path.name}.", ".tmp"
+
+
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], None]) -> None:
     path = Path(path)
     previous = path.is_file()
     tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        prefix, suffix = _temporary_affixes(path)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent or ".")
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), _new_file_mode(path))
             write(fh)
@@ -122,7 +130,8 @@ def remove_output(path: str | os.PathLike[str]) -> None:
     writer killed mid-write (SIGKILL, a preempted machine) never gets to remove its own."""
     path = Path(path)
     path.unlink(missing_ok=True)
-    for stray in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+    prefix, suffix = _temporary_affixes(path)
+    for stray in path.parent.glob(f"{glob_escape(prefix)}*{suffix}"):
         stray.unlink(missing_ok=True)
 
 
