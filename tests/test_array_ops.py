@@ -191,6 +191,26 @@ def test_max_splits_the_gradient_equally_between_ties():
     np.testing.assert_array_equal(g, [[0.0, 0.5, 0.5], [2.0, 0.0, 0.0]])
 
 
+def test_max_in_a_compiled_program_sends_the_gradient_to_the_maxima_it_found():
+    """The backward reuses the forward's maximum (``backward_reads``): in a compiled program, where
+    a value that no backward declares it reads is dropped after its last forward use (here the max
+    feeds only a sum), ties along an inner axis still share equally, the rest get nothing, and a
+    float32 stack stays float32."""
+    x = np.array([[[1, 4], [3, 4], [3, -1]],
+                  [[0, 0], [-2, 0], [5, 0]]], np.float32) / 4  # (2, 3, 2): max over axis 1
+    xm = XMan()
+    xm.x = f.param(name="x", default=x)
+    xm.loss = f.sum(f.max(f.tanh(xm.x), axis=1))
+    xm = xm.setup()
+    program = Autograd(xm).compile(xm.operationSequence(xm.loss))
+    v = program.forward(xm.inputDict(), keep=("loss",))
+    g = program.backward(v, {"loss": np.float32(1.0)}, params_only=True)[program.slot["x"]]
+    weights = np.array([[[0, 1 / 2], [1 / 2, 1 / 2], [1 / 2, 0]],
+                        [[0, 1 / 3], [0, 1 / 3], [1, 1 / 3]]])
+    assert g.dtype == np.float32
+    np.testing.assert_allclose(g, weights * (1 - np.tanh(x.astype(np.float64)) ** 2), rtol=1e-5)
+
+
 def test_logsumexp_is_stable_at_the_extremes():
     op = A.logsumexp_op(axis=-1)
     x = np.array([[1000.0, 1000.0], [-np.inf, -np.inf], [-1000.0, 0.0]])
