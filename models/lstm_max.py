@@ -12,7 +12,8 @@ mask ``m_t = x_t · 1`` (``V x h`` ones, so ``m_t`` is ``N x h``, 1 on a charact
 starts on the title's last character from zero states, however long the padding.
 
 Chosen on validation (docs/tuning.md, "A new best loss"): max pooling, the mask, hidden 96 and
-weight averaging (``--average``) moved the validation loss from 0.53 to 0.47.
+weight averaging (``--average``) moved the validation loss from 0.53 to 0.47; a learning rate of
+0.02 (from the LSTM's 0.01) to 0.465, accuracy 0.858, in fewer epochs.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from symdiff.init import bias, glorot, side_by_side
 GATES = ("c", "f", "i", "o")
 # Chosen on the validation split of ../shared/data/smaller (docs/tuning.md).
 PRESETS = {
-    "best": dict(optimizer="adam", init_lr=0.01, num_hid=96, max_len=30, batch_size=64, epochs=20,
+    "best": dict(optimizer="adam", init_lr=0.02, num_hid=96, max_len=30, batch_size=64, epochs=20,
                  schedule="plateau", patience=2, dtype="float32", average=0.998),
 }
 
