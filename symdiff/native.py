@@ -193,9 +193,10 @@ def dispatcher() -> Any | None:
         try:
             import numpy as np
 
-            # numpy's version in the flags, so the build's name changes with numpy's ABI
+            # numpy's version in the flags, so the build's name changes with numpy's ABI;
+            # -ffp-contract=off: its helpers (rows_sub_scaled) round a product before a sum, as numpy does
             includes = (f"-I{sysconfig.get_paths()['include']}", f"-I{np.get_include()}",
-                        f"-DSYMDIFF_NUMPY={np.__version__}")
+                        f"-DSYMDIFF_NUMPY={np.__version__}", "-ffp-contract=off")
             path = _build(DISPATCH_SOURCE.read_text(), "dispatch", includes)
             spec = importlib.util.spec_from_file_location("_symdiff_native", path)
             assert spec is not None and spec.loader is not None

@@ -358,7 +358,175 @@ static PyObject *segment_sum(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* The (n, k) integer matrix of a one-hot value's columns (int32 or int64, C order), or -1. */
+static int onehot_indices(PyArrayObject *idx, npy_intp depth, npy_intp *n, npy_intp *k, int *wide) {
+    int t = PyArray_TYPE(idx);
+    if (PyArray_NDIM(idx) != 2 || !PyArray_IS_C_CONTIGUOUS(idx)) return -1;
+    if (t == NPY_INT32 || (t == NPY_INT && sizeof(int) == 4)) *wide = 0;
+    else if (t == NPY_INT64 || (t == NPY_LONG && sizeof(long) == 8) || (t == NPY_LONGLONG && sizeof(long long) == 8)) *wide = 1;
+    else return -1;
+    *n = PyArray_DIM(idx, 0);
+    *k = PyArray_DIM(idx, 1);
+    npy_intp total = *n * *k;
+    if (*wide) {
+        const int64_t *c = (const int64_t *)PyArray_DATA(idx);
+        for (npy_intp j = 0; j < total; j++) if (c[j] < -1 || c[j] >= depth) return -1;
+    } else {
+        const int32_t *c = (const int32_t *)PyArray_DATA(idx);
+        for (npy_intp j = 0; j < total; j++) if (c[j] < -1 || c[j] >= depth) return -1;
+    }
+    return 0;
+}
+
+#define ONEHOT_COLUMN(idx, wide, j) \
+    ((wide) ? (npy_intp)((const int64_t *)PyArray_DATA(idx))[j] : (npy_intp)((const int32_t *)PyArray_DATA(idx))[j])
+
+/* onehot_gather(indices, w) -> (n, H) array, or None.
+ * Row r of the result is the sum of the rows of w that row r of the one-hot matrix selects
+ * (-1: none), added in slot order: the one-hot product X @ w without the (n, k, H) gathered copy. */
+static PyObject *onehot_gather(PyObject *self, PyObject *args) {
+    PyArrayObject *idx, *w;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyArray_Type, &idx, &PyArray_Type, &w)) return NULL;
+    int typenum = PyArray_TYPE(w), wide;
+    if (PyArray_NDIM(w) != 2 || (typenum != NPY_DOUBLE && typenum != NPY_FLOAT)) Py_RETURN_NONE;
+    npy_intp D = PyArray_DIM(w, 0), H = PyArray_DIM(w, 1), isz = PyArray_ITEMSIZE(w), n, k;
+    if ((H > 1 && PyArray_STRIDE(w, 1) != isz) || PyArray_STRIDE(w, 0) % isz) Py_RETURN_NONE;
+    if (onehot_indices(idx, D, &n, &k, &wide)) Py_RETURN_NONE;
+    npy_intp ws = PyArray_STRIDE(w, 0) / isz;
+    npy_intp dims[2] = {n, H};
+    PyObject *out = PyArray_ZEROS(2, dims, typenum, 0);
+    if (!out) return NULL;
+    for (npy_intp r = 0; r < n; r++) {
+        for (npy_intp s = 0; s < k; s++) {
+            npy_intp c = ONEHOT_COLUMN(idx, wide, r * k + s);
+            if (c < 0) continue;
+            if (typenum == NPY_DOUBLE) {
+                double *restrict o = (double *)PyArray_DATA((PyArrayObject *)out) + r * H;
+                const double *restrict a = (const double *)PyArray_DATA(w) + c * ws;
+                for (npy_intp h = 0; h < H; h++) o[h] += a[h];
+            } else {
+                float *restrict o = (float *)PyArray_DATA((PyArrayObject *)out) + r * H;
+                const float *restrict a = (const float *)PyArray_DATA(w) + c * ws;
+                for (npy_intp h = 0; h < H; h++) o[h] += a[h];
+            }
+        }
+    }
+    return out;
+}
+
+/* onehot_scatter(indices, depth, delta) -> (columns, values), or None.
+ * The weight gradient X.T @ delta of a one-hot X, kept to the columns some row selects:
+ * columns ascending (intp), values[i] the sum of the delta rows that select columns[i], added
+ * in row order (as segment_sum adds a stable sort's groups), with no sort. delta may be a list
+ * of equal (n, K) blocks standing for their row-wise concatenation, as for segment_sum. */
+static PyObject *onehot_scatter(PyObject *self, PyObject *args) {
+    PyArrayObject *idx;
+    Py_ssize_t depth;
+    PyObject *dobj;
+    if (!PyArg_ParseTuple(args, "O!nO", &PyArray_Type, &idx, &depth, &dobj)) return NULL;
+    PyArrayObject *single[1];
+    PyArrayObject **blocks = single;
+    Py_ssize_t nb = 1;
+    if (PyList_Check(dobj)) {
+        nb = PyList_GET_SIZE(dobj);
+        if (nb < 1 || nb > SEGMENT_MAXBLOCKS) Py_RETURN_NONE;
+        blocks = (PyArrayObject **)&PyList_GET_ITEM(dobj, 0);
+    } else {
+        single[0] = (PyArrayObject *)dobj;
+    }
+    for (Py_ssize_t b = 0; b < nb; b++)
+        if (!PyArray_Check((PyObject *)blocks[b])) Py_RETURN_NONE;
+    PyArrayObject *delta = blocks[0];
+    int typenum = PyArray_TYPE(delta), wide;
+    if (depth < 1 || PyArray_NDIM(delta) != 2 || (typenum != NPY_DOUBLE && typenum != NPY_FLOAT)) Py_RETURN_NONE;
+    npy_intp Nb = PyArray_DIM(delta, 0), K = PyArray_DIM(delta, 1), isz = PyArray_ITEMSIZE(delta), n, k;
+    char *base[SEGMENT_MAXBLOCKS];
+    npy_intp brs[SEGMENT_MAXBLOCKS];
+    for (Py_ssize_t b = 0; b < nb; b++) {
+        PyArrayObject *d = blocks[b];
+        if (PyArray_NDIM(d) != 2 || PyArray_TYPE(d) != typenum || PyArray_DIM(d, 0) != Nb
+            || PyArray_DIM(d, 1) != K) Py_RETURN_NONE;
+        if (K > 1 && PyArray_STRIDE(d, 1) != isz) Py_RETURN_NONE;
+        if (PyArray_STRIDE(d, 0) % isz) Py_RETURN_NONE;
+        base[b] = PyArray_BYTES(d);
+        brs[b] = PyArray_STRIDE(d, 0) / isz;
+    }
+    if (onehot_indices(idx, depth, &n, &k, &wide) || n != Nb * nb) Py_RETURN_NONE;
+    npy_intp *pos = (npy_intp *)PyMem_Malloc((size_t)depth * sizeof(npy_intp));
+    if (!pos) return PyErr_NoMemory();
+    for (npy_intp c = 0; c < depth; c++) pos[c] = -1;
+    for (npy_intp j = 0; j < n * k; j++) {
+        npy_intp c = ONEHOT_COLUMN(idx, wide, j);
+        if (c >= 0) pos[c] = 0;
+    }
+    npy_intp S = 0;
+    for (npy_intp c = 0; c < depth; c++) if (pos[c] == 0) pos[c] = 1, S++;
+    npy_intp cdims[1] = {S}, vdims[2] = {S, K};
+    PyObject *columns = PyArray_EMPTY(1, cdims, NPY_INTP, 0);
+    PyObject *values = columns ? PyArray_ZEROS(2, vdims, typenum, 0) : NULL;
+    if (!values) { Py_XDECREF(columns); PyMem_Free(pos); return NULL; }
+    npy_intp *cols = (npy_intp *)PyArray_DATA((PyArrayObject *)columns), s = 0;
+    for (npy_intp c = 0; c < depth; c++) if (pos[c] == 1) { cols[s] = c; pos[c] = s++; }
+    for (npy_intp r = 0; r < n; r++) {
+        npy_intp b = r / Nb;
+        for (npy_intp j = 0; j < k; j++) {
+            npy_intp c = ONEHOT_COLUMN(idx, wide, r * k + j);
+            if (c < 0) continue;
+            if (typenum == NPY_DOUBLE) {
+                double *restrict o = (double *)PyArray_DATA((PyArrayObject *)values) + pos[c] * K;
+                const double *restrict d = (const double *)base[b] + (r - b * Nb) * brs[b];
+                for (npy_intp q = 0; q < K; q++) o[q] += d[q];
+            } else {
+                float *restrict o = (float *)PyArray_DATA((PyArrayObject *)values) + pos[c] * K;
+                const float *restrict d = (const float *)base[b] + (r - b * Nb) * brs[b];
+                for (npy_intp q = 0; q < K; q++) o[q] += d[q];
+            }
+        }
+    }
+    PyMem_Free(pos);
+    return Py_BuildValue("(NN)", columns, values);
+}
+
+/* rows_sub_scaled(p, rows, values, lr) -> True, or None.
+ * p[rows[i]] -= lr * values[i] for distinct rows: plain SGD on a row-sparse gradient. Written as
+ * numpy's p[rows] -= lr * values computes it (lr in p's dtype, the product rounded before the
+ * subtraction: the dispatcher is built with -ffp-contract=off), so both give the same bits. */
+static PyObject *rows_sub_scaled(PyObject *self, PyObject *args) {
+    PyArrayObject *p, *rows, *values;
+    double lr;
+    if (!PyArg_ParseTuple(args, "O!O!O!d", &PyArray_Type, &p, &PyArray_Type, &rows, &PyArray_Type, &values, &lr))
+        return NULL;
+    int typenum = PyArray_TYPE(p);
+    if (PyArray_NDIM(p) != 2 || (typenum != NPY_DOUBLE && typenum != NPY_FLOAT) || !PyArray_ISWRITEABLE(p)
+        || PyArray_NDIM(values) != 2 || PyArray_TYPE(values) != typenum
+        || PyArray_NDIM(rows) != 1 || PyArray_TYPE(rows) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(rows))
+        Py_RETURN_NONE;
+    npy_intp D = PyArray_DIM(p, 0), K = PyArray_DIM(p, 1), S = PyArray_DIM(rows, 0), isz = PyArray_ITEMSIZE(p);
+    if (PyArray_DIM(values, 0) != S || PyArray_DIM(values, 1) != K) Py_RETURN_NONE;
+    if (K > 1 && (PyArray_STRIDE(p, 1) != isz || PyArray_STRIDE(values, 1) != isz)) Py_RETURN_NONE;
+    if (PyArray_STRIDE(p, 0) % isz || PyArray_STRIDE(values, 0) % isz) Py_RETURN_NONE;
+    const npy_intp *r = (const npy_intp *)PyArray_DATA(rows);
+    for (npy_intp i = 0; i < S; i++) if (r[i] < 0 || r[i] >= D) Py_RETURN_NONE;
+    npy_intp ps = PyArray_STRIDE(p, 0) / isz, vs = PyArray_STRIDE(values, 0) / isz;
+    for (npy_intp i = 0; i < S; i++) {
+        if (typenum == NPY_DOUBLE) {
+            double *restrict o = (double *)PyArray_DATA(p) + r[i] * ps;
+            const double *restrict v = (const double *)PyArray_DATA(values) + i * vs;
+            for (npy_intp q = 0; q < K; q++) { double t = lr * v[q]; o[q] -= t; }
+        } else {
+            const float a = (float)lr;
+            float *restrict o = (float *)PyArray_DATA(p) + r[i] * ps;
+            const float *restrict v = (const float *)PyArray_DATA(values) + i * vs;
+            for (npy_intp q = 0; q < K; q++) { float t = a * v[q]; o[q] -= t; }
+        }
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
+    {"onehot_gather", onehot_gather, METH_VARARGS, "A one-hot matrix times a matrix, or None."},
+    {"onehot_scatter", onehot_scatter, METH_VARARGS, "A one-hot matrix's transpose times a matrix, row-sparse, or None."},
+    {"rows_sub_scaled", rows_sub_scaled, METH_VARARGS, "p[rows] -= lr * values in place; None if it does not fit."},
     {"segment_sum", segment_sum, METH_VARARGS, "Sums of groups of rows of a matrix, or None."},
     {"join_columns", join_columns, METH_VARARGS, "The array some column blocks are side by side in, or None."},
     {"forward", forward, METH_VARARGS, "Run a generated forward kernel; None if the arrays do not fit it."},

@@ -73,6 +73,11 @@ class OneHot:
         idx = self.indices
         if w.ndim != 2 or w.shape[0] != self.depth:
             raise SymdiffError(f"matrix product of one-hot {self.shape} with {w.shape}: inner dimensions differ")
+        native = _native.active()
+        if native is not None and type(w) is np.ndarray:
+            out = native.onehot_gather(idx, w)  # compiled: sums the rows in place, no (n, k, h) copy
+            if out is not None:
+                return out
         padded = self._padding()
         if idx.shape[1] == 1:
             out = w[idx[:, 0]]
@@ -87,12 +92,23 @@ class OneHot:
     def rmatmul_grad(self, delta: np.ndarray) -> "RowSparse":
         """``self.T @ delta`` (the weight gradient) as a scatter-add of ``delta`` rows.
 
-        The ones are grouped by column once per batch (cached), then each group
-        of ``delta`` rows is summed with one ``reduceat``: several times faster
-        than ``np.add.at``. The result keeps only the rows a character touched
+        Compiled (:mod:`symdiff.native`): one pass over the indices finds the columns,
+        one adds every row of ``delta`` to its columns' sums, in row order. Else the
+        ones are grouped by column once per batch (cached), then each group of
+        ``delta`` rows is summed with one ``reduceat`` (several times faster than
+        ``np.add.at``); both add in the same order, so give the same bits. The result keeps only the rows a character touched
         (:class:`RowSparse`): a batch touches a few hundred of the MLP's ~2000
         rows of ``W1``, and plain SGD then updates just those.
         """
+        native = _native.active()
+        blocks = getattr(delta, "parts", None)  # ops.RowBlocks: equal row blocks, read in place
+        if native is not None and (type(delta) is np.ndarray or blocks is not None):
+            # compiled: one pass marks the columns, one adds each row of delta to its columns' sums,
+            # in the same order as the sorted groups below (no sort, no gathered copy)
+            found = native.onehot_scatter(self.indices, self.depth, delta if blocks is None else blocks)
+            if found is not None:
+                columns, values = found
+                return RowSparse(columns, values, (self.depth, values.shape[1]))
         if self._segments is None:
             rows, cols = self._nonzeros()
             # int16 where the columns fit: numpy's stable sort of 16-bit keys is a radix sort (2x faster here)
@@ -108,8 +124,6 @@ class OneHot:
         shape = (self.depth, delta.shape[1])
         if not rows.size:
             return RowSparse(columns, np.zeros((0, shape[1]), delta.dtype), shape)
-        native = _native.active()
-        blocks = getattr(delta, "parts", None)  # ops.RowBlocks: equal row blocks, read in place
         if native is not None and (type(delta) is np.ndarray or blocks is not None):
             # compiled: sums delta's rows in place, without the gathered copy (~4x faster here)
             values = native.segment_sum(delta if blocks is None else blocks, rows, starts)

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from .errors import SymdiffError
+from . import native as _native
 from .onehot import RowSparse
 
 __all__ = [
@@ -314,6 +315,9 @@ class SGD(Optimizer):
 
     def _update_rows(self, p: np.ndarray, g: RowSparse) -> None:
         # the rows a one-hot batch touched; identical to p -= lr * dense(g) (untouched rows get -lr*0)
+        native = _native.active()
+        if native is not None and native.rows_sub_scaled(p, g.rows, g.values, self._lr):
+            return  # compiled: the same arithmetic without the gathered and scattered copies
         p[g.rows] -= self._lr * g.values
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:

@@ -266,6 +266,44 @@ def test_segment_sum_is_the_one_hot_weight_gradient():
         assert d.segment_sum(delta, rows, np.array([2, 0], dtype=np.intp)) is None     # unsorted
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_compiled_one_hot_product_gradient_and_row_update_give_numpys_bits(compiled, dtype, index_dtype):
+    """onehot_gather and rows_sub_scaled add and round in numpy's order (the same bits as its paths),
+    onehot_scatter in segment_sum's, the compiled path it replaces (numpy's reduceat adds in its own order:
+    equal to rounding); a column listed twice in a row counts twice; None for what they cannot take."""
+    from symdiff.optim import SGD
+
+    rng = np.random.default_rng(8)
+    codes = rng.integers(-1, 9, size=(40, 3)).astype(index_dtype)
+    codes[0] = [4, 4, -1]
+    x = OneHot(codes, 9, dtype)
+    w = rng.standard_normal((9, 7)).astype(dtype)
+    delta = rng.standard_normal((40, 7)).astype(dtype)
+    d = native.dispatcher()
+    got, grad = x.matmul(w), x.rmatmul_grad(delta)
+    native.set_enabled(False)  # the numpy paths (restored by the fixture)
+    x_numpy = OneHot(codes, 9, dtype)
+    want, want_grad = x.matmul(w), x_numpy.rmatmul_grad(delta)
+    assert got.dtype == want.dtype == dtype and np.array_equal(got, want)
+    rows, _, starts = x_numpy._segments
+    assert np.array_equal(grad.rows, want_grad.rows)
+    assert np.array_equal(grad.values, d.segment_sum(delta, rows.astype(np.intp), starts.astype(np.intp)))
+    np.testing.assert_allclose(grad.values, want_grad.values, rtol=1e-5 if dtype == np.float32 else 1e-13)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(x).T @ delta, rtol=1e-5, atol=1e-5)
+    p_numpy = w.copy()
+    SGD({"w": p_numpy}, lr=0.3).step({"w": grad})
+    native.set_enabled(None)
+    p_native = w.copy()
+    assert d.rows_sub_scaled(p_native, grad.rows, grad.values, 0.3) is True
+    assert np.array_equal(p_native, p_numpy) and not np.array_equal(p_native, w)
+    assert d.onehot_gather(codes, w[:8]) is None                                   # a column beyond w's rows
+    assert d.onehot_gather(codes.astype(np.int16), w) is None                      # an index type it does not read
+    assert d.onehot_scatter(codes, 9, delta[:39]) is None                          # rows differ
+    assert d.rows_sub_scaled(p_native, grad.rows + 9, grad.values, 0.3) is None   # rows out of range
+    assert d.rows_sub_scaled(p_native.astype(np.float16), grad.rows, grad.values, 0.3) is None
+
+
 def test_row_blocks_are_read_in_place_as_their_concatenation():
     """rsplit's backward hands the product's backward its blocks' gradients uncopied (ops.RowBlocks):
     the one-hot scatter-add reads them where they are, a dense product joins them; same numbers."""
@@ -296,7 +334,7 @@ def test_row_blocks_are_read_in_place_as_their_concatenation():
 def test_training_steps_compiled_and_numpy_agree(compiled, monkeypatch, kind, dtype):
     from symdiff.optim import SGD
 
-    calls = {"forward": 0, "backward": 0, "segment_sum": 0}
+    calls = {"forward": 0, "backward": 0, "onehot_gather": 0, "onehot_scatter": 0, "rows_sub_scaled": 0}
     dispatch = native.dispatcher()
     for name in calls:  # count what really ran compiled (a silent fallback would pass unnoticed)
         def counted(*args, _f=getattr(dispatch, name), _n=name):
@@ -323,7 +361,7 @@ def test_training_steps_compiled_and_numpy_agree(compiled, monkeypatch, kind, dt
             opt.step({n: g[program.slot[n]] for n in program.params})
         results.append((losses, {n: a.copy() for n, a in model.params.items()}))
         if use_native:
-            assert all(calls.values()), calls  # every batch: fused forward, fused backward, scatter-add
+            assert all(calls.values()), calls  # fused forward and backward, one-hot product, its gradient, SGD
             native.set_enabled(False)  # the numpy run: no compiled helpers either (restored by the fixture)
     (l1, p1), (l0, p0) = results
     tol = 1e-10 if dtype == np.float64 else 1e-4
