@@ -214,8 +214,12 @@ def make_feed(xm: Any, dims: dict[str, int], dtype: np.dtype, shown: str) -> Cal
                 inputs["X"] = eye[codes].reshape(n, M * V)
             else:
                 inputs["X"] = OneHot(np.where(codes >= 0, codes + offsets, -1), M * V, dtype)
-        for t in steps:
-            inputs[f"x{t}"] = eye[codes[:, t]] if dense else OneHot(codes[:, t], V, dtype)
+        if steps and not dense:
+            positions = OneHot.per_position(codes, V, dtype)  # checked once for all positions
+            for t in steps:
+                inputs[f"x{t}"] = positions[t]
+        for t in steps if dense else ():
+            inputs[f"x{t}"] = eye[codes[:, t]]
         return inputs
 
     if not whole and not steps:

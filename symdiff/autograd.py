@@ -294,7 +294,11 @@ class Program:
             memory = a.values if isinstance(a, RowSparse) else a  # a row-sparse gradient's memory is its rows
             if not isinstance(memory, np.ndarray):
                 continue
-            same = taken.setdefault(id(_owner(memory)), [])
+            owner = id(_owner(memory))
+            same = taken.get(owner)
+            if same is None:  # the usual case: memory no other gradient or seed uses
+                taken[owner] = [memory]
+                continue
             if any(np.shares_memory(memory, b) for b in same):
                 a = g[k] = a.copy()
                 memory = a.values if isinstance(a, RowSparse) else a

@@ -138,6 +138,22 @@ class OneHot:
             self._valid = pad if pad.any() else np.zeros(0, bool)
         return self._valid if self._valid.size else None
 
+    @classmethod
+    def per_position(cls, codes: np.ndarray, depth: int, dtype: Any = np.float64) -> "list[OneHot]":
+        """One ``(n, depth)`` one-hot matrix per column of an ``(n, M)`` code matrix (``-1``: none).
+
+        A sequence model's inputs ``x0 ... x{M-1}``: the codes are checked once for all the
+        positions (not once per position, as ``M`` constructions would), and each position's
+        indices are contiguous (the compiled gather reads them in place).
+        """
+        idx = np.asarray(codes)
+        if idx.ndim != 2 or idx.dtype.kind not in "iu":
+            raise SymdiffError(f"codes must be an integer array of shape (n, positions), got {idx.dtype} {idx.shape}")
+        if idx.size and (idx.max() >= depth or idx.min() < -1):
+            raise SymdiffError(f"codes must lie in [-1, {depth - 1}], got [{idx.min()}, {idx.max()}]")
+        columns = np.ascontiguousarray(idx.T)
+        return [cls._checked(columns[t][:, None], depth, dtype) for t in range(columns.shape[0])]
+
     @staticmethod
     def vstack(parts: "list[OneHot]") -> "OneHot":
         """The rows of several one-hot matrices of one depth, stacked (slots padded with -1)."""

@@ -136,6 +136,10 @@ def _crossent_softmax_dt(delta: np.ndarray, out: Any, o: np.ndarray, t: np.ndarr
 
 
 def _mean(a: np.ndarray) -> np.ndarray:
+    if type(a) is np.ndarray and a.dtype.kind == "f" and a.dtype.itemsize >= 4 and a.size:
+        # what np.mean computes for these (one pairwise sum in the dtype, divided by the count),
+        # without its dispatch and bookkeeping: 1 us of the 4 it takes on a batch's row losses
+        return np.asarray(np.add.reduce(a, axis=None) / a.size)
     return np.asarray(np.mean(a))
 
 

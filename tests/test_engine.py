@@ -519,6 +519,19 @@ def _onehot_model(X, dtype, seed=4):
     return xm.setup()
 
 
+def test_per_position_one_hots_are_the_columns_checked_once():
+    codes = np.array([[0, 5, -1], [2, -1, -1], [4, 1, 3]], dtype=np.int32)
+    parts = OneHot.per_position(codes, 6, np.float32)
+    assert len(parts) == 3
+    for t, x in enumerate(parts):
+        assert x.shape == (3, 6) and x.dtype == np.float32 and x.indices.flags.c_contiguous
+        np.testing.assert_array_equal(np.asarray(x), _dense(codes[:, t], 6, np.float32))
+    with pytest.raises(symdiff.SymdiffError, match=r"codes must lie in \[-1, 5\], got \[0, 6\]"):
+        OneHot.per_position(np.array([[0, 6]]), 6)
+    with pytest.raises(symdiff.SymdiffError, match="integer array of shape"):
+        OneHot.per_position(np.array([0.0, 1.0]), 6)
+
+
 @pytest.mark.parametrize("indices", [
     np.array([0, 3, 5, 1, 3]),                                     # one-hot rows
     np.array([0, -1, 5, -1, 2]),                                   # with padding rows (all zero)
