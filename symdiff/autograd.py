@@ -122,7 +122,7 @@ class Program:
         # gradient, so bprop leaves it out (fuse=False shows it)
         self.partial_gradients = {name for s, op in zip(self.steps, self.ops)
                                   for name in getattr(op, "internally_used", lambda _: ())(s.outputs)}
-        self._releases: dict[tuple[frozenset[str], bool], list[tuple[int, ...]]] = {}
+        self._releases: dict[tuple[frozenset[str], bool], list[tuple[Any, ...]]] = {}
         self._backward_plans: dict[tuple[str, ...], tuple[list[tuple[Any, int]], int]] = {}
         self._drops: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
 
@@ -131,10 +131,13 @@ class Program:
                 backward: bool = True) -> list[Any]:
         """Values of every slot, given the inputs and params by name.
 
-        With ``keep`` (the registers the caller will read), each intermediate is
-        released right after its last use, so memory is reused while in cache:
-        values a later ``backward`` reads stay; the others shrink to a zero-stride
-        stand-in of the same shape and dtype (``backward=False``: to ``None``).
+        With ``keep`` (the registers the caller will read), only the steps those
+        registers depend on run (a training batch does not compute the ``outputs`` its
+        loss does not read; their slots stay ``None``, and ``backward`` may then start
+        only from kept registers), and each intermediate is released right after its
+        last use, so memory is reused while in cache: values a later ``backward`` reads
+        stay; the others shrink to a zero-stride stand-in of the same shape and dtype
+        (``backward=False``: to ``None``).
         """
         unknown = inputs.keys() - self.known
         if unknown:
@@ -164,7 +167,7 @@ class Program:
                             v[s] = value
             else:
                 stand_in = _ghost if backward else _gone
-                for k, ((fn, o, ins), done) in enumerate(zip(self.forward_plan, releases)):
+                for k, fn, o, ins, done in releases:
                     if o.__class__ is int:
                         v[o] = fn(*[v[i] for i in ins])
                     else:
@@ -174,7 +177,7 @@ class Program:
                         v[s] = stand_in(v[s])
         except (ValueError, TypeError, IndexError) as exc:
             raise self._error(k, exc, v, "forward") from exc
-        self.counters.forward_steps += len(self.forward_plan)
+        self.counters.forward_steps += len(self.forward_plan) if releases is None else len(releases)
         return v
 
     def _unknown_input(self, name: str) -> UnknownNameError:
@@ -183,26 +186,35 @@ class Program:
         return UnknownNameError(f"unknown input {name!r}: this Wengert list has no register of that name."
                                 + did_you_mean(name, [n for n, _ in self.leaves], "inputs"))
 
-    def _release_plan(self, keep: frozenset[str], backward: bool) -> list[tuple[int, ...]]:
-        """For each forward step: the slots whose last forward use it is and that may go."""
+    def _release_plan(self, keep: frozenset[str], backward: bool) -> list[tuple[Any, ...]]:
+        """The steps ``keep`` depends on, each as ``(step index, kernel, output slot(s), input slots,
+        slots whose last forward use it is and that may go)``."""
         key = (keep, backward)
         plan = self._releases.get(key)
         if plan is not None:
             return plan
+        wanted = {self.slot[n] for n in keep if n in self.slot}
+        run: list[int] = []
+        for k in range(len(self.forward_plan) - 1, -1, -1):  # walking back: the steps something kept needs
+            _, _, ins = self.forward_plan[k]
+            if any(x in wanted for x in self._outputs_of(k)):
+                run.append(k)
+                wanted.update(ins)
+        run.reverse()
         last: dict[int, int] = {}
-        for k, (_, _, ins) in enumerate(self.forward_plan):
+        for k in run:
             for x in self._outputs_of(k):
                 last[x] = k  # a result nobody uses goes right away
-            for i in ins:
+            for i in self.forward_plan[k][2]:
                 last[i] = k
         held = {k for _, k in self.leaves} | {self.slot[n] for n in keep if n in self.slot}
         if backward:
             held |= self.value_needed
-        plan_lists: list[list[int]] = [[] for _ in self.forward_plan]
+        done: dict[int, list[int]] = {k: [] for k in run}
         for x, k in last.items():
             if x not in held:
-                plan_lists[k].append(x)
-        plan = self._releases[key] = [tuple(p) for p in plan_lists]
+                done[k].append(x)
+        plan = self._releases[key] = [(k, *self.forward_plan[k], tuple(done[k])) for k in run]
         return plan
 
     # ---- backward -----------------------------------------------------------------------
@@ -264,6 +276,9 @@ class Program:
         g: list[Any] = [None] * len(self.names)
         for name, value in seeds.items():
             k = self.slot[name]
+            if v[k] is None:
+                raise SymdiffError(f"cannot backpropagate from {name!r}: forward(keep=...) did not compute it; "
+                                   f"keep the registers backward starts from (keep=({name!r}, ...))")
             # the seed takes the output's float dtype: loss=np.float64(1.0) keeps a float32 graph float32
             dtype = getattr(v[k], "dtype", None)
             g[k] = np.asarray(value, dtype=dtype if dtype is not None and dtype.kind == "f" else None)

@@ -496,6 +496,30 @@ def test_training_mode_gives_the_same_gradients_as_keeping_everything(kind, fuse
     assert all(x is None for k, x in enumerate(probs) if k not in leaves and program.names[k] != "outputs")
 
 
+def test_training_mode_runs_only_the_steps_the_kept_registers_need():
+    """After the crossEnt-softMax rewrite the loss no longer reads softMax's `outputs`: a training
+    forward (keep the loss) skips that step, an evaluation (keep the outputs) runs it; backward from
+    a register the forward did not compute says so."""
+    from symdiff import SymdiffError
+
+    model = build_model("mlp", DIMS, seed=5)
+    rng = np.random.default_rng(2)
+    inputs = {**model.params, **model.feed(rng.integers(-1, DIMS["num_chars"], size=(6, DIMS["max_len"]))),
+              "y": np.eye(3)[rng.integers(0, 3, 6)]}
+    ad = Autograd(model.xm)
+    program = ad.compile(model.xm.operationSequence(model.xm.register("loss")))
+    assert "softMax" in [s.op for s in program.steps]
+    ad.reset_counts()
+    lean = program.forward(inputs, keep=("loss",))
+    assert lean[program.slot["outputs"]] is None and ad.forward_steps == len(program.steps) - 1
+    full = program.forward(inputs)
+    assert lean[program.slot["loss"]] == full[program.slot["loss"]]
+    probs = program.forward(inputs, keep=("outputs",), backward=False)
+    np.testing.assert_array_equal(probs[program.slot["outputs"]], full[program.slot["outputs"]])
+    with pytest.raises(SymdiffError, match="cannot backpropagate from 'outputs': forward.keep=.... did not compute"):
+        program.backward(lean, {"outputs": np.ones((6, 3))})
+
+
 @pytest.mark.parametrize("case", [dict(widths_w=[3, 1], widths_u=[3, 3], unary=["sigmoid", "tanh"]),
                                   dict(widths_w=[2, 2, 2], widths_u=[2, 2, 2], unary=["tanh", "relu", "relu"]),
                                   dict(widths_w=[1, 1], widths_u=[1, 1], unary=["square", "square"],
