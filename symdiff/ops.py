@@ -102,7 +102,9 @@ def _softmax_back(delta: np.ndarray, p: np.ndarray, o: np.ndarray) -> np.ndarray
 
 def _log_softmax(o: np.ndarray) -> np.ndarray:
     z = o - o.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    s = np.exp(z).sum(axis=1, keepdims=True)
+    z -= np.log(s, out=s)
+    return z
 
 
 def _crossent(p: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -121,12 +123,17 @@ def _crossent_dt(delta: np.ndarray, out: Any, p: np.ndarray, t: np.ndarray) -> n
 
 
 def _crossent_softmax(o: np.ndarray, t: np.ndarray) -> np.ndarray:
-    return -(t * _log_softmax(o)).sum(axis=1)
+    z = _log_softmax(o)
+    z *= t  # in place (a batch's few columns: the calls, not the arithmetic, cost here)
+    loss = z.sum(axis=1)
+    return np.negative(loss, out=loss)
 
 
 def _crossent_softmax_do(delta: np.ndarray, out: Any, o: np.ndarray, t: np.ndarray) -> np.ndarray:
     # d/do_k of -sum_j t_j log softmax(o)_j = p_k * sum_j t_j - t_k   (= p - t for one-hot t)
-    g = _softmax(o) * t.sum(axis=1, keepdims=True) - t
+    g = _softmax(o)
+    g *= t.sum(axis=1, keepdims=True)
+    g -= t
     g *= delta[:, None]
     return g
 
