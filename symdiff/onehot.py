@@ -93,10 +93,11 @@ class OneHot:
         """``self.T @ delta`` (the weight gradient) as a scatter-add of ``delta`` rows.
 
         Compiled (:mod:`symdiff.native`): one pass over the indices finds the columns,
-        one adds every row of ``delta`` to its columns' sums, in row order. Else the
-        ones are grouped by column once per batch (cached), then each group of
-        ``delta`` rows is summed with one ``reduceat`` (several times faster than
-        ``np.add.at``); both add in the same order, so give the same bits. The result keeps only the rows a character touched
+        one adds every row of ``delta`` to its columns' sums, in row order (no sort).
+        Else the ones are grouped by column once per batch (cached), then each group of
+        ``delta`` rows is summed (``segment_sum`` where it fits, which adds in the same
+        order; else one ``reduceat``, several times faster than ``np.add.at``, whose
+        summation order may differ in the last bit). The result keeps only the rows a character touched
         (:class:`RowSparse`): a batch touches a few hundred of the MLP's ~2000
         rows of ``W1``, and plain SGD then updates just those.
         """
