@@ -303,7 +303,9 @@ def _print_fused(kind: str) -> None:
         where = f"in the step computing {', '.join(users[0].outputs)}"
         if len(users) > 1:
             where += f" (the same kernel runs {len(users)} steps; the others bind their own registers alike)"
-        legend = [f"in{j} = {i}" for j, i in enumerate(users[0].inputs)]
+        inner_inputs = getattr(kernel, "inner_inputs", None)  # its gate cuts folded in (the fold_cuts pass)
+        legend = [f"in{j} = {i}" for j, i in
+                  enumerate(users[0].inputs if inner_inputs is None else inner_inputs(users[0].inputs))]
         legend += [f"r{r} = {o}" for r, o in zip(kernel.results, users[0].outputs)]
         console.print(f"  {where}: {', '.join(legend)}", highlight=False, markup=False)
         console.print("\n".join(["  " + line for line in fwd + bwd]), highlight=False, markup=False)

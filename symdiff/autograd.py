@@ -423,7 +423,7 @@ def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, .
     return run_native_first
 
 
-FUSION = ("fuse_blocks", "fuse_elementwise")
+FUSION = ("fuse_blocks", "fuse_elementwise", "fold_cuts")
 
 
 def fusion_passes(native: bool) -> tuple[str, ...]:
@@ -435,7 +435,7 @@ def fusion_passes(native: bool) -> tuple[str, ...]:
     (``fuse_blocks``: one call per op for all four) beats one call per gate, and
     ``fuse_elementwise`` then fuses what is left (the cell).
     """
-    return ("fuse_elementwise",) if native else FUSION
+    return ("fuse_elementwise", "fold_cuts") if native else FUSION[:2]
 
 
 class Autograd:

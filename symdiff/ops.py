@@ -565,6 +565,143 @@ class BlockMap:
         return bp
 
 
+class CutFed:
+    """A fused kernel reading whole products cut into column blocks: its cuts folded in.
+
+    Made by the ``fold_cuts`` pass from a ``split{k}`` whose blocks all go to one fused
+    step and nowhere else (an LSTM step's ``x·W`` and ``h·U``, each cut into four gate
+    blocks): the fused step takes the product and its layout instead and cuts it itself,
+    and hands back the product's gradient joined from the blocks' (a view where the
+    compiled backward wrote them side by side). The same views and the same join as
+    the cut's own kernels, so the same numbers; what goes is one forward step and one
+    backward closure per cut (two per LSTM time step), the interpreter's cost of them.
+
+    Inputs: the fused kernel's other inputs in their order, then ``(m, layout)`` per cut.
+    """
+
+    def __init__(self, inner: Any, sources: tuple[tuple[int, ...], ...]) -> None:
+        # sources[i]: where inner input i comes from: (-1, j) plain input j, or (g, b) block b of cut g
+        self.inner, self.sources = inner, sources
+        self.n_plain = sum(1 for g, _ in sources if g < 0)
+        self.n_cuts = 1 + max(g for g, _ in sources)
+        self.n_inputs = self.n_plain + 2 * self.n_cuts
+        self.n_deltas = inner.n_deltas
+        self.nondifferentiable = tuple(self.n_plain + 2 * g + 1 for g in range(self.n_cuts))
+        label = ";".join(",".join(str(i) for i, (g, _) in enumerate(sources) if g == c) for c in range(self.n_cuts))
+        self.name = f"{inner.name}{{cuts {label}}}"
+        # inner input i is flat[order[i]], flat = plain inputs, then each cut's blocks in order
+        starts, at = [], self.n_plain
+        for c in range(self.n_cuts):
+            starts.append(at)
+            at += sum(1 for g, _ in sources if g == c)
+        self.order = tuple(x if g < 0 else starts[g] + x for g, x in sources)
+        self.blocks_of = tuple(tuple(i for _, i in sorted((b, i) for i, (g, b) in enumerate(sources) if g == c))
+                               for c in range(self.n_cuts))
+        reads = getattr(inner, "backward_reads", None)
+        if reads is not None:
+            plain = tuple(r for r, (g, _) in zip(reads[1], sources) if g < 0)
+            cuts = tuple(x for blocks in self.blocks_of for x in (any(reads[1][i] for i in blocks), True))
+            self.backward_reads = (reads[0], plain + cuts)
+        self.forward = self._expanding(inner.forward)
+        self.numpy_forward = self._expanding(getattr(inner, "numpy_forward", inner.forward))
+        self._plans: dict[tuple[bool, ...], tuple[tuple[bool, ...], list[Any]]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        # what describes the fused kernel itself (results, display, runs_as, spec) is the inner kernel's
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def internally_used(self, names: Any) -> tuple[str, ...]:
+        return self.inner.internally_used(names)
+
+    def inner_inputs(self, inputs: Any) -> tuple[str, ...]:
+        """What each of the fused kernel's own inputs (``in0``, ``in1``, ...) is, given this step's inputs."""
+        n = self.n_plain
+        return tuple(inputs[x] if g < 0 else f"{inputs[n + 2 * g]}, column block {x}" for g, x in self.sources)
+
+    def describe(self) -> str:
+        return f"{self.inner.name} reading {self.n_cuts} product(s) cut into blocks (cuts folded in)"
+
+    def _expand(self, xs: Any) -> list[Any]:
+        n = self.n_plain
+        flat = list(xs[:n])
+        for c in range(self.n_cuts):
+            flat += _blocks(xs[n + 2 * c], xs[n + 2 * c + 1])
+        return [flat[i] for i in self.order]
+
+    def _expanding(self, fn: Any) -> Any:
+        expand = self._expand
+
+        def forward(*xs: Any) -> Any:
+            return fn(*expand(xs))
+
+        return forward
+
+    def _plan(self, needed: tuple[bool, ...]) -> tuple[tuple[bool, ...], list[Any]]:
+        """The inner kernel's needed mask, and how to build each needed wrapper gradient from its gradients."""
+        plan = self._plans.get(needed)
+        if plan is None:
+            n = self.n_plain
+            plain_at = {j: i for i, (g, j) in enumerate(self.sources) if g < 0}
+            inner_needed = [False] * len(self.sources)
+            for j in range(n):
+                if needed[j]:
+                    inner_needed[plain_at[j]] = True
+            for c, blocks in enumerate(self.blocks_of):
+                if needed[n + 2 * c]:
+                    for i in blocks:
+                        inner_needed[i] = True
+            rank = {i: r for r, i in enumerate(i for i, need in enumerate(inner_needed) if need)}
+            build: list[Any] = []
+            for j in range(n):
+                if needed[j]:
+                    build.append(rank[plain_at[j]])
+            for c, blocks in enumerate(self.blocks_of):
+                if needed[n + 2 * c]:
+                    build.append((n + 2 * c + 1, tuple(rank[i] for i in blocks)))
+            plan = self._plans[needed] = (tuple(inner_needed), build)
+        return plan
+
+    @staticmethod
+    def _assemble(build: list[Any], grads: Any, inputs: Any) -> list[Any]:
+        out = []
+        for b in build:
+            if b.__class__ is int:
+                out.append(grads[b])
+            else:  # a cut's blocks' gradients, joined back into the product's gradient as the cut's backward did
+                out.append(_join([grads[r] for r in b[1]], inputs[b[0]], -1))
+        return out
+
+    def backward(self, needed: tuple[bool, ...]) -> Any:
+        return self.inner.backward(self._plan(needed)[0])
+
+    def gradients(self, needed: tuple[bool, ...], deltas: Any, results: Any, inputs: Any) -> list[Any]:
+        inner_needed, build = self._plan(needed)
+        return self._assemble(build, self.inner.gradients(inner_needed, deltas, results, self._expand(inputs)), inputs)
+
+    def native_backward(self, needed: tuple[bool, ...]) -> Any:
+        inner_needed, build = self._plan(needed)
+        nb, expand, assemble = self.inner.native_backward(inner_needed), self._expand, self._assemble
+
+        def bw(deltas: list[Any], results: list[Any], inputs: list[Any]) -> list[Any] | None:
+            grads = nb(deltas, results, expand(inputs))
+            return None if grads is None else assemble(build, grads, inputs)
+
+        return bw
+
+
+def cut_fed_op(inner: Any, sources: tuple[tuple[int, ...], ...]) -> CutFed:
+    """The ``fold_cuts`` pass's op for fused kernel ``inner`` (registered on first use)."""
+    op = CutFed(inner, sources)
+    known = MULTI_OPS.get(op.name)
+    if known is not None and known.inner is inner:
+        return known
+    MULTI_OPS[op.name] = op
+    return op
+
+
 MULTI_KINDS = {"hconcat": (Stack, 1), "split": (Cut, 1), "vconcat": (Stack, 0), "rsplit": (Cut, 0)}
 
 

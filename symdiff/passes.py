@@ -385,6 +385,60 @@ def fuse_elementwise(steps: Sequence[Step], keep: Collection[str] = (),
     return _toposort(nodes)
 
 
+def fold_cuts(steps: Sequence[Step], keep: Collection[str] = (),
+              whole: Collection[str] = ()) -> list[Step]:
+    """A fused step reading every block of a column cut, and the only one: the cut folded into it.
+
+    After ``merge_matmuls`` and ``fuse_elementwise`` an LSTM time step is a product
+    ``h·[U_c U_f U_i U_o]``, a ``split4`` of it into gate views, and the fused cell
+    reading those views (likewise for ``x·W``). The cut does no arithmetic, but it is a
+    step of its own forward and backward, and on float32 batches that interpreter cost
+    is what is left besides the products and kernels. Here the fused step takes the
+    product and its layout and cuts (and joins the gradient) itself
+    (:class:`symdiff.ops.CutFed`): same views, same numbers, two steps fewer each way
+    per LSTM time step. Cuts whose blocks are kept, whole, or read elsewhere stay.
+    """
+    import re
+
+    from .fusion import FusedKernel
+    from .ops import cut_fed_op
+    from .registry import MULTI_OPS
+
+    steps = list(steps)
+    keep = set(keep) | set(whole)
+    producer = {o: k for k, s in enumerate(steps) for o in s.outputs}
+    uses: dict[str, int] = {}
+    for s in steps:
+        for i in s.inputs:
+            uses[i] = uses.get(i, 0) + 1
+    remove: set[int] = set()
+    replace: dict[int, Step] = {}
+    for k, s in enumerate(steps):
+        inner = MULTI_OPS.get(s.op) if isinstance(s.output, tuple) else None
+        if not isinstance(inner, FusedKernel):
+            continue
+        cuts: list[int] = []
+        for i in s.inputs:
+            p = producer.get(i)
+            if p is None or p in cuts or p in remove or not re.fullmatch(r"split\d+", steps[p].op):
+                continue
+            outs = steps[p].outputs
+            if all(o in s.inputs and uses[o] == 1 and o not in keep for o in outs):
+                cuts.append(p)
+        if not cuts:
+            continue
+        where = {o: (g, b) for g, p in enumerate(cuts) for b, o in enumerate(steps[p].outputs)}
+        plain = [i for i in s.inputs if i not in where]
+        sources = tuple(where[i] if i in where else (-1, plain.index(i)) for i in s.inputs)
+        op = cut_fed_op(inner, sources)
+        inputs = (*plain, *(x for p in cuts for x in steps[p].inputs))
+        replace[k] = Step(s.output, op.name, inputs)
+        remove.update(cuts)
+    if not replace:
+        return steps
+    return [replace.get(k, s) for k, s in enumerate(steps) if k not in remove]
+
+
 def _splice(steps: Sequence[Step], insert: dict[int, list[Step]], remove: set[int]) -> list[Step]:
     """The step list with ``insert[k]`` placed before step ``k`` and the steps in ``remove`` left out."""
     out: list[Step] = []
@@ -464,6 +518,7 @@ PASSES: dict[str, Pass] = {
     "sum_products": sum_products,
     "fuse_blocks": fuse_blocks,
     "fuse_elementwise": fuse_elementwise,
+    "fold_cuts": fold_cuts,
 }
 
 DEFAULT_PASSES: tuple[str, ...] = ("crossent_softmax", "merge_matmuls")

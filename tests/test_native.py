@@ -88,7 +88,8 @@ def _lstm_cell_kernel():
     model = build_model("lstm", dict(max_len=2, num_chars=5, num_hid=4, num_labels=3), seed=0)
     program = Autograd(model.xm, native=True).compile(model.xm.operationSequence(model.xm.register("loss")))
     (name,) = {s.op for s in program.steps if s.op.startswith("fused") and "hadamard" in s.op}
-    return program.ops[[s.op for s in program.steps].index(name)]
+    op = program.ops[[s.op for s in program.steps].index(name)]
+    return getattr(op, "inner", op)  # the cell itself, without the gate cuts fold_cuts folded into it
 
 
 def _cell_inputs(kernel, rng, dtype=np.float64, rows=6, width=7):
@@ -475,3 +476,78 @@ def test_the_suite_runs_in_a_clean_environment_with_its_own_kernel_cache(tmp_pat
     done = _python("from symdiff import native; print(native.cache_dir())", {}, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(cache)
+
+
+def _lstm_program(fold: bool, native_on: bool = True, max_len: int = 3):
+    model = build_model("lstm", dict(max_len=max_len, num_chars=5, num_hid=4, num_labels=3), seed=0)
+    ad = Autograd(model.xm, native=native_on)
+    if not fold:
+        ad.passes = tuple(p for p in ad.passes if p != "fold_cuts")
+    return model, ad.compile(model.xm.operationSequence(model.xm.register("loss")))
+
+
+def _batch_gradients(model, program, rows=6):
+    rng = np.random.default_rng(7)
+    inputs = {**model.params, **model.feed(rng.integers(-1, 5, size=(rows, 3))),
+              "y": np.eye(3)[rng.integers(0, 3, rows)], "h0": np.zeros((rows, 4)), "c0": np.zeros((rows, 4))}
+    v = program.forward(inputs, keep=("loss",))
+    loss = float(v[program.slot["loss"]])
+    g = program.backward(v, {"loss": np.float64(1.0)}, params_only=True)
+    return loss, {p: np.asarray(g[program.slot[p]]) for p in program.params}
+
+
+@pytest.mark.parametrize("min_elements", [0, 1 << 30], ids=["compiled", "numpy kernels"])
+def test_fold_cuts_folds_each_lstm_steps_gate_cuts_into_its_cell_with_the_same_numbers(compiled, monkeypatch,
+                                                                                          min_elements):
+    monkeypatch.setattr(native, "MIN_ELEMENTS", min_elements)  # 1 << 30: the kernels' numpy fallback
+    model, folded = _lstm_program(fold=True)
+    _, plain = _lstm_program(fold=False)
+    cuts = [s for s in plain.steps if s.op.startswith("split")]
+    assert len(cuts) == 2 * 3  # x·W and h·U cut into gate blocks at each of the 3 steps
+    assert not any(s.op.startswith("split") for s in folded.steps)
+    assert len(folded.steps) == len(plain.steps) - len(cuts)
+    assert len(folded.backward_plan(["loss"])[0]) == len(plain.backward_plan(["loss"])[0]) - len(cuts)
+    loss_a, grads_a = _batch_gradients(model, folded)
+    loss_b, grads_b = _batch_gradients(model, plain)
+    assert loss_a == loss_b
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 14
+    for name in grads_a:  # the same views and the same join: not merely close, equal
+        np.testing.assert_array_equal(grads_a[name], grads_b[name], err_msg=name)
+
+
+def test_fold_cuts_leaves_a_cut_whose_block_is_read_outside_the_fused_step():
+    from symdiff.passes import PASSES
+
+    rng = np.random.default_rng(2)
+    xm = XMan()
+    xm.x = f.input(name="x", default=rng.standard_normal((5, 3)))
+    xm.W1 = f.param(name="W1", default=rng.standard_normal((3, 4)))
+    xm.W2 = f.param(name="W2", default=rng.standard_normal((3, 4)))
+    a, b = xm.x * xm.W1, xm.x * xm.W2  # merge_matmuls: one product by [W1 W2], then a split2
+    xm.loss = f.mean(f.hadamard(f.tanh(a), f.sigmoid(b))) + f.mean(b)  # b also read by mean: not the cell's alone
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    steps = Autograd(xm, native=False).compile(w).steps  # numpy passes: fold_cuts not among them
+    assert any(s.op == "split2" for s in steps) and any(s.op.startswith("fused") for s in steps)
+    assert PASSES["fold_cuts"](steps) == steps
+    # without the second reader the cut is folded, and the folded list computes the same loss and gradients
+    xm2 = XMan()
+    xm2.x, xm2.W1, xm2.W2 = xm.x, xm.W1, xm.W2
+    xm2.loss = f.mean(f.hadamard(f.tanh(xm2.x * xm2.W1), f.sigmoid(xm2.x * xm2.W2)))
+    xm2.setup()
+    w2 = xm2.operationSequence(xm2.loss)
+    ad = Autograd(xm2, native=False)
+    steps2 = ad.compile(w2).steps
+    folded = PASSES["fold_cuts"](steps2)
+    assert any(s.op == "split2" for s in steps2) and not any(s.op == "split2" for s in folded)
+    from symdiff.autograd import Program
+
+    results = []
+    for program in (Program(steps2, xm2.params(), ad.counters, native=False),
+                    Program(folded, xm2.params(), ad.counters, native=False)):
+        v = program.forward(xm2.inputDict())
+        g = program.backward(v, {"loss": np.float64(1.0)})
+        results.append((float(v[program.slot["loss"]]), [g[program.slot[p]] for p in ("W1", "W2")]))
+    assert results[0][0] == results[1][0]
+    for x, y in zip(results[0][1], results[1][1]):
+        np.testing.assert_array_equal(x, y)
