@@ -431,7 +431,8 @@ def fusion_passes(native: bool) -> tuple[str, ...]:
 
     Compiled (:mod:`symdiff.native`), one fused kernel per LSTM step does the gates'
     sums, the sigmoids and tanh and the cell in one loop, reading the gate blocks in
-    place: ``fuse_elementwise`` alone. In numpy, stacking the gates first
+    place: ``fuse_elementwise``, then ``fold_cuts`` (the step takes the gate products whole and
+    cuts them itself: two steps fewer each way per LSTM time step). In numpy, stacking the gates first
     (``fuse_blocks``: one call per op for all four) beats one call per gate, and
     ``fuse_elementwise`` then fuses what is left (the cell).
     """
