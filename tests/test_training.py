@@ -249,7 +249,7 @@ def test_ops_order_shows_every_derivative_as_derived_and_stabilised(tmp_path: Pa
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("flags,env,expected", [
-    ((), {}, "engine: fused, compiled C kernels (passes: crossent_softmax, merge_matmuls, fuse_elementwise)"),
+    ((), {}, "engine: fused, compiled C kernels (passes: crossent_softmax, merge_matmuls, fuse_elementwise, fold_cuts)"),
     (("--no-native",), {}, "engine: fused, numpy kernels, --no-native (passes: crossent_softmax, merge_matmuls, "
                            "fuse_blocks, fuse_elementwise)"),
     ((), {"SYMDIFF_NATIVE": "0"}, "engine: fused, numpy kernels, native code off (SYMDIFF_NATIVE=0"),
@@ -379,7 +379,7 @@ def test_both_best_presets_stop_early_on_the_demo_set(kind: str, tmp_path: Path)
 
 
 @pytest.mark.parametrize("cfg,expected", [
-    ({}, "fused, compiled C kernels (passes: crossent_softmax, merge_matmuls, fuse_elementwise)"),
+    ({}, "fused, compiled C kernels (passes: crossent_softmax, merge_matmuls, fuse_elementwise, fold_cuts)"),
     ({"native": False}, "fused, numpy kernels, --no-native (passes: crossent_softmax, merge_matmuls, fuse_blocks, "
                         "fuse_elementwise)"),
     ({"fuse": False}, "unfused, numpy kernels (passes: crossent_softmax, merge_matmuls)"),
