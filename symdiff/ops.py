@@ -588,7 +588,7 @@ class CutFed:
         self.n_deltas = inner.n_deltas
         self.nondifferentiable = tuple(self.n_plain + 2 * g + 1 for g in range(self.n_cuts))
         label = ";".join(",".join(str(i) for i, (g, _) in enumerate(sources) if g == c) for c in range(self.n_cuts))
-        self.name = f"{inner.name}{{cuts {label}}}"
+        self.name = f"{inner.name}{{cuts:{label}}}"
         # inner input i is flat[order[i]], flat = plain inputs, then each cut's blocks in order
         starts, at = [], self.n_plain
         for c in range(self.n_cuts):
