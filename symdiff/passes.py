@@ -428,9 +428,13 @@ def fold_cuts(steps: Sequence[Step], keep: Collection[str] = (),
         if not cuts:
             continue
         where = {o: (g, b) for g, p in enumerate(cuts) for b, o in enumerate(steps[p].outputs)}
-        plain = [i for i in s.inputs if i not in where]
-        sources = tuple(where[i] if i in where else (-1, plain.index(i)) for i in s.inputs)
-        op = cut_fed_op(inner, sources)
+        plain: list[str] = []
+        sources: list[tuple[int, int]] = []
+        for i in s.inputs:
+            sources.append(where[i] if i in where else (-1, len(plain)))
+            if i not in where:
+                plain.append(i)
+        op = cut_fed_op(inner, tuple(sources))
         inputs = (*plain, *(x for p in cuts for x in steps[p].inputs))
         replace[k] = Step(s.output, op.name, inputs)
         remove.update(cuts)
