@@ -125,6 +125,8 @@ class EpochResult:
     train_seconds: float
     lr: float
     best: bool = False
+    #: this thread's CPU time in the training loop (BLAS runs in it): what benchmarks compare on a shared machine
+    train_cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -389,7 +391,7 @@ class Trainer:
             result.message = self._dead_message() + " (at initialisation)"
             return result
         for epoch in range(first, cfg.epochs + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             total, seen = 0.0, 0
             for k, b in enumerate(D.minibatches(self.codes["train"], self.ds.train.label_ids, C,
                                                 cfg.batch_size, rng, dtype=model.dtype)):
@@ -411,7 +413,7 @@ class Trainer:
                 reporter.batch(epoch, k + 1, loss)
                 if stop.requested:
                     break
-            train_seconds = time.perf_counter() - t0
+            train_seconds, train_cpu = time.perf_counter() - t0, time.thread_time() - c0
             if stop.requested and seen < n_train:  # the checkpoint keeps the last finished epoch
                 result.stopped = stop.reason
                 result.message = f"{stop.reason} during epoch {epoch} (batch {k + 1} of {batches})"
@@ -423,7 +425,7 @@ class Trainer:
                 if improved:
                     result.best_params = {n: a.copy() for n, a in params.items()}
             er = EpochResult(epoch, total / max(seen, 1), vloss, ev.accuracy or 0.0, train_seconds,
-                             optimizer.lr, improved)
+                             optimizer.lr, improved, train_cpu)
             result.epochs.append(er)
             if improved:
                 best_loss, since_best = vloss, 0

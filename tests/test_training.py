@@ -454,3 +454,36 @@ def test_resuming_a_run_that_stopped_early_reports_the_same_stop_without_trainin
     assert again["stopped"] == "early-stop" and again["epochs"] == first["epochs"]
     assert any("resuming from" in i for i in rep.infos) and any("early stop" in i for i in rep.infos), rep.infos
     assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+
+
+def test_an_epoch_reports_its_cpu_time_apart_from_its_wall_time(demo: D.Dataset) -> None:
+    """The benchmark's ``--clock cpu`` reads ``train_cpu_seconds``: time spent waiting (here a reporter
+    that sleeps, on a shared machine other processes' time slices) counts in wall time only."""
+    import time
+
+    class Sleepy(Recorder):
+        def batch(self, epoch: int, k: int, loss: float) -> None:
+            time.sleep(0.02)
+
+    config = T.TrainConfig(num_hid=8, epochs=1, init_lr=DEFAULT_LR["mlp"])
+    dims = dict(max_len=config.max_len, num_chars=demo.vocab.num_chars, num_hid=8, num_labels=demo.vocab.num_labels)
+    trainer = T.Trainer(T.build_model("mlp", dims, seed=0), demo, config)
+    epoch = trainer.train(Sleepy(), T.StopFlag()).epochs[0]
+    batches = math.ceil(len(demo.train.label_ids) / config.batch_size)
+    assert epoch.train_seconds >= 0.02 * batches
+    assert 0 < epoch.train_cpu_seconds < epoch.train_seconds - 0.015 * batches
+
+
+def test_the_benchmark_times_by_the_clock_it_is_given() -> None:
+    import time
+
+    from benchmarks import bench
+
+    chosen = bench.clock
+    try:
+        bench.clock = "cpu"
+        assert bench._timed(time.sleep, 0.1) < 0.05
+        bench.clock = "wall"
+        assert bench._timed(time.sleep, 0.1) >= 0.1
+    finally:
+        bench.clock = chosen
