@@ -292,38 +292,63 @@ static PyObject *join_columns(PyObject *self, PyObject *args) {
  * gradients of a stacked product's row blocks, see ops.RowBlocks): row r is row r % n of block
  * r / n, so the blocks need not be copied into one array first. */
 #define SEGMENT_MAXBLOCKS 4096
-static PyObject *segment_sum(PyObject *self, PyObject *args) {
-    PyObject *dobj;
-    PyArrayObject *rows, *starts;
-    if (!PyArg_ParseTuple(args, "OO!O!", &dobj, &PyArray_Type, &rows, &PyArray_Type, &starts))
-        return NULL;
+/* The delta argument of segment_sum and onehot_scatter: one 2-d float array, or a list of up to
+ * SEGMENT_MAXBLOCKS arrays of its dtype and shape standing for their row-wise concatenation, each
+ * with unit column stride. 1 when it is such (the blocks' data and row strides in elements filled
+ * in), 0 when not (the caller returns None and Python takes its numpy path). */
+typedef struct {
+    Py_ssize_t nb;
+    npy_intp Nb, K;
+    int typenum;
+    char *base[SEGMENT_MAXBLOCKS];
+    npy_intp brs[SEGMENT_MAXBLOCKS];
+} DeltaBlocks;
+
+static int read_delta_blocks(PyObject *dobj, DeltaBlocks *out) {
     PyArrayObject *single[1];
     PyArrayObject **blocks = single;
     Py_ssize_t nb = 1;
     if (PyList_Check(dobj)) {
         nb = PyList_GET_SIZE(dobj);
-        if (nb < 1 || nb > SEGMENT_MAXBLOCKS) Py_RETURN_NONE;
+        if (nb < 1 || nb > SEGMENT_MAXBLOCKS) return 0;
         blocks = (PyArrayObject **)&PyList_GET_ITEM(dobj, 0);
     } else {
         single[0] = (PyArrayObject *)dobj;
     }
     for (Py_ssize_t b = 0; b < nb; b++)
-        if (!PyArray_Check((PyObject *)blocks[b])) Py_RETURN_NONE;
+        if (!PyArray_Check((PyObject *)blocks[b])) return 0;
     PyArrayObject *delta = blocks[0];
     int typenum = PyArray_TYPE(delta);
-    if (PyArray_NDIM(delta) != 2 || (typenum != NPY_DOUBLE && typenum != NPY_FLOAT)) Py_RETURN_NONE;
+    if (PyArray_NDIM(delta) != 2 || (typenum != NPY_DOUBLE && typenum != NPY_FLOAT)) return 0;
     npy_intp Nb = PyArray_DIM(delta, 0), K = PyArray_DIM(delta, 1), isz = PyArray_ITEMSIZE(delta);
-    char *base[SEGMENT_MAXBLOCKS];
-    npy_intp brs[SEGMENT_MAXBLOCKS];
     for (Py_ssize_t b = 0; b < nb; b++) {
         PyArrayObject *d = blocks[b];
         if (PyArray_NDIM(d) != 2 || PyArray_TYPE(d) != typenum || PyArray_DIM(d, 0) != Nb
-            || PyArray_DIM(d, 1) != K) Py_RETURN_NONE;
-        if (K > 1 && PyArray_STRIDE(d, 1) != isz) Py_RETURN_NONE;
-        if (PyArray_STRIDE(d, 0) % isz) Py_RETURN_NONE;
-        base[b] = PyArray_BYTES(d);
-        brs[b] = PyArray_STRIDE(d, 0) / isz;
+            || PyArray_DIM(d, 1) != K) return 0;
+        if (K > 1 && PyArray_STRIDE(d, 1) != isz) return 0;
+        if (PyArray_STRIDE(d, 0) % isz) return 0;
+        out->base[b] = PyArray_BYTES(d);
+        out->brs[b] = PyArray_STRIDE(d, 0) / isz;
     }
+    out->nb = nb;
+    out->Nb = Nb;
+    out->K = K;
+    out->typenum = typenum;
+    return 1;
+}
+
+static PyObject *segment_sum(PyObject *self, PyObject *args) {
+    PyObject *dobj;
+    PyArrayObject *rows, *starts;
+    if (!PyArg_ParseTuple(args, "OO!O!", &dobj, &PyArray_Type, &rows, &PyArray_Type, &starts))
+        return NULL;
+    DeltaBlocks bl;
+    if (!read_delta_blocks(dobj, &bl)) Py_RETURN_NONE;
+    Py_ssize_t nb = bl.nb;
+    npy_intp Nb = bl.Nb, K = bl.K;
+    int typenum = bl.typenum;
+    char **base = bl.base;
+    npy_intp *brs = bl.brs;
     npy_intp N = Nb * nb;
     if (PyArray_NDIM(rows) != 1 || PyArray_TYPE(rows) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(rows)
         || PyArray_NDIM(starts) != 1 || PyArray_TYPE(starts) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(starts))
@@ -424,33 +449,13 @@ static PyObject *onehot_scatter(PyObject *self, PyObject *args) {
     Py_ssize_t depth;
     PyObject *dobj;
     if (!PyArg_ParseTuple(args, "O!nO", &PyArray_Type, &idx, &depth, &dobj)) return NULL;
-    PyArrayObject *single[1];
-    PyArrayObject **blocks = single;
-    Py_ssize_t nb = 1;
-    if (PyList_Check(dobj)) {
-        nb = PyList_GET_SIZE(dobj);
-        if (nb < 1 || nb > SEGMENT_MAXBLOCKS) Py_RETURN_NONE;
-        blocks = (PyArrayObject **)&PyList_GET_ITEM(dobj, 0);
-    } else {
-        single[0] = (PyArrayObject *)dobj;
-    }
-    for (Py_ssize_t b = 0; b < nb; b++)
-        if (!PyArray_Check((PyObject *)blocks[b])) Py_RETURN_NONE;
-    PyArrayObject *delta = blocks[0];
-    int typenum = PyArray_TYPE(delta), wide;
-    if (depth < 1 || PyArray_NDIM(delta) != 2 || (typenum != NPY_DOUBLE && typenum != NPY_FLOAT)) Py_RETURN_NONE;
-    npy_intp Nb = PyArray_DIM(delta, 0), K = PyArray_DIM(delta, 1), isz = PyArray_ITEMSIZE(delta), n, k;
-    char *base[SEGMENT_MAXBLOCKS];
-    npy_intp brs[SEGMENT_MAXBLOCKS];
-    for (Py_ssize_t b = 0; b < nb; b++) {
-        PyArrayObject *d = blocks[b];
-        if (PyArray_NDIM(d) != 2 || PyArray_TYPE(d) != typenum || PyArray_DIM(d, 0) != Nb
-            || PyArray_DIM(d, 1) != K) Py_RETURN_NONE;
-        if (K > 1 && PyArray_STRIDE(d, 1) != isz) Py_RETURN_NONE;
-        if (PyArray_STRIDE(d, 0) % isz) Py_RETURN_NONE;
-        base[b] = PyArray_BYTES(d);
-        brs[b] = PyArray_STRIDE(d, 0) / isz;
-    }
+    DeltaBlocks bl;
+    if (depth < 1 || !read_delta_blocks(dobj, &bl)) Py_RETURN_NONE;
+    Py_ssize_t nb = bl.nb;
+    npy_intp Nb = bl.Nb, K = bl.K, n, k;
+    int typenum = bl.typenum, wide;
+    char **base = bl.base;
+    npy_intp *brs = bl.brs;
     if (onehot_indices(idx, depth, &n, &k, &wide) || n != Nb * nb) Py_RETURN_NONE;
     npy_intp *pos = (npy_intp *)PyMem_Malloc((size_t)depth * sizeof(npy_intp));
     if (!pos) return PyErr_NoMemory();

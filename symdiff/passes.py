@@ -116,11 +116,7 @@ def sum_products(steps: Sequence[Step], keep: Collection[str] = (),
 
     steps = list(steps)
     keep = set(keep) | set(whole)
-    producer = {o: k for k, s in enumerate(steps) for o in s.outputs}
-    uses: dict[str, int] = {}
-    for s in steps:
-        for i in s.inputs:
-            uses[i] = uses.get(i, 0) + 1
+    producer, uses = _producers_and_uses(steps)
 
     def single(name: str, op: str) -> int | None:
         """The step computing ``name`` with ``op`` if ``name`` is used once and not kept."""
@@ -406,11 +402,7 @@ def fold_cuts(steps: Sequence[Step], keep: Collection[str] = (),
 
     steps = list(steps)
     keep = set(keep) | set(whole)
-    producer = {o: k for k, s in enumerate(steps) for o in s.outputs}
-    uses: dict[str, int] = {}
-    for s in steps:
-        for i in s.inputs:
-            uses[i] = uses.get(i, 0) + 1
+    producer, uses = _producers_and_uses(steps)
     remove: set[int] = set()
     replace: dict[int, Step] = {}
     for k, s in enumerate(steps):
@@ -441,6 +433,16 @@ def fold_cuts(steps: Sequence[Step], keep: Collection[str] = (),
     if not replace:
         return steps
     return [replace.get(k, s) for k, s in enumerate(steps) if k not in remove]
+
+
+def _producers_and_uses(steps: Sequence[Step]) -> tuple[dict[str, int], dict[str, int]]:
+    """Which step computes each register, and how many times each register is read."""
+    producer = {o: k for k, s in enumerate(steps) for o in s.outputs}
+    uses: dict[str, int] = {}
+    for s in steps:
+        for i in s.inputs:
+            uses[i] = uses.get(i, 0) + 1
+    return producer, uses
 
 
 def _splice(steps: Sequence[Step], insert: dict[int, list[Step]], remove: set[int]) -> list[Step]:
