@@ -230,6 +230,7 @@ class Program:
                 raise UnknownNameError(f"cannot backpropagate from {s!r}: it is not a register of this Wengert list."
                                        + did_you_mean(s, self.names, "registers"))
         written = set(key)  # registers a gradient reaches, walking back from the seeds
+        summed: set[str] = set()  # ... and those whose gradient is already a sum this pass made
         plan: list[tuple[Any, int]] = []
         count = 0
         for k in range(len(self.steps) - 1, -1, -1):
@@ -241,10 +242,16 @@ class Program:
             frozen = getattr(self.ops[k], "nondifferentiable", ())
             needed = tuple(name in self.needs_grad and j not in frozen for j, name in enumerate(s.inputs))
             targets = tuple(self.slot[name] for name, need in zip(s.inputs, needed) if need)
-            accumulate = []
+            accumulate = []  # per target: _ASSIGN, _SUM (a new array) or _SUM_INTO (into that array)
             for name, need in zip(s.inputs, needed):
                 if need:
-                    accumulate.append(name in written)
+                    if name not in written:
+                        accumulate.append(_ASSIGN)
+                    elif name not in summed:
+                        accumulate.append(_SUM)
+                        summed.add(name)
+                    else:
+                        accumulate.append(_SUM_INTO)
                     written.add(name)
             if isinstance(s.output, tuple):
                 plan.append((_fused_backward(self.ops[k], needed, o, ins, targets, tuple(accumulate), self.native), k))
@@ -370,8 +377,26 @@ def _owner(a: np.ndarray) -> Any:
     return a if a.base is None else a.base
 
 
-def _single_backward(bp: Any, o: int, ins: tuple[int, ...], target: int, accumulate: bool) -> Any:
-    if accumulate:
+#: how a backward closure stores a gradient in its target slot: the first contribution as it
+#: comes (it may be a view of a delta, or shared with another gradient), the second as a new
+#: array ``g + d``, every later one added into that array, which nothing else can see yet
+_ASSIGN, _SUM, _SUM_INTO = 0, 1, 2
+
+
+def _sum_into(a: Any, d: Any) -> Any:
+    """``a + d``, written into ``a`` (an array a ``_SUM`` made) when that gives the same array: an
+    LSTM's recurrent weight and bias gradients take nine additions a batch, now without nine
+    allocations. The same bits: one IEEE addition per element either way."""
+    if type(a) is np.ndarray and type(d) is np.ndarray and a.shape == d.shape and a.dtype == d.dtype:
+        return np.add(a, d, out=a)
+    return a + d
+
+
+def _single_backward(bp: Any, o: int, ins: tuple[int, ...], target: int, accumulate: int) -> Any:
+    if accumulate == _SUM_INTO:
+        def run(g: list[Any], v: list[Any]) -> None:
+            g[target] = _sum_into(g[target], bp(g[o], v[o], *[v[i] for i in ins]))
+    elif accumulate == _SUM:
         def run(g: list[Any], v: list[Any]) -> None:
             g[target] = g[target] + bp(g[o], v[o], *[v[i] for i in ins])
     else:
@@ -381,7 +406,7 @@ def _single_backward(bp: Any, o: int, ins: tuple[int, ...], target: int, accumul
 
 
 def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, ...], ins: tuple[int, ...],
-                    targets: tuple[int, ...], accumulate: tuple[bool, ...], native: bool = True) -> Any:
+                    targets: tuple[int, ...], accumulate: tuple[int, ...], native: bool = True) -> Any:
     """All needed input gradients of a multi-output step in one call (a fused group's share subexpressions).
 
     Structural multi-output ops (cut, stack, block ops) declare ``exact_gradients``: their
@@ -396,16 +421,16 @@ def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, .
 
         def run(g: list[Any], v: list[Any]) -> None:
             grads = bp(*[0 if g[s] is None else g[s] for s in out_slots], *[v[s] for s in reads])
-            for t, acc, d in zip(targets, accumulate, grads):
-                g[t] = g[t] + d if acc else d
+            for t, how, d in zip(targets, accumulate, grads):
+                g[t] = d if how == _ASSIGN else g[t] + d if how == _SUM else _sum_into(g[t], d)
     else:
         kernel.backward(needed)  # derive the gradients now, with the plan, not in the first batch
 
         def run(g: list[Any], v: list[Any]) -> None:
             deltas = [0 if g[s] is None else g[s] for s in out_slots]
             grads = kernel.gradients(needed, deltas, [v[s] for s in results], [v[s] for s in ins])
-            for t, acc, d in zip(targets, accumulate, grads):
-                g[t] = g[t] + d if acc else d
+            for t, how, d in zip(targets, accumulate, grads):
+                g[t] = d if how == _ASSIGN else g[t] + d if how == _SUM else _sum_into(g[t], d)
 
     native_backward = getattr(kernel, "native_backward", None) if native else None
     if native_backward is None:
@@ -417,8 +442,8 @@ def _fused_backward(kernel: Any, needed: tuple[bool, ...], results: tuple[int, .
         if grads is None:  # the arrays do not fit the compiled loop: numpy kernels
             run(g, v)
             return
-        for t, acc, d in zip(targets, accumulate, grads):
-            g[t] = g[t] + d if acc else d
+        for t, how, d in zip(targets, accumulate, grads):
+            g[t] = d if how == _ASSIGN else g[t] + d if how == _SUM else _sum_into(g[t], d)
 
     return run_native_first
 

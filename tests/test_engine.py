@@ -335,6 +335,26 @@ def test_gradients_accumulate_when_a_register_is_used_twice(build, grad):
     np.testing.assert_allclose(g["a"], grad(a0) / a0.size, rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_third_and_later_gradient_terms_add_into_a_sum_of_their_own(fuse):
+    """From its third term on, a gradient is added in place into the array its second term made;
+    never into the first term, which may be another register's gradient (add hands delta back
+    unchanged to both inputs)."""
+    a0, b0 = np.array([[1.0, -2.0], [0.5, 3.0]]), np.array([[2.0, 1.0], [-1.0, 0.25]])
+    xm = XMan()
+    xm.a = f.param(name="a", default=a0)
+    xm.b = f.param(name="b", default=b0)
+    # walking back, a's first gradient term is the delta that add(a, b) hands unchanged to a and b
+    xm.loss = f.mean(f.tanh(xm.a) + f.hadamard(xm.a, xm.a) + (xm.a + xm.b))
+    xm.setup()
+    w = xm.operationSequence(xm.loss)
+    ad = Autograd(xm, fuse=fuse)
+    g = ad.bprop(w, ad.eval(w, xm.inputDict()), loss=np.float64(1.0))
+    n = a0.size
+    np.testing.assert_array_equal(g["b"], np.full((2, 2), 1 / n))      # b's gradient: that delta, untouched
+    np.testing.assert_allclose(g["a"], (1 - np.tanh(a0) ** 2 + 2 * a0 + 1) / n, rtol=1e-14, atol=0)
+
+
 def test_param_gradients_are_distinct_arrays():
     xm = XMan()
     xm.a = f.param(name="a", default=np.ones((2, 3)))

@@ -54,7 +54,7 @@ NATIVE = [False, pytest.param(True, marks=pytest.mark.skipif(not native.enabled(
 def running_compiled() -> Iterator[dict[str, int]]:
     """Fused calls run as C however small their arrays; yields the number of calls that really did.
 
-    The engine compiles a kernel only for arrays of 1024 elements or more, and these tests' arrays
+    The engine compiles a kernel only for arrays of 256 elements or more (native.MIN_ELEMENTS), and these tests' arrays
     are smaller: without this a "compiled" test runs numpy, unless an earlier test happened to build
     the same kernel (so what it tests would depend on the order the tests run in).
     """

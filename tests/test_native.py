@@ -27,7 +27,7 @@ needs_compiler = pytest.mark.skipif(not native.enabled(), reason=f"native kernel
 
 @pytest.fixture
 def compiled(monkeypatch):
-    """Compile on first call whatever the array size (the default waits for 1024 elements)."""
+    """Compile on first call whatever the array size (the default waits for 256 elements)."""
     if not native.enabled():
         pytest.skip(f"native kernels: {native.status()}")
     monkeypatch.setattr(native, "MIN_ELEMENTS", 0)
