@@ -174,6 +174,40 @@ def test_identical_gradients_share_one_block_and_cut_blocks_join_without_a_copy(
     np.testing.assert_array_equal(swapped, np.concatenate([grads[1], grads[0], grads[2], grads[3]], axis=1))
 
 
+def test_side_by_side_parameters_join_to_the_same_view_every_batch():
+    """hconcat of blocks stored side by side is a view, remembered by the parts' identity: two sets
+    through one op alternately each get their own join, an in-place update shows through it, and
+    other arrays (or the same ones with compiled helpers switched off) are joined afresh."""
+    if not native.enabled():
+        pytest.skip(f"native kernels: {native.status()}")
+    from symdiff.ops import Stack
+
+    hconcat = Stack(2, 1)
+    W, U = np.arange(12.0).reshape(3, 4), -np.arange(6.0).reshape(3, 2)
+    for _ in range(2):
+        for buf in (W, U):
+            half = buf.shape[1] // 2
+            parts = (buf[:, :half], buf[:, half:])
+            joined, layout = hconcat.forward(*parts)
+            assert np.shares_memory(joined, buf)
+            np.testing.assert_array_equal(joined, buf)
+            np.testing.assert_array_equal(layout[0], [0, half, buf.shape[1]])
+    parts = (W[:, :2], W[:, 2:])
+    first = hconcat.forward(*parts)[0]
+    assert hconcat.forward(*parts)[0] is first      # the same parts: the same view
+    parts[0][1, 1] = 100.0                          # an optimizer's in-place step
+    np.testing.assert_array_equal(hconcat.forward(*parts)[0], W)
+    apart = (W[:, :2].copy(), W[:, 2:].copy())      # not side by side: a concatenation
+    assert not np.shares_memory(hconcat.forward(*apart)[0], W)
+    try:
+        native.set_enabled(False)
+        off = hconcat.forward(*parts)[0]
+        assert not np.shares_memory(off, W)         # switched off: numpy's concatenation
+        np.testing.assert_array_equal(off, W)
+    finally:
+        native.set_enabled(None)
+
+
 @pytest.mark.parametrize("case", ["float16", "mixed dtypes", "3-D", "column broadcast", "strided columns",
                                   "a scalar", "a list"])
 def test_arrays_that_do_not_fit_the_loop_get_the_numpy_answer(compiled, case):
