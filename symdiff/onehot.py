@@ -17,6 +17,14 @@ from .errors import SymdiffError
 from . import native as _native
 
 
+def _check_indices(idx: np.ndarray, depth: int, what: str, shape: str) -> None:
+    """One-hot indices are a 2-d integer array in [-1, depth): the one check of a batch's codes."""
+    if idx.ndim != 2 or idx.dtype.kind not in "iu":  # (np.issubdtype costs 10x this, every batch)
+        raise SymdiffError(f"{what} must be an integer array of shape {shape}, got {idx.dtype} {idx.shape}")
+    if idx.size and (idx.max() >= depth or idx.min() < -1):
+        raise SymdiffError(f"{what} must lie in [-1, {depth - 1}], got [{idx.min()}, {idx.max()}]")
+
+
 class OneHot:
     """An ``(n, depth)`` 0/1 matrix with at most ``k`` ones per row.
 
@@ -33,10 +41,7 @@ class OneHot:
         idx = np.asarray(indices)
         if idx.ndim == 1:
             idx = idx[:, None]
-        if idx.ndim != 2 or idx.dtype.kind not in "iu":  # (np.issubdtype costs 10x this, every batch)
-            raise SymdiffError(f"OneHot indices must be an integer array of shape (n, k), got {idx.dtype} {idx.shape}")
-        if idx.size and (idx.max() >= depth or idx.min() < -1):
-            raise SymdiffError(f"OneHot indices must lie in [-1, {depth - 1}], got [{idx.min()}, {idx.max()}]")
+        _check_indices(idx, depth, "OneHot indices", "(n, k)")
         self.indices = idx
         self.depth = int(depth)
         self.dtype = np.dtype(dtype)
@@ -148,10 +153,7 @@ class OneHot:
         indices are contiguous (the compiled gather reads them in place).
         """
         idx = np.asarray(codes)
-        if idx.ndim != 2 or idx.dtype.kind not in "iu":
-            raise SymdiffError(f"codes must be an integer array of shape (n, positions), got {idx.dtype} {idx.shape}")
-        if idx.size and (idx.max() >= depth or idx.min() < -1):
-            raise SymdiffError(f"codes must lie in [-1, {depth - 1}], got [{idx.min()}, {idx.max()}]")
+        _check_indices(idx, depth, "codes", "(n, positions)")
         columns = np.ascontiguousarray(idx.T)
         return [cls._checked(columns[t][:, None], depth, dtype) for t in range(columns.shape[0])]
 
