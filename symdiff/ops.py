@@ -346,45 +346,37 @@ class Blocks(list):
     dtype = None
 
 
-_last_cuts: tuple[Any, list[Any]] = (None, [])
+_last_cuts: tuple[Any, list[Any], list[Any]] = (None, [], [])
 
 
-def _cuts(layout: np.ndarray) -> list[Any]:
-    """The index of each block a layout describes: a slice, or an int for a vector block.
+def _remembered(layout: np.ndarray) -> tuple[Any, list[Any], list[Any]]:
+    """The last layout's block indices and their ``(..., index)`` keys, made again for a new one.
 
-    Remembers the last layout (by identity; layouts are internal and never written):
-    one layout serves every step of a batch, forward and backward.
+    By identity (layouts are internal and never written): one layout serves every step of a
+    batch, forward and backward.
     """
     global _last_cuts
     last = _last_cuts
     if last[0] is layout:
-        return last[1]
+        return last
     offsets, vectors = layout.tolist()  # plain ints: indexing with numpy scalars is slower
     cuts = [a if v else slice(a, b) for a, b, v in zip(offsets, offsets[1:], vectors)]
-    _last_cuts = (layout, cuts)
-    return cuts
+    _last_cuts = last = (layout, cuts, [(Ellipsis, c) for c in cuts])
+    return last
 
 
-_last_keys: tuple[Any, list[Any]] = (None, [])
-
-
-def _column_keys(layout: np.ndarray) -> list[Any]:
-    """``(..., cut)`` per block of ``layout``: ``m.__getitem__`` of each is the block ``_blocks`` gives
-    (remembered like :func:`_cuts`, so a step cutting a product maps over them without a loop of its own)."""
-    global _last_keys
-    last = _last_keys
-    if last[0] is layout:
-        return last[1]
-    keys = [(Ellipsis, c) for c in _cuts(layout)]
-    _last_keys = (layout, keys)
-    return keys
+def _cuts(layout: np.ndarray) -> list[Any]:
+    """The index of each block a layout describes: a slice, or an int for a vector block."""
+    return _remembered(layout)[1]
 
 
 def _blocks(m: Any, layout: np.ndarray | None, axis: int = -1) -> list[Any]:
     """The blocks (views) of ``m`` along its last (``axis=-1``) or first (``0``) axis; ``Blocks`` already are."""
     if layout is None:
         return list(m)
-    return [m[..., c] for c in _cuts(layout)] if axis else [m[c] for c in _cuts(layout)]
+    if axis:  # m[..., cut] per block, mapped in C (a fused LSTM step cuts two products, twice a batch)
+        return list(map(m.__getitem__, _remembered(layout)[2]))
+    return [m[c] for c in _cuts(layout)]
 
 
 def _join(parts: list[Any], layout: np.ndarray | None, axis: int = -1) -> Any:
@@ -657,12 +649,10 @@ class CutFed:
         return f"{self.inner.name} reading {self.n_cuts} product(s) cut into blocks (cuts folded in)"
 
     def _expand(self, xs: Any) -> list[Any]:
-        # what the cuts' own forward did (_blocks: m[..., cut] per block), mapped in C: this runs
-        # twice per fused step and batch (forward and backward), 2.8 -> ~1.6 us a call
+        # what the cuts' own forward did (_blocks); runs twice per fused step and batch
         flat = list(xs[:self.n_plain])
         for p in self._cut_at:
-            layout = xs[p + 1]
-            flat += _blocks(xs[p], None) if layout is None else map(xs[p].__getitem__, _column_keys(layout))
+            flat += _blocks(xs[p], xs[p + 1])
         return list(self._pick(flat))
 
     def _expanding(self, fn: Any) -> Any:
