@@ -394,10 +394,8 @@ def fold_cuts(steps: Sequence[Step], keep: Collection[str] = (),
     (:class:`symdiff.ops.CutFed`): same views, same numbers, two steps fewer each way
     per LSTM time step. Cuts whose blocks are kept, whole, or read elsewhere stay.
     """
-    import re
-
     from .fusion import FusedKernel
-    from .ops import cut_fed_op
+    from .ops import Cut, cut_fed_op
     from .registry import MULTI_OPS
 
     steps = list(steps)
@@ -412,7 +410,8 @@ def fold_cuts(steps: Sequence[Step], keep: Collection[str] = (),
         cuts: list[int] = []
         for i in s.inputs:
             p = producer.get(i)
-            if p is None or p in cuts or p in remove or not re.fullmatch(r"split\d+", steps[p].op):
+            cut = MULTI_OPS.get(steps[p].op) if p is not None else None
+            if p in cuts or p in remove or not (isinstance(cut, Cut) and cut.axis):  # a column cut (split{k})
                 continue
             outs = steps[p].outputs
             if all(o in s.inputs and uses[o] == 1 and o not in keep for o in outs):
