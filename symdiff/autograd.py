@@ -15,7 +15,7 @@ import numpy as np
 from .errors import GraphError, MissingInputError, ShapeError, SymdiffError, UnknownNameError, did_you_mean
 from .graph import Step, XMan
 from .onehot import OneHot, RowSparse
-from .ops import Blocks, shared_transposes
+from .ops import MATMUL_KERNELS, Blocks, CutFed, shared_transposes
 from .passes import DEFAULT_PASSES, PASSES
 from . import native as native_kernels
 from .registry import MULTI_OPS, get_op
@@ -123,8 +123,13 @@ class Program:
         self.partial_gradients = {name for s, op in zip(self.steps, self.ops)
                                   for name in getattr(op, "internally_used", lambda _: ())(s.outputs)}
         self._releases: dict[tuple[frozenset[str], bool], list[tuple[Any, ...]]] = {}
+        # runs of steps in one native call (see _Run): the dispatcher when it can, else None
+        self.runs = native_kernels.runs() if native else None
+        self._forward_items: dict[Any, list[Any]] = {}
+        self._backward_items: dict[tuple[tuple[str, ...], bool], list[Any]] = {}
         self._backward_plans: dict[tuple[str, ...], tuple[list[tuple[Any, int]], int]] = {}
         self._drops: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
+        self._backward_descs: dict[tuple[str, ...], list[tuple[Any, ...] | None]] = {}
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, inputs: Mapping[str, Any], keep: Iterable[str] | None = None,
@@ -157,28 +162,67 @@ class Program:
                 val = np.asarray(val)
             v[k] = val
         k = 0
+        stand_in = _ghost if backward else _gone
+        plan_key = None if releases is None else (frozenset(keep), backward)
+        items = self._forward_items.get(plan_key)
+        if items is None:
+            entries = releases if releases is not None else [(k, *step, ()) for k, step in enumerate(self.forward_plan)]
+            items = self._forward_items[plan_key] = self._runs_of([(e, self._forward_step(e)) for e in entries], 0)
         try:
-            if releases is None:
-                for k, (fn, o, ins) in enumerate(self.forward_plan):
+            for item in items:
+                if item.__class__ is _Run:  # several steps in one native call; Python finishes what it leaves
+                    k = item.first
+                    done = self.runs.run_forward(item.steps, v, stand_in)
+                    if done == item.size:
+                        continue
+                    rest = item.entries[done:]
+                else:
+                    rest = (item,)
+                for k, fn, o, ins, released in rest:
                     if o.__class__ is int:
                         v[o] = fn(*[v[i] for i in ins])
                     else:  # a fused step: one call computes all of the group's results
                         for s, value in zip(o, fn(*[v[i] for i in ins])):
                             v[s] = value
-            else:
-                stand_in = _ghost if backward else _gone
-                for k, fn, o, ins, done in releases:
-                    if o.__class__ is int:
-                        v[o] = fn(*[v[i] for i in ins])
-                    else:
-                        for s, value in zip(o, fn(*[v[i] for i in ins])):
-                            v[s] = value
-                    for s in done:
+                    for s in released:
                         v[s] = stand_in(v[s])
         except (ValueError, TypeError, IndexError) as exc:
             raise self._error(k, exc, v, "forward") from exc
         self.counters.forward_steps += len(self.forward_plan) if releases is None else len(releases)
         return v
+
+    def _runs_of(self, pairs: Sequence[tuple[tuple[Any, ...], tuple[Any, ...] | None]], at: int) -> list[Any]:
+        """The entries of ``pairs`` ``(entry, description)``, with each stretch of two or more consecutive
+        ones that the dispatcher can run (a description, not None) as one :class:`_Run`; ``entry[at]`` is
+        the step index."""
+        if self.runs is None:
+            return [e for e, _ in pairs]
+        items: list[Any] = []
+        stretch: list[tuple[Any, Any]] = []
+        for entry, desc in [*pairs, (None, None)]:
+            if desc is not None:
+                stretch.append((entry, desc))
+                continue
+            if len(stretch) >= 2:
+                items.append(_Run(tuple(d for _, d in stretch), [e for e, _ in stretch], stretch[0][0][at]))
+            else:
+                items.extend(e for e, _ in stretch)
+            stretch = []
+            if entry is not None:
+                items.append(entry)
+        return items
+
+    def _forward_step(self, entry: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """The dispatcher's description of a forward step it can run (``run_forward``), or None."""
+        k, fn, o, ins, released = entry
+        if fn is MATMUL_KERNELS[0] and o.__class__ is int:
+            return (0, o, ins[0], ins[1], tuple(released))
+        op = self.ops[k]
+        kernel, cuts = (op.inner, op.native_run_inputs()) if isinstance(op, CutFed) else (op, None)
+        nat = vars(kernel).get("native_forward")  # a fused kernel's own (not one a wrapper lends)
+        if nat is None or o.__class__ is not tuple or fn is not op.forward or kernel.forward is kernel.numpy_forward:
+            return None  # (a kernel of over 64 inputs runs numpy's forward)
+        return (1, o, ins, nat, kernel.forward_deps, tuple(released), cuts)
 
     def _unknown_input(self, name: str) -> UnknownNameError:
         if self.xman is not None:
@@ -232,6 +276,7 @@ class Program:
         written = set(key)  # registers a gradient reaches, walking back from the seeds
         summed: set[str] = set()  # ... and those whose gradient is already a sum this pass made
         plan: list[tuple[Any, int]] = []
+        descs: list[tuple[Any, ...] | None] = []  # per closure: what run_backward is told, or None
         count = 0
         for k in range(len(self.steps) - 1, -1, -1):
             s = self.steps[k]
@@ -253,18 +298,41 @@ class Program:
                     else:
                         accumulate.append(_SUM_INTO)
                     written.add(name)
+            op = self.ops[k]
             if isinstance(s.output, tuple):
-                plan.append((_fused_backward(self.ops[k], needed, o, ins, targets, tuple(accumulate), self.native), k))
+                plan.append((_fused_backward(op, needed, o, ins, targets, tuple(accumulate), self.native), k))
+                descs.append(self._fused_backward_step(op, needed, o, ins, targets, tuple(accumulate)))
             else:
                 for j, (t, acc) in zip((j for j, n in enumerate(needed) if n), zip(targets, accumulate)):
-                    plan.append((_single_backward(self.ops[k].backward[j], o, ins, t, acc), k))
+                    bp = op.backward[j]
+                    plan.append((_single_backward(bp, o, ins, t, acc), k))
+                    gemm = op.forward is MATMUL_KERNELS[0] and bp is MATMUL_KERNELS[1 + j]
+                    descs.append((2 + j, o, ins[0], ins[1], t, acc) if gemm else None)
             count += len(targets)
         self._backward_plans[key] = (plan, count)
         # for params_only: after a step's last closure, its outputs' gradients and values are spent
         # (their consumers ran before it; outputs are never params, which are leaves)
         self._drops[key] = [self._outputs_of(k) if j + 1 == len(plan) or plan[j + 1][1] != k else ()
                             for j, (_, k) in enumerate(plan)]
+        self._backward_descs[key] = descs
         return plan, count
+
+    def _fused_backward_step(self, op: Any, needed: tuple[bool, ...], o: tuple[int, ...], ins: tuple[int, ...],
+                             targets: tuple[int, ...], accumulate: tuple[int, ...]) -> tuple[Any, ...] | None:
+        """The dispatcher's description of a fused step's compiled backward (``run_backward``), or None."""
+        if self.runs is None or not self.native:
+            return None
+        if isinstance(op, CutFed):
+            if "native_forward" not in vars(op.inner):
+                return None
+            plan, build = op.native_run_backward(needed)
+            cuts: Any = op.native_run_inputs()
+        elif "native_forward" in vars(op) and not getattr(op, "exact_gradients", False):
+            plan, build, cuts = op.native_backward_plan(needed), None, None
+        else:
+            return None
+        return (4, o[:op.n_deltas], o, ins, plan.native, plan.used, plan.grads, plan.n_distinct, targets, accumulate,
+                cuts, build)
 
     def _outputs_of(self, k: int) -> tuple[int, ...]:
         o = self.forward_plan[k][1]
@@ -290,16 +358,29 @@ class Program:
             dtype = getattr(v[k], "dtype", None)
             g[k] = np.asarray(value, dtype=dtype if dtype is not None and dtype.kind == "f" else None)
         step = 0
+        key = tuple(sorted(seeds))
+        items = self._backward_items.get((key, params_only))
+        if items is None:
+            pairs = []
+            for (run, k), drop, desc in zip(plan, self._drops[key], self._backward_descs[key]):
+                drop = drop if params_only else ()
+                pairs.append(((run, k, drop), None if desc is None else (*desc, tuple(drop))))
+            items = self._backward_items[(key, params_only)] = self._runs_of(pairs, 1)
         try:
             with shared_transposes():
-                if params_only:
-                    for (run, step), drop in zip(plan, self._drops[tuple(sorted(seeds))]):
+                for item in items:
+                    if item.__class__ is _Run:  # several derivatives in one native call; Python finishes the rest
+                        step = item.first
+                        done = self.runs.run_backward(item.steps, g, v, params_only)
+                        if done == item.size:
+                            continue
+                        rest = item.entries[done:]
+                    else:
+                        rest = (item,)
+                    for run, step, drop in rest:
                         run(g, v)
                         for d in drop:
                             g[d] = v[d] = None
-                else:
-                    for run, step in plan:
-                        run(g, v)
         except (ValueError, TypeError, IndexError) as exc:
             raise self._error(step, exc, v, "backward") from exc
         self.counters.backward_steps += count
@@ -349,6 +430,19 @@ def _shape_text(value: Any) -> str:
     if isinstance(value, Blocks):
         return f"[blocks {', '.join(str(tuple(np.shape(b))) for b in value)}]"
     return str(tuple(np.shape(value)))
+
+
+class _Run:
+    """Consecutive steps that run in one call into the dispatcher (``run_forward``/``run_backward``):
+    matrix products through numpy's own gemm and fused kernels' compiled loops, the same bits as one
+    Python call a step, without the interpreter between them. ``steps`` describe them to C;
+    ``entries`` are the same steps as Python runs them, for the part a call leaves (a step that does
+    not fit: a one-hot operand, a kernel not built yet); ``first`` is the first step's index."""
+
+    __slots__ = ("steps", "entries", "size", "first")
+
+    def __init__(self, steps: tuple[tuple[Any, ...], ...], entries: list[tuple[Any, ...]], first: int) -> None:
+        self.steps, self.entries, self.size, self.first = steps, entries, len(steps), first
 
 
 _GHOSTS: dict[tuple[tuple[int, ...], np.dtype], np.ndarray] = {}

@@ -93,6 +93,22 @@ def active() -> Any | None:
     return dispatcher() if _switched_on() else None
 
 
+#: ``SYMDIFF_RUNS=0`` keeps every step a Python call (runs of steps in one native call off)
+RUNS_SWITCH = "SYMDIFF_RUNS"
+
+
+def runs() -> Any | None:
+    """The dispatcher, when runs of steps may execute in one native call: native code on, the switch
+    ``SYMDIFF_RUNS`` not 0, and numpy's gemm found and agreeing with numpy (:mod:`symdiff.blas`);
+    else None (fused kernels still run compiled, one Python call a step)."""
+    d = active()
+    if d is None or os.environ.get(RUNS_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    from . import blas
+
+    return d if blas.install(d) else None
+
+
 def set_enabled(on: bool | None) -> None:
     """Switch native code off (``False``) or back on for this process; ``None``: as ``SYMDIFF_NATIVE`` says.
 

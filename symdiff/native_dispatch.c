@@ -111,20 +111,12 @@ static PyObject *new_full(const fullshape *fs, int typenum) {
     return PyArray_EMPTY(fs->nd, dims, typenum, 0);
 }
 
-/* forward(fns, inputs, deps) -> list of results, or None.
- * deps[i]: bitmask of the inputs result i depends on (each result must reach the full shape). */
-static PyObject *forward(PyObject *self, PyObject *args) {
-    PyObject *fns, *inputs, *deps;
-    if (!PyArg_ParseTuple(args, "O!O!O!", &PyTuple_Type, &fns, &PyTuple_Type, &inputs, &PyTuple_Type, &deps))
-        return NULL;
-    Py_ssize_t n_in = PyTuple_GET_SIZE(inputs), n_out = PyTuple_GET_SIZE(deps);
+/* The forward kernel fn on operands already described: a new list of results, or None (new reference)
+ * when they do not fit it. deps[i]: bitmask of the inputs result i depends on (each result must reach
+ * the full shape). */
+static PyObject *forward_ops(kernel_t fn, int typenum, operand *ops, Py_ssize_t n_in, PyObject *deps) {
+    Py_ssize_t n_out = PyTuple_GET_SIZE(deps);
     if (n_in + n_out > MAXOPS || n_in > 64) Py_RETURN_NONE;
-    int typenum = typenum_of(inputs);
-    kernel_t fn = pick(fns, typenum);
-    if (!fn) Py_RETURN_NONE;
-    operand ops[MAXOPS];
-    for (Py_ssize_t j = 0; j < n_in; j++)
-        if (inspect(PyTuple_GET_ITEM(inputs, j), typenum, 0, &ops[j])) Py_RETURN_NONE;
     fullshape fs;
     if (full_shape(ops, (int)n_in, &fs)) Py_RETURN_NONE;
     unsigned long long fullmask = 0;
@@ -149,6 +141,25 @@ static PyObject *forward(PyObject *self, PyObject *args) {
     fn((long)(fs.nd == 2 ? fs.R : 1), (long)fs.K, p, rs);
     return out;
 }
+
+/* forward(fns, inputs, deps) -> list of results, or None. */
+static PyObject *forward(PyObject *self, PyObject *args) {
+    PyObject *fns, *inputs, *deps;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyTuple_Type, &fns, &PyTuple_Type, &inputs, &PyTuple_Type, &deps))
+        return NULL;
+    Py_ssize_t n_in = PyTuple_GET_SIZE(inputs), n_out = PyTuple_GET_SIZE(deps);
+    if (n_in + n_out > MAXOPS || n_in > 64) Py_RETURN_NONE;
+    int typenum = typenum_of(inputs);
+    kernel_t fn = pick(fns, typenum);
+    if (!fn) Py_RETURN_NONE;
+    operand ops[MAXOPS];
+    for (Py_ssize_t j = 0; j < n_in; j++)
+        if (inspect(PyTuple_GET_ITEM(inputs, j), typenum, 0, &ops[j])) Py_RETURN_NONE;
+    return forward_ops(fn, typenum, ops, n_in, deps);
+}
+
+static PyObject *backward_ops(kernel_t fn, int typenum, operand *ops, Py_ssize_t nd_, Py_ssize_t nr,
+                              Py_ssize_t ni, PyObject *grads, Py_ssize_t n_distinct);
 
 /* backward(fns, deltas, results, inputs, used, grads, n_distinct) -> list of gradients, or None.
  * Operands of the kernel: deltas (None: no gradient arrived, read as zeros), results, inputs,
@@ -179,6 +190,14 @@ static PyObject *backward(PyObject *self, PyObject *args) {
         if (j < nd_ && all[j] == Py_None) { ops[j].nd = 0; continue; }
         if (inspect(all[j], typenum, !used[j], &ops[j])) Py_RETURN_NONE;
     }
+    return backward_ops(fn, typenum, ops, nd_, nr, ni, grads, n_distinct);
+}
+
+/* The backward kernel fn on operands already described (deltas with nd 0: none arrived): a new list of
+ * the needed gradients, or None when they do not fit it (see backward below). */
+static PyObject *backward_ops(kernel_t fn, int typenum, operand *ops, Py_ssize_t nd_, Py_ssize_t nr,
+                              Py_ssize_t ni, PyObject *grads, Py_ssize_t n_distinct) {
+    Py_ssize_t n_ops = nd_ + nr + ni;
     fullshape fs;
     if (full_shape(ops, (int)n_ops, &fs)) Py_RETURN_NONE;
     for (Py_ssize_t j = 0; j < nd_ + nr; j++)  /* deltas and results: the full shape, or absent */
@@ -528,12 +547,459 @@ static PyObject *rows_sub_scaled(PyObject *self, PyObject *args) {
     Py_RETURN_TRUE;
 }
 
+/* ---- runs of steps in one call (symdiff.autograd's NativeRun) --------------------------------------
+ * A run is consecutive steps of a program that all run here: matrix products (BLAS gemm, called exactly
+ * as numpy's matmul calls it for 2-D operands, so the bits are numpy's) and fused kernels (forward/
+ * backward above). Values live in the program's slot list; a step that does not fit (a one-hot operand,
+ * a kernel not built yet, a layout numpy would treat otherwise) ends the call, which returns how many
+ * steps it did: Python runs the rest of the run as it always does. */
+typedef void (*gemm_f32_t)(int, int, int, long long, long long, long long, float, const float *, long long,
+                           const float *, long long, float, float *, long long);
+typedef void (*gemm_f64_t)(int, int, int, long long, long long, long long, double, const double *, long long,
+                           const double *, long long, double, double *, long long);
+typedef void (*gemm_f32_lp_t)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
+                              float *, int);
+typedef void (*gemm_f64_lp_t)(int, int, int, int, int, int, double, const double *, int, const double *, int,
+                              double, double *, int);
+static void *blas_s = NULL, *blas_d = NULL;
+static int blas_ilp64 = 1;
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
+/* set_blas(sgemm address, dgemm address, ilp64): the cblas_?gemm numpy's matmul calls (symdiff.blas). */
+static PyObject *set_blas(PyObject *self, PyObject *args) {
+    unsigned long long s, d;
+    int ilp64;
+    if (!PyArg_ParseTuple(args, "KKp", &s, &d, &ilp64)) return NULL;
+    blas_s = (void *)(uintptr_t)s; blas_d = (void *)(uintptr_t)d; blas_ilp64 = ilp64;
+    Py_RETURN_NONE;
+}
+
+/* numpy's is_blasable2d (umath/matmul.c.src) */
+static int blasable2d(npy_intp s1, npy_intp s2, npy_intp d1, npy_intp d2, npy_intp isz) {
+    if (s2 != isz) return 0;
+    return s1 % isz == 0 && s1 / isz >= d2 && s1 / isz <= (npy_intp)0x7ffffffffffffffeLL;
+}
+
+/* A (m, n) @ (n, p) product as numpy's matmul computes it for 2-D float operands, into a new C-ordered
+ * array: new reference; NULL without an exception set when numpy would not call gemm here (a 1 among
+ * m, n, p, an operand BLAS cannot read, A·Aᵀ which numpy gives to syrk, no BLAS known); NULL with one set
+ * on failure. Operands: data and byte strides (is1_m, is1_n), (is2_n, is2_p). */
+static PyObject *gemm_new(int typenum, char *ip1, npy_intp is1_m, npy_intp is1_n, char *ip2, npy_intp is2_n,
+                          npy_intp is2_p, npy_intp m, npy_intp n, npy_intp p) {
+    void *fn = typenum == NPY_FLOAT ? blas_s : typenum == NPY_DOUBLE ? blas_d : NULL;
+    if (!fn || m <= 1 || n <= 1 || p <= 1) return NULL;
+    if (!blas_ilp64 && (m > 0x7ffffffe || n > 0x7ffffffe || p > 0x7ffffffe)) return NULL;
+    npy_intp sz = typenum == NPY_FLOAT ? 4 : 8;
+    int t1, t2;
+    npy_intp lda, ldb;
+    if (blasable2d(is1_m, is1_n, m, n, sz)) { t1 = NO_TRANS; lda = is1_m / sz; }
+    else if (blasable2d(is1_n, is1_m, n, m, sz)) { t1 = TRANS; lda = is1_n / sz; }
+    else return NULL;
+    if (blasable2d(is2_n, is2_p, n, p, sz)) { t2 = NO_TRANS; ldb = is2_n / sz; }
+    else if (blasable2d(is2_p, is2_n, p, n, sz)) { t2 = TRANS; ldb = is2_p / sz; }
+    else return NULL;
+    if (ip1 == ip2 && m == p && is1_m == is2_p && is1_n == is2_n && t1 != t2) return NULL; /* syrk */
+    if (!blas_ilp64 && (lda > 0x7ffffffe || ldb > 0x7ffffffe)) return NULL;
+    npy_intp dims[2] = {m, p};
+    PyObject *out = PyArray_EMPTY(2, dims, typenum, 0);
+    if (!out) return NULL;
+    char *op = PyArray_BYTES((PyArrayObject *)out);
+    if (typenum == NPY_FLOAT) {
+        if (blas_ilp64) ((gemm_f32_t)fn)(ROW_MAJOR, t1, t2, m, p, n, 1.0f, (float *)ip1, lda, (float *)ip2, ldb, 0.0f, (float *)op, p);
+        else ((gemm_f32_lp_t)fn)(ROW_MAJOR, t1, t2, (int)m, (int)p, (int)n, 1.0f, (float *)ip1, (int)lda, (float *)ip2, (int)ldb, 0.0f, (float *)op, (int)p);
+    } else {
+        if (blas_ilp64) ((gemm_f64_t)fn)(ROW_MAJOR, t1, t2, m, p, n, 1.0, (double *)ip1, lda, (double *)ip2, ldb, 0.0, (double *)op, p);
+        else ((gemm_f64_lp_t)fn)(ROW_MAJOR, t1, t2, (int)m, (int)p, (int)n, 1.0, (double *)ip1, (int)lda, (double *)ip2, (int)ldb, 0.0, (double *)op, (int)p);
+    }
+    return out;
+}
+
+/* A plain 2-D float32/float64 array in native byte order, aligned: what gemm may read. */
+static int gemm_operand(PyObject *o, int typenum) {
+    if (!PyArray_CheckExact(o)) return 0;
+    PyArrayObject *a = (PyArrayObject *)o;
+    return PyArray_NDIM(a) == 2 && PyArray_TYPE(a) == typenum && PyArray_ISALIGNED(a) && PyArray_ISNOTSWAPPED(a);
+}
+
+/* a @ b (tr_a: a.T @ b, tr_b: a @ b.T) as numpy computes it, or NULL (see gemm_new). */
+static PyObject *product(PyObject *ao, PyObject *bo, int tr_a, int tr_b) {
+    if (!PyArray_CheckExact(ao)) return NULL;
+    int typenum = PyArray_TYPE((PyArrayObject *)ao);
+    if (!gemm_operand(ao, typenum) || !gemm_operand(bo, typenum)) return NULL;
+    PyArrayObject *a = (PyArrayObject *)ao, *b = (PyArrayObject *)bo;
+    npy_intp m = PyArray_DIM(a, tr_a), n = PyArray_DIM(a, !tr_a), is1_m = PyArray_STRIDE(a, tr_a),
+             is1_n = PyArray_STRIDE(a, !tr_a);
+    npy_intp n2 = PyArray_DIM(b, tr_b), p = PyArray_DIM(b, !tr_b), is2_n = PyArray_STRIDE(b, tr_b),
+             is2_p = PyArray_STRIDE(b, !tr_b);
+    if (n != n2) return NULL;
+    return gemm_new(typenum, PyArray_BYTES(a), is1_m, is1_n, PyArray_BYTES(b), is2_n, is2_p, m, n, p);
+}
+
+/* gemm(a, b) -> a @ b, or None where numpy would not call gemm (for tests and symdiff.blas's check). */
+static PyObject *gemm(PyObject *self, PyObject *args) {
+    PyObject *a, *b;
+    if (!PyArg_ParseTuple(args, "OO", &a, &b)) return NULL;
+    PyObject *out = product(a, b, 0, 0);
+    if (out || PyErr_Occurred()) return out;
+    Py_RETURN_NONE;
+}
+
+/* v[slot] = value (stealing value) */
+static void put(PyObject *v, Py_ssize_t slot, PyObject *value) {
+    PyList_SetItem(v, slot, value);
+}
+
+/* The compiled kernels of a symdiff.fusion._Native, or NULL (not built yet: Python builds it). */
+static PyObject *kernels_of(PyObject *nat) {
+    PyObject *fns = PyObject_GetAttrString(nat, "fns");
+    if (!fns) return NULL;
+    if (fns == Py_None || !PyTuple_Check(fns)) { Py_DECREF(fns); return NULL; }
+    return fns;
+}
+
+#define SLOT(t, j) PyLong_AsSsize_t(PyTuple_GET_ITEM(t, j))
+
+/* A column block [off, off + w) of a 2-D matrix m as a kernel operand: what m[..., off:off + w] would give
+ * inspect (symdiff.ops.CutFed cuts a product so). 0 if usable. */
+static int block_operand(PyObject *mo, npy_intp off, npy_intp w, int typenum, int shape_only, operand *op) {
+    if (!PyArray_Check(mo) || PyArray_NDIM((PyArrayObject *)mo) != 2) return -1;
+    PyArrayObject *m = (PyArrayObject *)mo;
+    npy_intp R = PyArray_DIM(m, 0), isz = PyArray_ITEMSIZE(m);
+    op->nd = 2; op->rows = R; op->cols = w; op->rs = 0; op->data = NULL;
+    if (shape_only) return 0;
+    if (PyArray_TYPE(m) != typenum) return -1;
+    npy_intp *st = PyArray_STRIDES(m);
+    if (w > 1 && st[1] != isz) return -1;
+    if (R > 1) {
+        if (st[0] % isz) return -1;
+        op->rs = (long)(st[0] / isz);
+    }
+    op->data = PyArray_BYTES(m) + off * st[1];
+    return 0;
+}
+
+#define MAXFLAT 256
+/* The operands of a fused kernel's inputs in a run: the step's input slots ins, read from v, or with
+ * cuts = (n_plain, order) those of a CutFed step (plain inputs, then (product, layout) per cut, each
+ * product cut into its layout's column blocks; inner input i is flat[order[i]]). used: per operand
+ * whether the kernel reads it (NULL: all). typenum: the first array's type if *typenum < 0 (as
+ * typenum_of does for the inputs the kernel gets). Returns the number of operands, or -1 if they
+ * do not fit (a vector block, a layout not as expected, an operand inspect refuses). */
+static Py_ssize_t kernel_inputs(PyObject *v, PyObject *ins, PyObject *cuts, const char *used, int *typenum,
+                                operand *ops) {
+    PyObject *obj[MAXFLAT];
+    npy_intp off[MAXFLAT], width[MAXFLAT];
+    Py_ssize_t n_ins = PyTuple_GET_SIZE(ins), n_flat = 0, n_inner;
+    PyObject *order = NULL;
+    if (cuts == Py_None) {
+        if (n_ins > MAXFLAT) return -1;
+        for (Py_ssize_t j = 0; j < n_ins; j++) { obj[j] = PyList_GET_ITEM(v, SLOT(ins, j)); off[j] = -1; }
+        n_flat = n_inner = n_ins;
+    } else {
+        Py_ssize_t n_plain = PyLong_AsSsize_t(PyTuple_GET_ITEM(cuts, 0));
+        order = PyTuple_GET_ITEM(cuts, 1);
+        n_inner = PyTuple_GET_SIZE(order);
+        if (n_plain > MAXFLAT) return -1;
+        for (Py_ssize_t j = 0; j < n_plain; j++) { obj[j] = PyList_GET_ITEM(v, SLOT(ins, j)); off[j] = -1; }
+        n_flat = n_plain;
+        for (Py_ssize_t c = n_plain; c + 1 < n_ins; c += 2) {
+            PyObject *m = PyList_GET_ITEM(v, SLOT(ins, c)), *lo = PyList_GET_ITEM(v, SLOT(ins, c + 1));
+            if (!PyArray_Check(m) || PyArray_NDIM((PyArrayObject *)m) != 2 || !PyArray_Check(lo)) return -1;
+            PyArrayObject *layout = (PyArrayObject *)lo;
+            if (PyArray_NDIM(layout) != 2 || PyArray_DIM(layout, 0) != 2 || PyArray_TYPE(layout) != NPY_INTP)
+                return -1;
+            npy_intp nb = PyArray_DIM(layout, 1) - 1, cols = PyArray_DIM((PyArrayObject *)m, 1);
+            if (nb < 1 || n_flat + nb > MAXFLAT) return -1;
+            for (npy_intp b = 0; b < nb; b++) {
+                npy_intp a = *(npy_intp *)PyArray_GETPTR2(layout, 0, b), e = *(npy_intp *)PyArray_GETPTR2(layout, 0, b + 1);
+                if (*(npy_intp *)PyArray_GETPTR2(layout, 1, b) || a < 0 || e < a || e > cols) return -1;
+                obj[n_flat] = m; off[n_flat] = a; width[n_flat++] = e - a;
+            }
+        }
+    }
+    if (n_inner > MAXOPS / 2) return -1;
+    Py_ssize_t pick_of[MAXOPS];
+    for (Py_ssize_t i = 0; i < n_inner; i++) {
+        Py_ssize_t f = order ? PyLong_AsSsize_t(PyTuple_GET_ITEM(order, i)) : i;
+        if (f < 0 || f >= n_flat) return -1;
+        pick_of[i] = f;
+        if (*typenum < 0 && PyArray_Check(obj[f])) *typenum = PyArray_TYPE((PyArrayObject *)obj[f]);
+    }
+    for (Py_ssize_t i = 0; i < n_inner; i++) {
+        Py_ssize_t f = pick_of[i];
+        int shape_only = used ? !used[i] : 0;
+        if (off[f] < 0 ? inspect(obj[f], *typenum, shape_only, &ops[i])
+                       : block_operand(obj[f], off[f], width[f], *typenum, shape_only, &ops[i]))
+            return -1;
+    }
+    return n_inner;
+}
+
+/* join_columns on a list, or their concatenation along the last axis when they are not side by side
+ * (symdiff.ops._join for blocks without vectors). New reference, or NULL with an exception. */
+static PyObject *join_columns(PyObject *self, PyObject *args);
+static PyObject *joined(PyObject *parts) {
+    PyObject *args = PyTuple_Pack(1, parts);
+    if (!args) return NULL;
+    PyObject *r = join_columns(NULL, args);
+    Py_DECREF(args);
+    if (r != Py_None) return r;
+    Py_DECREF(r);
+    return PyArray_Concatenate(parts, -1);
+}
+
+/* run_forward(steps, v, stand_in) -> number of steps done (v updated), or NULL on error.
+ * steps[k] = (0, out, a, b, released) for out = a @ b, or (1, outs, ins, native, deps, released, cuts) for
+ * a fused kernel's forward (native: its symdiff.fusion._Native; cuts: see kernel_inputs); released: slots
+ * to replace with stand_in(value) after the step. */
+static PyObject *run_forward(PyObject *self, PyObject *args) {
+    PyObject *steps, *v, *stand_in;
+    if (!PyArg_ParseTuple(args, "O!O!O", &PyTuple_Type, &steps, &PyList_Type, &v, &stand_in)) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(steps), k;
+    for (k = 0; k < n; k++) {
+        PyObject *st = PyTuple_GET_ITEM(steps, k);
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(st, 0));
+        PyObject *released;
+        if (kind == 0) {
+            PyObject *out = product(PyList_GET_ITEM(v, SLOT(st, 2)), PyList_GET_ITEM(v, SLOT(st, 3)), 0, 0);
+            if (!out) { if (PyErr_Occurred()) return NULL; break; }
+            put(v, SLOT(st, 1), out);
+            released = PyTuple_GET_ITEM(st, 4);
+        } else {
+            PyObject *fns = kernels_of(PyTuple_GET_ITEM(st, 3));
+            if (!fns) { if (PyErr_Occurred()) return NULL; break; }
+            operand ops[MAXOPS];
+            int typenum = -1;
+            Py_ssize_t n_in = kernel_inputs(v, PyTuple_GET_ITEM(st, 2), PyTuple_GET_ITEM(st, 6), NULL, &typenum, ops);
+            kernel_t fn = n_in < 0 ? NULL : pick(fns, typenum);
+            Py_DECREF(fns);
+            if (!fn) break;
+            PyObject *res = forward_ops(fn, typenum, ops, n_in, PyTuple_GET_ITEM(st, 4));
+            if (!res) return NULL;
+            if (res == Py_None) { Py_DECREF(res); break; }
+            PyObject *outs = PyTuple_GET_ITEM(st, 1);
+            Py_ssize_t no = PyTuple_GET_SIZE(outs);
+            if (PyList_GET_SIZE(res) < no) no = PyList_GET_SIZE(res);
+            for (Py_ssize_t j = 0; j < no; j++) {
+                PyObject *x = PyList_GET_ITEM(res, j);
+                Py_INCREF(x);
+                put(v, SLOT(outs, j), x);
+            }
+            Py_DECREF(res);
+            released = PyTuple_GET_ITEM(st, 5);
+        }
+        if (released != Py_None) {
+            for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(released); j++) {
+                Py_ssize_t s = SLOT(released, j);
+                PyObject *x = PyObject_CallOneArg(stand_in, PyList_GET_ITEM(v, s));
+                if (!x) return NULL;
+                put(v, s, x);
+            }
+        }
+    }
+    return PyLong_FromSsize_t(k);
+}
+
+/* a + d elementwise for two C-ordered float arrays of one shape and dtype (into a when inplace), as
+ * numpy adds them (one IEEE addition an element); NULL without an exception when they are not such,
+ * or overlap other than exactly, or are 0-d (numpy's a + d is then a scalar). New reference. */
+static PyObject *add_plain(PyObject *ao, PyObject *dobj, int inplace) {
+    if (!PyArray_CheckExact(ao) || !PyArray_CheckExact(dobj)) return NULL;
+    PyArrayObject *a = (PyArrayObject *)ao, *d = (PyArrayObject *)dobj;
+    int t = PyArray_TYPE(a);
+    if ((t != NPY_FLOAT && t != NPY_DOUBLE) || PyArray_TYPE(d) != t || PyArray_NDIM(a) == 0 || !PyArray_SAMESHAPE(a, d)
+        || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_IS_C_CONTIGUOUS(d) || !PyArray_ISALIGNED(a)
+        || !PyArray_ISALIGNED(d) || !PyArray_ISNOTSWAPPED(a) || !PyArray_ISNOTSWAPPED(d))
+        return NULL;
+    npy_intp n = PyArray_SIZE(a), bytes = n * PyArray_ITEMSIZE(a);
+    char *pa = PyArray_BYTES(a), *pd = PyArray_BYTES(d);
+    if (pa != pd && pa < pd + bytes && pd < pa + bytes) return NULL;
+    PyObject *out;
+    if (inplace) {
+        if (!PyArray_ISWRITEABLE(a)) return NULL;
+        Py_INCREF(ao);
+        out = ao;
+    } else {
+        out = PyArray_EMPTY(PyArray_NDIM(a), PyArray_DIMS(a), t, 0);
+        if (!out) return NULL;
+    }
+    char *po = PyArray_BYTES((PyArrayObject *)out);
+    if (t == NPY_FLOAT) {
+        const float *x = (const float *)pa, *y = (const float *)pd;
+        float *o = (float *)po;
+        for (npy_intp i = 0; i < n; i++) o[i] = x[i] + y[i];
+    } else {
+        const double *x = (const double *)pa, *y = (const double *)pd;
+        double *o = (double *)po;
+        for (npy_intp i = 0; i < n; i++) o[i] = x[i] + y[i];
+    }
+    return out;
+}
+
+/* g[t] combined with d (a new reference, stolen): how=0 assign, 1 g[t] + d (a new array), 2 added into
+ * g[t] in place when both are arrays of one shape and dtype (symdiff.autograd._sum_into), else g[t] + d. */
+static int accumulate(PyObject *g, Py_ssize_t t, long how, PyObject *d) {
+    if (how == 0) { put(g, t, d); return 0; }
+    PyObject *a = PyList_GET_ITEM(g, t), *r = add_plain(a, d, how == 2);
+    if (r || PyErr_Occurred()) {
+        /* added here, or failed */
+    } else if (how == 2 && PyArray_CheckExact(a) && PyArray_CheckExact(d)
+        && PyArray_SAMESHAPE((PyArrayObject *)a, (PyArrayObject *)d)
+        && PyArray_EquivTypes(PyArray_DESCR((PyArrayObject *)a), PyArray_DESCR((PyArrayObject *)d)))
+        r = PyNumber_InPlaceAdd(a, d);
+    else
+        r = PyNumber_Add(a, d);
+    Py_DECREF(d);
+    if (!r) return -1;
+    put(g, t, r);
+    return 0;
+}
+
+#define MAXCACHE 16
+/* run_backward(steps, g, v, drop) -> number of steps done (g and v updated), or NULL on error.
+ * steps[k] = (2, o, a, b, target, how, dropped) for d(a @ b)/da = delta @ b.T, (3, ...) for
+ * d/db = a.T @ delta, or (4, outs, results, ins, native, used, grads, n_distinct, targets, hows, cuts,
+ * build, dropped) for a fused kernel's backward (cuts: see kernel_inputs; build: None, or for a CutFed
+ * step its inputs' gradients from the kernel's: an index, or (layout input, indices) of blocks to
+ * join); with drop, g[s] = v[s] = None for the dropped slots after the
+ * step (Program.backward's params_only). delta @ b.T uses a contiguous copy of b.T where
+ * symdiff.ops._mul_da does (C-ordered b of 1024..65536 elements), made once per b in this call. */
+static PyObject *run_backward(PyObject *self, PyObject *args) {
+    PyObject *steps, *g, *v;
+    int drop;
+    if (!PyArg_ParseTuple(args, "O!O!O!p", &PyTuple_Type, &steps, &PyList_Type, &g, &PyList_Type, &v, &drop))
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(steps), k;
+    PyObject *cache_b[MAXCACHE], *cache_t[MAXCACHE];
+    int ncache = 0;
+    PyObject *result = NULL;
+    for (k = 0; k < n; k++) {
+        PyObject *st = PyTuple_GET_ITEM(steps, k);
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(st, 0));
+        PyObject *dropped;
+        if (kind == 2 || kind == 3) {
+            PyObject *delta = PyList_GET_ITEM(g, SLOT(st, 1)), *a = PyList_GET_ITEM(v, SLOT(st, 2)),
+                     *b = PyList_GET_ITEM(v, SLOT(st, 3)), *d;
+            if (kind == 3) d = product(a, delta, 1, 0);
+            else {
+                if (!PyArray_CheckExact(b)) break;
+                PyArrayObject *ba = (PyArrayObject *)b;
+                npy_intp size = PyArray_SIZE(ba);
+                if (PyArray_NDIM(ba) == 2 && PyArray_IS_C_CONTIGUOUS(ba) && size >= 1024 && size <= (1 << 16)) {
+                    PyObject *bt = NULL;
+                    for (int c = 0; c < ncache; c++) if (cache_b[c] == b) bt = cache_t[c];
+                    if (!bt) {
+                        if (ncache == MAXCACHE) break;
+                        PyObject *view = PyArray_Transpose(ba, NULL);
+                        if (!view) goto done;
+                        bt = PyArray_NewCopy((PyArrayObject *)view, NPY_CORDER);
+                        Py_DECREF(view);
+                        if (!bt) goto done;
+                        Py_INCREF(b);
+                        cache_b[ncache] = b; cache_t[ncache++] = bt;
+                    }
+                    d = product(delta, bt, 0, 0);
+                } else d = product(delta, b, 0, 1);
+            }
+            if (!d) { if (PyErr_Occurred()) goto done; break; }
+            if (accumulate(g, SLOT(st, 4), PyLong_AsLong(PyTuple_GET_ITEM(st, 5)), d)) goto done;
+            dropped = PyTuple_GET_ITEM(st, 6);
+        } else {
+            PyObject *fns = kernels_of(PyTuple_GET_ITEM(st, 4));
+            if (!fns) { if (PyErr_Occurred()) goto done; break; }
+            PyObject *dslots = PyTuple_GET_ITEM(st, 1), *rslots = PyTuple_GET_ITEM(st, 2);
+            Py_ssize_t nd_ = PyTuple_GET_SIZE(dslots), nr = PyTuple_GET_SIZE(rslots);
+            const char *used = PyBytes_AS_STRING(PyTuple_GET_ITEM(st, 5));
+            Py_ssize_t n_used = PyBytes_GET_SIZE(PyTuple_GET_ITEM(st, 5));
+            int typenum = -1;
+            for (Py_ssize_t j = 0; j < nr && typenum < 0; j++) {
+                PyObject *x = PyList_GET_ITEM(v, SLOT(rslots, j));
+                if (PyArray_Check(x)) typenum = PyArray_TYPE((PyArrayObject *)x);
+            }
+            kernel_t fn = pick(fns, typenum);
+            Py_DECREF(fns);
+            operand ops[MAXOPS];
+            if (!fn || nd_ + nr > MAXOPS / 2) break;
+            int fits = 1;
+            for (Py_ssize_t j = 0; j < nd_ + nr && fits; j++) {
+                PyObject *x = j < nd_ ? PyList_GET_ITEM(g, SLOT(dslots, j)) : PyList_GET_ITEM(v, SLOT(rslots, j - nd_));
+                if (j < nd_ && x == Py_None) { ops[j].nd = 0; continue; }
+                fits = !inspect(x, typenum, !used[j], &ops[j]);
+            }
+            if (!fits) break;
+            Py_ssize_t ni = kernel_inputs(v, PyTuple_GET_ITEM(st, 3), PyTuple_GET_ITEM(st, 10), used + nd_ + nr,
+                                          &typenum, ops + nd_ + nr);
+            if (ni < 0 || nd_ + nr + ni != n_used || PyLong_AsSsize_t(PyTuple_GET_ITEM(st, 7)) < 1 || nd_ + nr + ni + PyLong_AsSsize_t(PyTuple_GET_ITEM(st, 7)) > MAXOPS)
+                break;
+            PyObject *grads = backward_ops(fn, typenum, ops, nd_, nr, ni, PyTuple_GET_ITEM(st, 6),
+                                           PyLong_AsSsize_t(PyTuple_GET_ITEM(st, 7)));
+            if (!grads) goto done;
+            if (grads == Py_None) { Py_DECREF(grads); break; }
+            PyObject *build = PyTuple_GET_ITEM(st, 11);
+            if (build != Py_None) {  /* a CutFed step: its inputs' gradients from the inner kernel's */
+                Py_ssize_t nbld = PyTuple_GET_SIZE(build);
+                PyObject *wrapped = PyList_New(nbld);
+                if (!wrapped) { Py_DECREF(grads); goto done; }
+                for (Py_ssize_t j = 0; j < nbld; j++) {
+                    PyObject *b = PyTuple_GET_ITEM(build, j), *x;
+                    if (PyLong_Check(b)) {
+                        x = PyList_GET_ITEM(grads, PyLong_AsSsize_t(b));
+                        Py_INCREF(x);
+                    } else {
+                        PyObject *ranks = PyTuple_GET_ITEM(b, 1);
+                        PyObject *parts = PyList_New(PyTuple_GET_SIZE(ranks));
+                        if (!parts) { Py_DECREF(wrapped); Py_DECREF(grads); goto done; }
+                        for (Py_ssize_t r = 0; r < PyTuple_GET_SIZE(ranks); r++) {
+                            PyObject *y = PyList_GET_ITEM(grads, SLOT(ranks, r));
+                            Py_INCREF(y);
+                            PyList_SET_ITEM(parts, r, y);
+                        }
+                        x = joined(parts);
+                        Py_DECREF(parts);
+                        if (!x) { Py_DECREF(wrapped); Py_DECREF(grads); goto done; }
+                    }
+                    PyList_SET_ITEM(wrapped, j, x);
+                }
+                Py_DECREF(grads);
+                grads = wrapped;
+            }
+            PyObject *targets = PyTuple_GET_ITEM(st, 8), *hows = PyTuple_GET_ITEM(st, 9);
+            Py_ssize_t nt = PyTuple_GET_SIZE(targets);
+            if (PyList_GET_SIZE(grads) < nt) nt = PyList_GET_SIZE(grads);
+            for (Py_ssize_t j = 0; j < nt; j++) {
+                PyObject *d = PyList_GET_ITEM(grads, j);
+                Py_INCREF(d);
+                if (accumulate(g, SLOT(targets, j), PyLong_AsLong(PyTuple_GET_ITEM(hows, j)), d)) {
+                    Py_DECREF(grads); goto done;
+                }
+            }
+            Py_DECREF(grads);
+            dropped = PyTuple_GET_ITEM(st, 12);
+        }
+        if (drop) {
+            for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(dropped); j++) {
+                Py_ssize_t s = SLOT(dropped, j);
+                Py_INCREF(Py_None); put(g, s, Py_None);
+                Py_INCREF(Py_None); put(v, s, Py_None);
+            }
+        }
+    }
+    result = PyLong_FromSsize_t(k);
+done:
+    for (int c = 0; c < ncache; c++) { Py_DECREF(cache_b[c]); Py_DECREF(cache_t[c]); }
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"onehot_gather", onehot_gather, METH_VARARGS, "A one-hot matrix times a matrix, or None."},
     {"onehot_scatter", onehot_scatter, METH_VARARGS, "A one-hot matrix's transpose times a matrix, row-sparse, or None."},
     {"rows_sub_scaled", rows_sub_scaled, METH_VARARGS, "p[rows] -= lr * values in place; None if it does not fit."},
     {"segment_sum", segment_sum, METH_VARARGS, "Sums of groups of rows of a matrix, or None."},
     {"join_columns", join_columns, METH_VARARGS, "The array some column blocks are side by side in, or None."},
+    {"set_blas", set_blas, METH_VARARGS, "Hand over the cblas_?gemm numpy's matmul calls."},
+    {"gemm", gemm, METH_VARARGS, "a @ b through that gemm as numpy calls it, or None where numpy would not."},
+    {"run_forward", run_forward, METH_VARARGS, "Run forward steps (products, fused kernels); how many ran."},
+    {"run_backward", run_backward, METH_VARARGS, "Run backward steps (products, fused kernels); how many ran."},
     {"forward", forward, METH_VARARGS, "Run a generated forward kernel; None if the arrays do not fit it."},
     {"backward", backward, METH_VARARGS, "Run a generated backward kernel; None if the arrays do not fit it."},
     {NULL, NULL, 0, NULL},

@@ -90,6 +90,11 @@ def _mul_db(delta: Any, out: Any, a: Any, b: np.ndarray) -> Any:
     return a.T @ delta
 
 
+#: the matrix product's forward and its two derivatives: where a program's step runs these on dense
+#: 2-D float arrays, a native run (symdiff.autograd) may compute them with gemm instead, same bits
+MATMUL_KERNELS = (_mul, _mul_da, _mul_db)
+
+
 def _softmax(o: np.ndarray) -> np.ndarray:
     z = o - o.max(axis=-1, keepdims=True)
     np.exp(z, out=z)
@@ -704,6 +709,17 @@ class CutFed:
     def gradients(self, needed: tuple[bool, ...], deltas: Any, results: Any, inputs: Any) -> list[Any]:
         inner_needed, build = self._plan(needed)
         return self._assemble(build, self.inner.gradients(inner_needed, deltas, results, self._expand(inputs)), inputs)
+
+    def native_run_inputs(self) -> tuple[int, tuple[int, ...]]:
+        """How a native run (symdiff.autograd) feeds the inner kernel: ``(plain inputs, order)``, inner input
+        i being ``flat[order[i]]`` of the plain inputs then each cut's column blocks, as :meth:`_expand`."""
+        return self.n_plain, self.order
+
+    def native_run_backward(self, needed: tuple[bool, ...]) -> tuple[Any, tuple[Any, ...]]:
+        """The inner kernel's compiled backward plan for ``needed``, and how this step's gradients are
+        made of its gradients (an index, or ``(layout input, indices)`` of blocks to join), for a native run."""
+        inner_needed, build = self._plan(needed)
+        return self.inner.native_backward_plan(inner_needed), tuple(build)
 
     def native_backward(self, needed: tuple[bool, ...]) -> Any:
         inner_needed, build = self._plan(needed)
