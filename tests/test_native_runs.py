@@ -145,3 +145,47 @@ def test_an_lstm_epoch_ends_with_the_same_params_with_runs_on_and_off(runs, monk
         trainer.train(QuietReporter(), StopFlag())
         params.append({n: a.copy() for n, a in trainer.model.params.items()})
     assert all(np.array_equal(params[0][n], params[1][n]) for n in params[1])
+
+
+def test_a_gemm_that_is_not_numpys_is_not_used():
+    from symdiff import blas
+
+    class Fake:
+        def __init__(self, product):
+            self.gemm = product
+
+    assert blas._agrees(Fake(lambda a, b: a @ b))
+    assert not blas._agrees(Fake(lambda a, b: None))  # refuses what numpy gives gemm
+    assert not blas._agrees(Fake(lambda a, b: (a.astype(np.float64) @ b).astype(a.dtype)))  # other bits (float32)
+    assert not blas._agrees(Fake(lambda a, b: np.einsum("ij,jk->ik", a, b, optimize=False)))
+
+
+def test_runs_are_off_without_native_code_and_with_the_switch(runs, monkeypatch):
+    xm = _graph(np.float64)
+    w = xm.operationSequence(xm.loss)
+    assert Autograd(xm).compile(w).runs is not None
+    assert Autograd(xm, native=False).compile(w).runs is None
+    monkeypatch.setenv("SYMDIFF_RUNS", "0")
+    assert Autograd(xm).compile(w).runs is None
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_release_plans_run_the_same_with_runs(runs, monkeypatch, backward):
+    xm = _graph(np.float32)
+    w = xm.operationSequence(xm.loss)
+    out = []
+    for on in ("1", "0"):
+        monkeypatch.setenv("SYMDIFF_RUNS", on)
+        program = Autograd(xm).compile(w)
+        for _ in range(2):
+            v = program.forward(xm.inputDict(), keep=("loss",), backward=backward)
+        kept = [None if x is None else (np.shape(x), np.asarray(x).strides == (0,) * np.ndim(x)) for x in v]
+        grads = None
+        if backward:
+            g = program.backward(v, {"loss": np.ones((), np.float32)}, params_only=True)
+            grads = {n: g[program.slot[n]] for n in program.params}
+        out.append((v[program.slot["loss"]], kept, grads))
+    (l1, k1, g1), (l0, k0, g0) = out
+    assert np.array_equal(l1, l0) and k1 == k0  # the same values released, to the same stand-ins
+    if backward:
+        assert all(np.array_equal(g1[n], g0[n]) for n in g0)
