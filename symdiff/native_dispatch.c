@@ -8,6 +8,10 @@
  * A kernel is  void k(long R, long K, char **p, const long *rs):  for r < R, k < K it reads
  * operand j at p[j] + (r*rs[j] + k) elements and writes each output the same way. Operands
  * are 1-D (K,) or 2-D (rows, K) with a contiguous last axis; rows is R or 1 (rs = 0 then).
+ *
+ * It also runs whole stretches of a program's steps (run_forward, run_backward: products through
+ * numpy's own BLAS gemm, which symdiff/blas.py hands over, and fused kernels), so that the
+ * interpreter runs only between such stretches.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
