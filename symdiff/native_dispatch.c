@@ -994,6 +994,114 @@ done:
     return result;
 }
 
+/* sgd_step(params, grads, lr) -> True, or None.
+ * Plain SGD on every parameter in one call (a Python loop of `p -= lr * g` costs more than its
+ * arithmetic on an LSTM's fourteen small arrays): params[i] -= lr * grads[i], where grads[i] is an
+ * array of params[i]'s shape and dtype, a pair (rows, values) of a row-sparse gradient
+ * (p[rows] -= lr * values, rows distinct), or None (no gradient: untouched). Rounded as numpy's
+ * p -= lr * g: lr in p's dtype, the product rounded before the subtraction (the dispatcher is
+ * built with -ffp-contract=off), so both give the same bits. Everything is checked before
+ * anything is written: None means nothing changed and the caller runs numpy. */
+typedef struct {
+    char *p;
+    const char *g;
+    const npy_intp *rows;   /* NULL: dense, row r of g updates row r of p */
+    npy_intp R, K, ps, gs;  /* rows, columns, row strides in elements */
+    int dbl;
+} sgd_item;
+
+/* One array as rows x columns with a contiguous last axis and non-negative strides in elements;
+ * its first and one-past-last byte. 0 if usable. */
+static int sgd_layout(PyArrayObject *a, int typenum, npy_intp *R, npy_intp *K, npy_intp *rs,
+                      char **lo, char **hi) {
+    int nd = PyArray_NDIM(a);
+    npy_intp isz = PyArray_ITEMSIZE(a);
+    if (PyArray_TYPE(a) != typenum || nd < 1 || nd > 2) return -1;
+    npy_intp *sh = PyArray_DIMS(a), *st = PyArray_STRIDES(a);
+    *K = sh[nd - 1];
+    *R = nd == 2 ? sh[0] : 1;
+    *rs = 0;
+    if (*K > 1 && st[nd - 1] != isz) return -1;
+    if (nd == 2 && *R > 1) {
+        if (st[0] < 0 || st[0] % isz) return -1;
+        *rs = st[0] / isz;
+    }
+    *lo = PyArray_BYTES(a);
+    *hi = *lo + ((*R > 0 && *K > 0) ? ((*R - 1) * *rs + *K) * isz : 0);
+    return 0;
+}
+
+static PyObject *sgd_step(PyObject *self, PyObject *args) {
+    PyObject *params, *grads;
+    double lr;
+    if (!PyArg_ParseTuple(args, "O!O!d", &PyList_Type, &params, &PyList_Type, &grads, &lr)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(params);
+    if (PyList_GET_SIZE(grads) != n) Py_RETURN_NONE;
+    sgd_item *items = PyMem_Malloc((n ? n : 1) * sizeof(sgd_item));
+    if (!items) return PyErr_NoMemory();
+    Py_ssize_t m = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *po = PyList_GET_ITEM(params, i), *go = PyList_GET_ITEM(grads, i);
+        if (go == Py_None) continue;
+        if (!PyArray_Check(po)) goto unfit;
+        PyArrayObject *p = (PyArrayObject *)po;
+        int typenum = PyArray_TYPE(p);
+        if ((typenum != NPY_DOUBLE && typenum != NPY_FLOAT) || !PyArray_ISWRITEABLE(p)) goto unfit;
+        sgd_item *it = &items[m];
+        char *plo, *phi, *glo, *ghi;
+        if (sgd_layout(p, typenum, &it->R, &it->K, &it->ps, &plo, &phi)) goto unfit;
+        it->p = plo;
+        it->dbl = typenum == NPY_DOUBLE;
+        it->rows = NULL;
+        npy_intp gR, gK;
+        PyObject *vo = go;
+        if (PyTuple_Check(go)) {  /* (rows, values): row-sparse */
+            if (PyTuple_GET_SIZE(go) != 2 || PyArray_NDIM(p) != 2) goto unfit;
+            PyObject *ro = PyTuple_GET_ITEM(go, 0);
+            vo = PyTuple_GET_ITEM(go, 1);
+            if (!PyArray_Check(ro) || !PyArray_Check(vo)) goto unfit;
+            PyArrayObject *rows = (PyArrayObject *)ro;
+            if (PyArray_NDIM(rows) != 1 || PyArray_TYPE(rows) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(rows)
+                || PyArray_NDIM((PyArrayObject *)vo) != 2) goto unfit;
+            const npy_intp *r = (const npy_intp *)PyArray_DATA(rows);
+            npy_intp S = PyArray_DIM(rows, 0);
+            for (npy_intp q = 0; q < S; q++) if (r[q] < 0 || r[q] >= it->R) goto unfit;
+            if (PyArray_DIM((PyArrayObject *)vo, 0) != S) goto unfit;
+            it->rows = r;
+        } else if (!PyArray_Check(go) || PyArray_NDIM((PyArrayObject *)go) != PyArray_NDIM(p)) {
+            goto unfit;
+        }
+        if (sgd_layout((PyArrayObject *)vo, typenum, &gR, &gK, &it->gs, &glo, &ghi) || gK != it->K) goto unfit;
+        if (it->rows == NULL && gR != it->R) goto unfit;
+        if (it->rows != NULL) it->R = gR;  /* the loop runs over the gradient's rows */
+        /* a gradient overlapping its parameter other than exactly (p -= lr * p) would read updated values */
+        if (glo < phi && plo < ghi && !(it->rows == NULL && glo == plo && it->gs == it->ps)) goto unfit;
+        it->g = glo;
+        m++;
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        const sgd_item *it = &items[i];
+        for (npy_intp r = 0; r < it->R; r++) {
+            npy_intp pr = it->rows ? it->rows[r] : r;
+            if (it->dbl) {
+                double *o = (double *)it->p + pr * it->ps;
+                const double *v = (const double *)it->g + r * it->gs;
+                for (npy_intp q = 0; q < it->K; q++) { double t = lr * v[q]; o[q] -= t; }
+            } else {
+                const float a = (float)lr;
+                float *o = (float *)it->p + pr * it->ps;
+                const float *v = (const float *)it->g + r * it->gs;
+                for (npy_intp q = 0; q < it->K; q++) { float t = a * v[q]; o[q] -= t; }
+            }
+        }
+    }
+    PyMem_Free(items);
+    Py_RETURN_TRUE;
+unfit:
+    PyMem_Free(items);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"onehot_gather", onehot_gather, METH_VARARGS, "A one-hot matrix times a matrix, or None."},
     {"onehot_scatter", onehot_scatter, METH_VARARGS, "A one-hot matrix's transpose times a matrix, row-sparse, or None."},
@@ -1006,6 +1114,7 @@ static PyMethodDef methods[] = {
     {"run_backward", run_backward, METH_VARARGS, "Run backward steps (products, fused kernels); how many ran."},
     {"forward", forward, METH_VARARGS, "Run a generated forward kernel; None if the arrays do not fit it."},
     {"backward", backward, METH_VARARGS, "Run a generated backward kernel; None if the arrays do not fit it."},
+    {"sgd_step", sgd_step, METH_VARARGS, "p -= lr * g for every parameter in place; None if one does not fit."},
     {NULL, NULL, 0, NULL},
 };
 

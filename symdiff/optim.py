@@ -313,6 +313,35 @@ class SGD(Optimizer):
     def _rows_only(self) -> bool:
         return not self.momentum and not self.weight_decay
 
+    def step(self, grads: Mapping[str, np.ndarray]) -> None:
+        """One update; plain SGD on compiled code in one call for all parameters where it can
+        (:func:`symdiff.native.dispatcher`'s ``sgd_step``, the same bits), else one at a time."""
+        if not self.momentum and not self.weight_decay:
+            native = _native.active()
+            if native is not None and self._step_compiled(native, grads):
+                return
+        super().step(grads)
+
+    def _step_compiled(self, native: Any, grads: Mapping[str, np.ndarray]) -> bool:
+        """``p -= lr * g`` for every parameter with a gradient, in one compiled call; False (nothing
+        changed) for anything it does not take: the per-parameter path then decides, or raises."""
+        params = self.params
+        ps: list[np.ndarray] = []
+        gs: list[Any] = []
+        for name, g in grads.items():
+            p = params.get(name)
+            if p is None:
+                continue
+            if type(g) is RowSparse:
+                if g.shape != p.shape:
+                    return False
+                g = (g.rows, g.values)
+            elif type(g) is not np.ndarray:
+                return False
+            ps.append(p)
+            gs.append(g)
+        return native.sgd_step(ps, gs, self._lr) is not None
+
     def _update_rows(self, p: np.ndarray, g: RowSparse) -> None:
         # the rows a one-hot batch touched; identical to p -= lr * dense(g) (untouched rows get -lr*0)
         native = _native.active()

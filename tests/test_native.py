@@ -339,6 +339,51 @@ def test_compiled_one_hot_product_gradient_and_row_update_give_numpys_bits(compi
     assert d.rows_sub_scaled(p_native.astype(np.float16), grad.rows, grad.values, 0.3) is None
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_sgd_step_gives_numpys_bits_for_every_parameter_or_changes_nothing(compiled, monkeypatch, dtype):
+    """sgd_step does p -= lr * g for all parameters in one call, rounding as numpy does (lr in p's dtype,
+    the product before the difference), on column blocks of one array, 1-d biases and row-sparse gradients;
+    anything it cannot take (a dtype, a shape, a gradient overlapping its parameter) changes nothing."""
+    from symdiff.init import side_by_side
+    from symdiff.onehot import RowSparse
+    from symdiff.optim import SGD
+
+    rng = np.random.default_rng(3)
+    blocks = side_by_side({g: rng.standard_normal((6, 5)).astype(dtype) for g in "ab"})  # strided views
+    start = {**blocks, "bias": rng.standard_normal(5).astype(dtype), "w": rng.standard_normal((9, 5)).astype(dtype)}
+    grads = {"a": rng.standard_normal((6, 5)).astype(dtype), "b": rng.standard_normal((6, 5)).astype(dtype),
+             "bias": rng.standard_normal(5).astype(dtype), "not a parameter": np.ones(3, dtype),
+             "w": RowSparse(np.array([7, 0, 3], dtype=np.intp), rng.standard_normal((3, 5)).astype(dtype), (9, 5))}
+    lr = 0.1  # not exact in binary: float32 rounds it, as numpy does
+    want = {n: p.copy() for n, p in start.items()}
+    for n, p in want.items():
+        g = grads[n]
+        if isinstance(g, RowSparse):
+            p[g.rows] -= lr * g.values
+        else:
+            p -= lr * g
+    params = {n: (p.copy() if p.base is None else p) for n, p in start.items()}
+    base = params["a"].base
+    calls = []
+    d = native.dispatcher()
+    monkeypatch.setattr(d, "sgd_step", lambda *a, _f=d.sgd_step: calls.append(_f(*a)) or calls[-1])
+    SGD(params, lr=lr).step(grads)
+    monkeypatch.undo()
+    assert calls == [True]  # one compiled call did them all
+    assert params["a"].base is base  # in place: the model's views are still its parameters
+    for n, p in params.items():
+        assert np.array_equal(p, want[n]), n
+    p = rng.standard_normal((4, 3)).astype(dtype)
+    before = p.copy()
+    q = np.ones((4, 3), dtype)
+    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), np.ones((4, 3), np.float16)], lr) is None  # a dtype
+    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), np.ones((3, 3), dtype)], lr) is None  # a shape
+    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), p[::-1]], lr) is None  # overlaps its parameter
+    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), (np.array([4], dtype=np.intp), p[:1])], lr) is None  # a row
+    assert np.array_equal(p, before) and np.array_equal(q, np.ones((4, 3), dtype))  # checked before any write
+    assert d.sgd_step([p], [p], lr) is True and np.array_equal(p, before - np.asarray(lr, dtype) * before)
+
+
 def test_row_blocks_are_read_in_place_as_their_concatenation():
     """rsplit's backward hands the product's backward its blocks' gradients uncopied (ops.RowBlocks):
     the one-hot scatter-add reads them where they are, a dense product joins them; same numbers."""
@@ -369,7 +414,7 @@ def test_row_blocks_are_read_in_place_as_their_concatenation():
 def test_training_steps_compiled_and_numpy_agree(compiled, monkeypatch, kind, dtype):
     from symdiff.optim import SGD
 
-    calls = {"forward": 0, "backward": 0, "onehot_gather": 0, "onehot_scatter": 0, "rows_sub_scaled": 0}
+    calls = {"forward": 0, "backward": 0, "onehot_gather": 0, "onehot_scatter": 0, "sgd_step": 0}
     dispatch = native.dispatcher()
     for name in (*calls, "run_forward", "run_backward"):  # count what really ran compiled (a silent fallback
         def counted(*args, _f=getattr(dispatch, name), _n=name):  # would pass unnoticed); a run of steps
