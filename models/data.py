@@ -393,6 +393,10 @@ def one_hot(x: np.ndarray, depth: int, dtype: npt.DTypeLike = np.float64) -> np.
     return _one_hot_table(depth, dtype)[x]
 
 
+#: about how many values :func:`minibatches` gathers at once (codes or one-hot labels of many batches)
+GATHER_ELEMENTS = 1 << 20
+
+
 def minibatches(codes: np.ndarray, label_ids: np.ndarray, num_labels: int, batch_size: int,
                 rng: np.random.Generator | None = None,
                 dtype: npt.DTypeLike = np.float64) -> Iterator[Batch]:
@@ -413,6 +417,14 @@ def minibatches(codes: np.ndarray, label_ids: np.ndarray, num_labels: int, batch
     n = codes.shape[0]
     order = np.arange(n, dtype=np.int64) if rng is None else rng.permutation(n).astype(np.int64)
     table = _one_hot_table(num_labels, dtype)
-    for start in range(0, n, batch_size):
-        rows = order[start:start + batch_size]
-        yield Batch(x=codes[rows], y=table[label_ids[rows]], rows=rows)
+    # The rows of many batches are gathered at once and each batch is a view of them: two gathers
+    # per batch cost more than the slices (a training batch's whole overhead counts), and the
+    # block (about GATHER_ELEMENTS values) bounds the memory for many rows or many labels.
+    width = max(num_labels, codes.shape[1], 1)
+    block = batch_size * max(1, GATHER_ELEMENTS // (batch_size * width))
+    for first in range(0, n, block):
+        rows = order[first:first + block]
+        x, y = codes[rows], table[label_ids[rows]]
+        for start in range(0, len(rows), batch_size):
+            stop = start + batch_size
+            yield Batch(x=x[start:stop], y=y[start:stop], rows=rows[start:stop])

@@ -198,6 +198,7 @@ def make_feed(xm: Any, dims: dict[str, int], dtype: np.dtype, shown: str) -> Cal
             else:
                 constants[name] = default
     offsets = np.arange(M) * V
+    step_names = [(t, f"x{t}") for t in steps]  # named once, not once a batch
     zeros: dict[tuple[str, int], np.ndarray] = {}
     eye = np.eye(V + 1, V, dtype=dtype)  # row V (index -1) is all zeros: a padded position
 
@@ -214,12 +215,12 @@ def make_feed(xm: Any, dims: dict[str, int], dtype: np.dtype, shown: str) -> Cal
                 inputs["X"] = eye[codes].reshape(n, M * V)
             else:
                 inputs["X"] = OneHot(np.where(codes >= 0, codes + offsets, -1), M * V, dtype)
-        if steps and not dense:
+        if step_names and not dense:
             positions = OneHot.per_position(codes, V, dtype)  # checked once for all positions
-            for t in steps:
-                inputs[f"x{t}"] = positions[t]
-        for t in steps if dense else ():
-            inputs[f"x{t}"] = eye[codes[:, t]]
+            for t, name in step_names:
+                inputs[name] = positions[t]
+        for t, name in step_names if dense else ():
+            inputs[name] = eye[codes[:, t]]
         return inputs
 
     if not whole and not steps:

@@ -154,8 +154,7 @@ class OneHot:
         """
         idx = np.asarray(codes)
         _check_indices(idx, depth, "codes", "(n, positions)")
-        columns = np.ascontiguousarray(idx.T)
-        return [cls._checked(columns[t][:, None], depth, dtype) for t in range(columns.shape[0])]
+        return cls._checked(np.ascontiguousarray(idx.T)[:, :, None], depth, dtype)
 
     @staticmethod
     def vstack(parts: "list[OneHot]") -> "OneHot":
@@ -163,14 +162,20 @@ class OneHot:
         k = max(p.indices.shape[1] for p in parts)
         idx = [p.indices if p.indices.shape[1] == k else
                np.pad(p.indices, ((0, 0), (0, k - p.indices.shape[1])), constant_values=-1) for p in parts]
-        return OneHot._checked(np.concatenate(idx), parts[0].depth, parts[0].dtype)
+        return OneHot._checked([np.concatenate(idx)], parts[0].depth, parts[0].dtype)[0]
 
     @classmethod
-    def _checked(cls, indices: np.ndarray, depth: int, dtype: Any) -> "OneHot":
-        """A OneHot of indices already known valid (rows of checked ones): no second pass over them."""
-        out = cls.__new__(cls)
-        out.indices, out.depth, out.dtype = indices, int(depth), np.dtype(dtype)
-        out._valid = out._flat = out._segments = None
+    def _checked(cls, indices: Any, depth: int, dtype: Any) -> "list[OneHot]":
+        """One OneHot for each index array of ``indices``, known valid (rows of checked ones): no
+        second pass over them. In one loop, as cheap as it gets: a sequence model's batch makes
+        one per position (the training loop's own overhead per batch counts)."""
+        depth, dtype, new = int(depth), np.dtype(dtype), cls.__new__
+        out = []
+        for idx in indices:
+            one = new(cls)
+            one.indices, one.depth, one.dtype = idx, depth, dtype
+            one._valid = one._flat = one._segments = None
+            out.append(one)
         return out
 
     def __repr__(self) -> str:

@@ -412,6 +412,23 @@ def test_minibatches_cover_every_row_once(n: int, batch_size: int, shuffle: bool
         assert b.x.dtype == np.int32
 
 
+@pytest.mark.parametrize("gather", [1, 3 * 4 * 4, 5 * 4 * 4])  # blocks of one batch, of three, of five (ends mid-data)
+def test_minibatches_gathered_in_blocks_are_the_batches_gathered_one_by_one(monkeypatch, gather: int) -> None:
+    """Rows are gathered a block of batches at a time (data.GATHER_ELEMENTS): every batch's codes and
+    labels are still its own rows', whichever block it falls in."""
+    import models.data as data
+
+    codes, _ = make_codes(23)
+    ids = np.arange(23) % 3
+    monkeypatch.setattr(data, "GATHER_ELEMENTS", gather)
+    batches = list(minibatches(codes, ids, 3, 4, np.random.default_rng(1)))
+    assert [len(b.rows) for b in batches] == [4] * 5 + [3]
+    assert sorted(np.concatenate([b.rows for b in batches]).tolist()) == list(range(23))
+    for b in batches:
+        np.testing.assert_array_equal(b.x, codes[b.rows])
+        np.testing.assert_array_equal(b.y, np.eye(3)[ids[b.rows]])
+
+
 def test_minibatches_empty() -> None:
     codes, ids = make_codes(0)
     assert list(minibatches(codes, ids, 3, 4)) == []
