@@ -1102,6 +1102,179 @@ unfit:
     Py_RETURN_NONE;
 }
 
+/* adam_step(params, grads, (m, v, g, denom), (b1, 1-b1, b2, 1-b2, sqrt(bias2), eps, lr/bias1, wd, 1-lr*wd),
+ *           decay) -> True, or None.
+ * One Adam step of every parameter in one call, on the flat moment buffers optim.Adam keeps (m, v, g,
+ * denom: 1-d, contiguous, one element per parameter element in params' order): each gradient (an array
+ * of its parameter's shape and dtype, or a pair (rows, values) of a row-sparse one, zero elsewhere) is
+ * copied into g; decay 1 adds wd * p to it (L2), decay 2 first multiplies p by 1 - lr*wd (AdamW); then
+ * the moments and the step as Adam._moments computes them, and p -= step. Every operation is the one
+ * numpy does, in its order and rounding (scalars in the arrays' dtype, -ffp-contract=off), so both give
+ * the same bits. Everything is checked before anything is written: None means nothing changed. */
+static int flat_of(PyObject *o, int typenum, npy_intp N, char **data) {
+    if (!PyArray_Check(o)) return -1;
+    PyArrayObject *a = (PyArrayObject *)o;
+    if (PyArray_TYPE(a) != typenum || PyArray_NDIM(a) != 1 || PyArray_DIM(a, 0) != N
+        || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a)) return -1;
+    *data = PyArray_BYTES(a);
+    return 0;
+}
+
+/* Adam._moments on the flat buffers, elementwise: numpy's operations in numpy's order. Separate
+ * restrict-qualified loops so that they vectorise (sqrt and division are correctly rounded either way). */
+#define ADAM_MOMENTS(T, SQRT)                                                                          \
+    static __attribute__((noinline)) void adam_moments_##T(T *restrict M, T *restrict V, const T *restrict G, T *restrict D,     \
+                                 npy_intp N, T B1, T C1, T B2, T C2, T SB2, T EPS, T LRB) {            \
+        for (npy_intp q = 0; q < N; q++) {                                                             \
+            T mm = M[q] * B1, t = C1 * G[q];                                                           \
+            mm = mm + t;                                                                               \
+            M[q] = mm;                                                                                 \
+            T vv = V[q] * B2;                                                                          \
+            t = G[q] * G[q];                                                                           \
+            t = t * C2;                                                                                \
+            vv = vv + t;                                                                               \
+            V[q] = vv;                                                                                 \
+            T d = SQRT(vv);                                                                            \
+            d = d / SB2;                                                                               \
+            d = d + EPS;                                                                               \
+            d = mm / d;                                                                                \
+            D[q] = d * LRB;                                                                            \
+        }                                                                                              \
+    }
+ADAM_MOMENTS(double, sqrt)
+ADAM_MOMENTS(float, sqrtf)
+
+#define ADAM_LOOP(T, SQRT)                                                                            \
+    do {                                                                                              \
+        const T B1 = (T)s[0], C1 = (T)s[1], B2 = (T)s[2], C2 = (T)s[3], SB2 = (T)s[4], EPS = (T)s[5],  \
+                LRB = (T)s[6], WD = (T)s[7], PD = (T)s[8];                                            \
+        T *M = (T *)md, *V = (T *)vd, *G = (T *)gd, *D = (T *)dd;                                     \
+        for (Py_ssize_t i = 0; i < m; i++) {                                                          \
+            const sgd_item *it = &items[i];                                                           \
+            T *g0 = G + offs[i];                                                                      \
+            if (it->rows) {                                                                           \
+                for (npy_intp q = 0; q < rows_of[i] * it->K; q++) g0[q] = 0;                          \
+                for (npy_intp r = 0; r < it->R; r++) {                                                \
+                    const T *src = (const T *)it->g + r * it->gs;                                     \
+                    T *dst = g0 + it->rows[r] * it->K;                                                \
+                    for (npy_intp q = 0; q < it->K; q++) dst[q] = src[q];                             \
+                }                                                                                     \
+            } else {                                                                                  \
+                for (npy_intp r = 0; r < it->R; r++) {                                                \
+                    const T *src = (const T *)it->g + r * it->gs;                                     \
+                    for (npy_intp q = 0; q < it->K; q++) g0[r * it->K + q] = src[q];                  \
+                }                                                                                     \
+            }                                                                                         \
+            if (decay) {                                                                              \
+                for (npy_intp r = 0; r < rows_of[i]; r++) {                                           \
+                    T *p = (T *)it->p + r * it->ps, *gr = g0 + r * it->K;                             \
+                    if (decay == 2) for (npy_intp q = 0; q < it->K; q++) p[q] *= PD;                  \
+                    else for (npy_intp q = 0; q < it->K; q++) { T t = p[q] * WD; gr[q] += t; }        \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        adam_moments_##T(M, V, G, D, N, B1, C1, B2, C2, SB2, EPS, LRB);                                 \
+        for (Py_ssize_t i = 0; i < m; i++) {                                                          \
+            const sgd_item *it = &items[i];                                                           \
+            const T *d0 = D + offs[i];                                                                \
+            for (npy_intp r = 0; r < rows_of[i]; r++) {                                               \
+                T *p = (T *)it->p + r * it->ps;                                                       \
+                for (npy_intp q = 0; q < it->K; q++) p[q] -= d0[r * it->K + q];                       \
+            }                                                                                         \
+        }                                                                                             \
+    } while (0)
+
+static PyObject *adam_step(PyObject *self, PyObject *args) {
+    PyObject *params, *grads, *flat, *scal;
+    int decay;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!i", &PyList_Type, &params, &PyList_Type, &grads, &PyTuple_Type, &flat,
+                          &PyTuple_Type, &scal, &decay)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(params);
+    if (PyList_GET_SIZE(grads) != n || n == 0 || PyTuple_GET_SIZE(flat) != 4 || PyTuple_GET_SIZE(scal) != 9
+        || decay < 0 || decay > 2) Py_RETURN_NONE;
+    double s[9];
+    for (int k = 0; k < 9; k++) {
+        s[k] = PyFloat_AsDouble(PyTuple_GET_ITEM(scal, k));
+        if (s[k] == -1.0 && PyErr_Occurred()) return NULL;
+    }
+    if (!PyArray_Check(PyList_GET_ITEM(params, 0))) Py_RETURN_NONE;
+    int typenum = PyArray_TYPE((PyArrayObject *)PyList_GET_ITEM(params, 0));
+    if (typenum != NPY_DOUBLE && typenum != NPY_FLOAT) Py_RETURN_NONE;
+    sgd_item *items = PyMem_Malloc(n * sizeof(sgd_item));
+    npy_intp *offs = PyMem_Malloc(n * sizeof(npy_intp)), *rows_of = PyMem_Malloc(n * sizeof(npy_intp));
+    if (!items || !offs || !rows_of) { PyMem_Free(items); PyMem_Free(offs); PyMem_Free(rows_of); return PyErr_NoMemory(); }
+    Py_ssize_t m = 0;
+    npy_intp N = 0;
+    char *md, *vd, *gd, *dd;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *po = PyList_GET_ITEM(params, i), *go = PyList_GET_ITEM(grads, i);
+        if (!PyArray_Check(po)) goto unfit;
+        PyArrayObject *p = (PyArrayObject *)po;
+        if (!PyArray_ISWRITEABLE(p)) goto unfit;
+        sgd_item *it = &items[m];
+        char *plo, *phi, *glo, *ghi;
+        if (sgd_layout(p, typenum, &it->R, &it->K, &it->ps, &plo, &phi)) goto unfit;
+        it->p = plo;
+        it->rows = NULL;
+        rows_of[m] = it->R;
+        offs[m] = N;
+        N += it->R * it->K;
+        npy_intp gR, gK;
+        PyObject *vo = go;
+        if (PyTuple_Check(go)) {  /* (rows, values): row-sparse */
+            if (PyTuple_GET_SIZE(go) != 2 || PyArray_NDIM(p) != 2) goto unfit;
+            PyObject *ro = PyTuple_GET_ITEM(go, 0);
+            vo = PyTuple_GET_ITEM(go, 1);
+            if (!PyArray_Check(ro) || !PyArray_Check(vo)) goto unfit;
+            PyArrayObject *rows = (PyArrayObject *)ro;
+            if (PyArray_NDIM(rows) != 1 || PyArray_TYPE(rows) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(rows)
+                || PyArray_NDIM((PyArrayObject *)vo) != 2) goto unfit;
+            const npy_intp *r = (const npy_intp *)PyArray_DATA(rows);
+            npy_intp S = PyArray_DIM(rows, 0);
+            for (npy_intp q = 0; q < S; q++) if (r[q] < 0 || r[q] >= it->R) goto unfit;
+            if (PyArray_DIM((PyArrayObject *)vo, 0) != S) goto unfit;
+            it->rows = r;
+        } else if (!PyArray_Check(go) || PyArray_NDIM((PyArrayObject *)go) != PyArray_NDIM(p)) {
+            goto unfit;
+        }
+        if (sgd_layout((PyArrayObject *)vo, typenum, &gR, &gK, &it->gs, &glo, &ghi) || gK != it->K) goto unfit;
+        if (it->rows == NULL && gR != it->R) goto unfit;
+        if (it->rows != NULL) it->R = gR;
+        it->g = glo;
+        m++;
+    }
+    if (flat_of(PyTuple_GET_ITEM(flat, 0), typenum, N, &md) || flat_of(PyTuple_GET_ITEM(flat, 1), typenum, N, &vd)
+        || flat_of(PyTuple_GET_ITEM(flat, 2), typenum, N, &gd) || flat_of(PyTuple_GET_ITEM(flat, 3), typenum, N, &dd))
+        goto unfit;
+    {   /* the flat buffers are the optimiser's own: four distinct ones */
+        npy_intp isz = typenum == NPY_DOUBLE ? 8 : 4;
+        char *b[4] = {md, vd, gd, dd};
+        for (int j = 0; j < 4; j++)
+            for (int k = j + 1; k < 4; k++)
+                if (N && b[j] < b[k] + N * isz && b[k] < b[j] + N * isz) goto unfit;
+    }
+    /* none may overlap a parameter or a gradient */
+    for (Py_ssize_t i = 0; i < m; i++) {
+        const sgd_item *it = &items[i];
+        npy_intp isz = typenum == NPY_DOUBLE ? 8 : 4;
+        const char *plo = it->p, *phi = it->p + ((rows_of[i] - 1) * it->ps + it->K) * isz;
+        const char *glo = it->g, *ghi = it->g + ((it->R - 1) * it->gs + it->K) * isz;
+        char *bufs[4] = {md, vd, gd, dd};
+        for (int k = 0; k < 4; k++) {
+            const char *lo = bufs[k], *hi = bufs[k] + N * isz;
+            if (rows_of[i] * it->K && lo < phi && plo < hi) goto unfit;
+            if (it->R * it->K && lo < ghi && glo < hi) goto unfit;
+        }
+    }
+    if (typenum == NPY_DOUBLE) ADAM_LOOP(double, sqrt);
+    else ADAM_LOOP(float, sqrtf);
+    PyMem_Free(items); PyMem_Free(offs); PyMem_Free(rows_of);
+    Py_RETURN_TRUE;
+unfit:
+    PyMem_Free(items); PyMem_Free(offs); PyMem_Free(rows_of);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"onehot_gather", onehot_gather, METH_VARARGS, "A one-hot matrix times a matrix, or None."},
     {"onehot_scatter", onehot_scatter, METH_VARARGS, "A one-hot matrix's transpose times a matrix, row-sparse, or None."},
@@ -1115,6 +1288,7 @@ static PyMethodDef methods[] = {
     {"forward", forward, METH_VARARGS, "Run a generated forward kernel; None if the arrays do not fit it."},
     {"backward", backward, METH_VARARGS, "Run a generated backward kernel; None if the arrays do not fit it."},
     {"sgd_step", sgd_step, METH_VARARGS, "p -= lr * g for every parameter in place; None if one does not fit."},
+    {"adam_step", adam_step, METH_VARARGS, "One Adam step of every parameter on the flat moment buffers; None if one does not fit."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -480,6 +480,8 @@ class Adam(Optimizer):
             elif self._steps[name] != t:
                 return super().step(grads)
         lr, wd = self._lr, self.weight_decay
+        if self._step_compiled(ps, grads, m, v, g_flat, denom, t + 1):
+            return
         for (name, p), gv, tv in zip(ps, g_views, tmp_views):
             g = grads[name]
             if type(g) is RowSparse:
@@ -496,6 +498,30 @@ class Adam(Optimizer):
         self._moments(m, v, g_flat, tmp, denom, t + 1)
         for (_, p), d in zip(ps, denoms):
             p -= d
+
+
+    def _step_compiled(self, ps: list[tuple[str, np.ndarray]], grads: Mapping[str, Any], m: np.ndarray,
+                       v: np.ndarray, g_flat: np.ndarray, denom: np.ndarray, t: int) -> bool:
+        """The flat step below (copy in, decay, :meth:`_moments`, subtract) in one compiled call
+        (:func:`symdiff.native.dispatcher`'s ``adam_step``: numpy's operations in numpy's order, the
+        same bits); False, nothing changed, where there is no compiler or it does not take the arrays."""
+        native = _native.active()
+        if native is None:
+            return False
+        gs = []
+        for name, _ in ps:
+            g = grads[name]
+            gs.append((g.rows, g.values) if type(g) is RowSparse else g)
+        b1, b2 = self.betas
+        lr, wd = self._lr, self.weight_decay
+        scalars = (b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2**t), self.eps, lr / (1.0 - b1**t),
+                   wd, 1.0 - lr * wd)
+        decay = 0 if not wd else 2 if self._decoupled else 1
+        if native.adam_step([p for _, p in ps], gs, (m, v, g_flat, denom), scalars, decay) is None:
+            return False
+        for name, _ in ps:
+            self._steps[name] = t
+        return True
 
 
 class AdamW(Adam):

@@ -384,6 +384,58 @@ def test_compiled_sgd_step_gives_numpys_bits_for_every_parameter_or_changes_noth
     assert d.sgd_step([p], [p], lr) is True and np.array_equal(p, before - np.asarray(lr, dtype) * before)
 
 
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name, wd", [("adam", 0.0), ("adam", 0.01), ("adamw", 0.3)])
+def test_compiled_adam_step_gives_the_numpy_flat_steps_bits(compiled, monkeypatch, dtype, name, wd):
+    """adam_step (copy in, L2 or decoupled decay, the moments, the step, in one call) rounds every operation
+    as Adam's numpy path does: after a few steps parameters and state are the same bits; and it takes
+    nothing it cannot do (None, nothing written)."""
+    from symdiff.init import side_by_side
+    from symdiff.onehot import RowSparse
+    from symdiff.optim import make_optimizer
+
+    rng = np.random.default_rng(5)
+
+    def start():
+        r = np.random.default_rng(6)
+        return {**side_by_side({g: r.standard_normal((6, 5)).astype(dtype) for g in "ab"}),
+                "bias": r.standard_normal(5).astype(dtype), "w": r.standard_normal((9, 5)).astype(dtype)}
+
+    steps = [{"a": rng.standard_normal((6, 5)).astype(dtype), "b": rng.standard_normal((6, 5)).astype(dtype),
+              "bias": rng.standard_normal(5).astype(dtype),
+              "w": RowSparse(np.array([7, 0, 3], dtype=np.intp), rng.standard_normal((3, 5)).astype(dtype), (9, 5))}
+             for _ in range(3)]
+    d = native.dispatcher()
+    calls = []
+    monkeypatch.setattr(d, "adam_step", lambda *a, _f=d.adam_step: calls.append(_f(*a)) or calls[-1])
+    results = []
+    for on in (None, False):
+        native.set_enabled(on)
+        params = start()
+        opt = make_optimizer(name, params, 0.01, weight_decay=wd)
+        for grads in steps:
+            opt.step(grads)
+        results.append((params, opt.state_dict()))
+    assert calls == [True] * 3  # compiled: one call a step (and none with native code off)
+    (p1, s1), (p2, s2) = results
+    for n in p1:
+        assert p1[n].tobytes() == p2[n].tobytes(), n
+    for k in s1:
+        assert np.asarray(s1[k]).tobytes() == np.asarray(s2[k]).tobytes(), k
+    native.set_enabled(None)
+    p = np.ones((4, 3), dtype)
+    flat = tuple(np.zeros(12, dtype) for _ in range(4))
+    scalars = (0.9, 0.1, 0.999, 0.001, 0.03, 1e-8, 0.1, 0.0, 1.0)
+    assert d.adam_step([p], [np.ones((4, 3), dtype)], flat, scalars, 0) is True
+    before = [p.copy(), *(b.copy() for b in flat)]
+    assert d.adam_step([p], [np.ones((4, 3), dtype)], flat[:3] + (np.zeros(11, dtype),), scalars, 0) is None
+    assert d.adam_step([p], [np.ones((4, 2), dtype)], flat, scalars, 0) is None                 # a shape
+    assert d.adam_step([p], [np.ones((4, 3), np.float16)], flat, scalars, 0) is None            # a dtype
+    assert d.adam_step([p], [np.ones((4, 3), dtype)], (flat[0], flat[0], flat[2], flat[3]), scalars, 0) is None
+    assert d.adam_step([p], [(np.array([4], dtype=np.intp), p[:1])], flat, scalars, 0) is None  # a row
+    assert all(np.array_equal(x, y) for x, y in zip([p, *flat], before))  # checked before any write
+
 def test_row_blocks_are_read_in_place_as_their_concatenation():
     """rsplit's backward hands the product's backward its blocks' gradients uncopied (ops.RowBlocks):
     the one-hot scatter-add reads them where they are, a dense product joins them; same numbers."""
