@@ -994,19 +994,22 @@ done:
     return result;
 }
 
-/* sgd_step(params, grads, lr) -> True, or None.
- * Plain SGD on every parameter in one call (a Python loop of `p -= lr * g` costs more than its
+/* sgd_step(params, grads, lr, momentum, nesterov, weight_decay, velocities) -> True, or None.
+ * SGD on every parameter in one call (a Python loop of `p -= lr * g` costs more than its
  * arithmetic on an LSTM's fourteen small arrays): params[i] -= lr * grads[i], where grads[i] is an
  * array of params[i]'s shape and dtype, a pair (rows, values) of a row-sparse gradient
- * (p[rows] -= lr * values, rows distinct), or None (no gradient: untouched). Rounded as numpy's
- * p -= lr * g: lr in p's dtype, the product rounded before the subtraction (the dispatcher is
- * built with -ffp-contract=off), so both give the same bits. Everything is checked before
- * anything is written: None means nothing changed and the caller runs numpy. */
+ * (p[rows] -= lr * values, rows distinct; plain SGD only), or None (no gradient: untouched).
+ * With weight_decay, g + weight_decay * p; with momentum, v = v * momentum + g (velocities[i], the
+ * parameter's shape) and the step is v, or g + momentum * v (nesterov): optim.SGD's operations in
+ * its order, each rounded as numpy rounds it (scalars in p's dtype, a product rounded before a sum:
+ * the dispatcher is built with -ffp-contract=off), so both give the same bits. Everything is checked
+ * before anything is written: None means nothing changed and the caller runs numpy. */
 typedef struct {
     char *p;
     const char *g;
     const npy_intp *rows;   /* NULL: dense, row r of g updates row r of p */
-    npy_intp R, K, ps, gs;  /* rows, columns, row strides in elements */
+    char *v;                /* the velocity (momentum), or NULL */
+    npy_intp R, K, ps, gs, vs;  /* rows, columns, row strides in elements */
     int dbl;
 } sgd_item;
 
@@ -1031,12 +1034,40 @@ static int sgd_layout(PyArrayObject *a, int typenum, npy_intp *R, npy_intp *K, n
     return 0;
 }
 
+#define SGD_ROW(T)                                                                                     \
+    do {                                                                                               \
+        const T LR = (T)lr, MU = (T)mu, WD = (T)wd;                                                    \
+        T *o = (T *)it->p + pr * it->ps;                                                               \
+        const T *g = (const T *)it->g + r * it->gs;                                                    \
+        if (!mu && !wd) {                                                                              \
+            for (npy_intp q = 0; q < it->K; q++) { T t = LR * g[q]; o[q] -= t; }                       \
+        } else if (!mu) {                                                                              \
+            for (npy_intp q = 0; q < it->K; q++) { T t = WD * o[q]; t = g[q] + t; t = LR * t; o[q] -= t; } \
+        } else {                                                                                       \
+            T *v = (T *)it->v + r * it->vs;                                                            \
+            for (npy_intp q = 0; q < it->K; q++) {                                                     \
+                T gg = g[q];                                                                           \
+                if (wd) { T t = WD * o[q]; gg = gg + t; }                                              \
+                T vv = v[q] * MU;                                                                      \
+                vv = vv + gg;                                                                          \
+                v[q] = vv;                                                                             \
+                T u = vv;                                                                              \
+                if (nesterov) { T t = MU * vv; u = gg + t; }                                           \
+                u = LR * u;                                                                            \
+                o[q] -= u;                                                                             \
+            }                                                                                          \
+        }                                                                                              \
+    } while (0)
+
 static PyObject *sgd_step(PyObject *self, PyObject *args) {
-    PyObject *params, *grads;
-    double lr;
-    if (!PyArg_ParseTuple(args, "O!O!d", &PyList_Type, &params, &PyList_Type, &grads, &lr)) return NULL;
+    PyObject *params, *grads, *vels;
+    double lr, mu, wd;
+    int nesterov;
+    if (!PyArg_ParseTuple(args, "O!O!ddpdO", &PyList_Type, &params, &PyList_Type, &grads, &lr, &mu, &nesterov,
+                          &wd, &vels)) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(params);
-    if (PyList_GET_SIZE(grads) != n) Py_RETURN_NONE;
+    if (PyList_GET_SIZE(grads) != n || (mu && (!PyList_Check(vels) || PyList_GET_SIZE(vels) != n)))
+        Py_RETURN_NONE;
     sgd_item *items = PyMem_Malloc((n ? n : 1) * sizeof(sgd_item));
     if (!items) return PyErr_NoMemory();
     Py_ssize_t m = 0;
@@ -1051,12 +1082,13 @@ static PyObject *sgd_step(PyObject *self, PyObject *args) {
         char *plo, *phi, *glo, *ghi;
         if (sgd_layout(p, typenum, &it->R, &it->K, &it->ps, &plo, &phi)) goto unfit;
         it->p = plo;
+        it->v = NULL;
         it->dbl = typenum == NPY_DOUBLE;
         it->rows = NULL;
         npy_intp gR, gK;
         PyObject *vo = go;
-        if (PyTuple_Check(go)) {  /* (rows, values): row-sparse */
-            if (PyTuple_GET_SIZE(go) != 2 || PyArray_NDIM(p) != 2) goto unfit;
+        if (PyTuple_Check(go)) {  /* (rows, values): row-sparse, plain SGD only */
+            if (mu || wd || PyTuple_GET_SIZE(go) != 2 || PyArray_NDIM(p) != 2) goto unfit;
             PyObject *ro = PyTuple_GET_ITEM(go, 0);
             vo = PyTuple_GET_ITEM(go, 1);
             if (!PyArray_Check(ro) || !PyArray_Check(vo)) goto unfit;
@@ -1077,22 +1109,24 @@ static PyObject *sgd_step(PyObject *self, PyObject *args) {
         /* a gradient overlapping its parameter other than exactly (p -= lr * p) would read updated values */
         if (glo < phi && plo < ghi && !(it->rows == NULL && glo == plo && it->gs == it->ps)) goto unfit;
         it->g = glo;
+        if (mu) {  /* the velocity: the parameter's shape, overlapping neither it nor the gradient */
+            PyObject *vel = PyList_GET_ITEM(vels, i);
+            npy_intp vR, vK;
+            char *vlo, *vhi;
+            if (!PyArray_Check(vel) || !PyArray_ISWRITEABLE((PyArrayObject *)vel)
+                || PyArray_NDIM((PyArrayObject *)vel) != PyArray_NDIM(p)
+                || sgd_layout((PyArrayObject *)vel, typenum, &vR, &vK, &it->vs, &vlo, &vhi)
+                || vR != it->R || vK != it->K || (vlo < phi && plo < vhi) || (vlo < ghi && glo < vhi)) goto unfit;
+            it->v = vlo;
+        }
         m++;
     }
     for (Py_ssize_t i = 0; i < m; i++) {
         const sgd_item *it = &items[i];
         for (npy_intp r = 0; r < it->R; r++) {
             npy_intp pr = it->rows ? it->rows[r] : r;
-            if (it->dbl) {
-                double *o = (double *)it->p + pr * it->ps;
-                const double *v = (const double *)it->g + r * it->gs;
-                for (npy_intp q = 0; q < it->K; q++) { double t = lr * v[q]; o[q] -= t; }
-            } else {
-                const float a = (float)lr;
-                float *o = (float *)it->p + pr * it->ps;
-                const float *v = (const float *)it->g + r * it->gs;
-                for (npy_intp q = 0; q < it->K; q++) { float t = a * v[q]; o[q] -= t; }
-            }
+            if (it->dbl) SGD_ROW(double);
+            else SGD_ROW(float);
         }
     }
     PyMem_Free(items);
@@ -1287,7 +1321,7 @@ static PyMethodDef methods[] = {
     {"run_backward", run_backward, METH_VARARGS, "Run backward steps (products, fused kernels); how many ran."},
     {"forward", forward, METH_VARARGS, "Run a generated forward kernel; None if the arrays do not fit it."},
     {"backward", backward, METH_VARARGS, "Run a generated backward kernel; None if the arrays do not fit it."},
-    {"sgd_step", sgd_step, METH_VARARGS, "p -= lr * g for every parameter in place; None if one does not fit."},
+    {"sgd_step", sgd_step, METH_VARARGS, "One SGD step (momentum, weight decay) of every parameter in place; None if one does not fit."},
     {"adam_step", adam_step, METH_VARARGS, "One Adam step of every parameter on the flat moment buffers; None if one does not fit."},
     {NULL, NULL, 0, NULL},
 };

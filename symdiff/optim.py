@@ -314,20 +314,21 @@ class SGD(Optimizer):
         return not self.momentum and not self.weight_decay
 
     def step(self, grads: Mapping[str, np.ndarray]) -> None:
-        """One update; plain SGD on compiled code in one call for all parameters where it can
+        """One update; on compiled code in one call for all parameters where it can
         (:func:`symdiff.native.dispatcher`'s ``sgd_step``, the same bits), else one at a time."""
-        if not self.momentum and not self.weight_decay:
-            native = _native.active()
-            if native is not None and self._step_compiled(native, grads):
-                return
-        super().step(grads)
+        native = _native.active()
+        if native is None or not self._step_compiled(native, grads):
+            super().step(grads)
 
     def _step_compiled(self, native: Any, grads: Mapping[str, np.ndarray]) -> bool:
-        """``p -= lr * g`` for every parameter with a gradient, in one compiled call; False (nothing
-        changed) for anything it does not take: the per-parameter path then decides, or raises."""
-        params = self.params
+        """:meth:`_update` (or :meth:`_update_rows`) of every parameter with a gradient, in one compiled
+        call; False (nothing changed) for anything it does not take: the per-parameter path then
+        decides, or raises."""
+        params, rows_only = self.params, self._rows_only()
+        velocities = self._state["momentum"] if self.momentum else None
         ps: list[np.ndarray] = []
         gs: list[Any] = []
+        vs: list[np.ndarray] = []
         for name, g in grads.items():
             p = params.get(name)
             if p is None:
@@ -335,12 +336,18 @@ class SGD(Optimizer):
             if type(g) is RowSparse:
                 if g.shape != p.shape:
                     return False
-                g = (g.rows, g.values)
+                g = (g.rows, g.values) if rows_only else self._densify(name, g)
             elif type(g) is not np.ndarray:
                 return False
             ps.append(p)
             gs.append(g)
-        return native.sgd_step(ps, gs, self._lr) is not None
+            if velocities is not None:
+                v = velocities.get(name)
+                if v is None:  # a parameter added after construction: the per-parameter path makes its buffer
+                    return False
+                vs.append(v)
+        return native.sgd_step(ps, gs, self._lr, self.momentum, self.nesterov, self.weight_decay,
+                               vs if velocities is not None else None) is not None
 
     def _update_rows(self, p: np.ndarray, g: RowSparse) -> None:
         # the rows a one-hot batch touched; identical to p -= lr * dense(g) (untouched rows get -lr*0)

@@ -340,48 +340,63 @@ def test_compiled_one_hot_product_gradient_and_row_update_give_numpys_bits(compi
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_compiled_sgd_step_gives_numpys_bits_for_every_parameter_or_changes_nothing(compiled, monkeypatch, dtype):
-    """sgd_step does p -= lr * g for all parameters in one call, rounding as numpy does (lr in p's dtype,
-    the product before the difference), on column blocks of one array, 1-d biases and row-sparse gradients;
-    anything it cannot take (a dtype, a shape, a gradient overlapping its parameter) changes nothing."""
+@pytest.mark.parametrize("settings", [{}, {"weight_decay": 0.01}, {"momentum": 0.9},
+                                      {"momentum": 0.5, "nesterov": True, "weight_decay": 0.1}])
+def test_compiled_sgd_step_gives_numpys_bits_for_every_parameter_or_changes_nothing(compiled, monkeypatch, dtype,
+                                                                                     settings):
+    """sgd_step does SGD's update (weight decay, momentum, Nesterov) for all parameters in one call, rounding
+    as numpy does (scalars in p's dtype, a product before a sum), on column blocks of one array, 1-d biases and
+    row-sparse gradients: after a few steps parameters and velocities are the bits of the numpy path; anything
+    it cannot take (a dtype, a shape, a gradient overlapping its parameter) changes nothing."""
     from symdiff.init import side_by_side
     from symdiff.onehot import RowSparse
     from symdiff.optim import SGD
 
     rng = np.random.default_rng(3)
-    blocks = side_by_side({g: rng.standard_normal((6, 5)).astype(dtype) for g in "ab"})  # strided views
-    start = {**blocks, "bias": rng.standard_normal(5).astype(dtype), "w": rng.standard_normal((9, 5)).astype(dtype)}
-    grads = {"a": rng.standard_normal((6, 5)).astype(dtype), "b": rng.standard_normal((6, 5)).astype(dtype),
-             "bias": rng.standard_normal(5).astype(dtype), "not a parameter": np.ones(3, dtype),
-             "w": RowSparse(np.array([7, 0, 3], dtype=np.intp), rng.standard_normal((3, 5)).astype(dtype), (9, 5))}
+
+    def start():
+        r = np.random.default_rng(4)
+        return {**side_by_side({g: r.standard_normal((6, 5)).astype(dtype) for g in "ab"}),  # strided views
+                "bias": r.standard_normal(5).astype(dtype), "w": r.standard_normal((9, 5)).astype(dtype)}
+
+    steps = [{"a": rng.standard_normal((6, 5)).astype(dtype), "b": rng.standard_normal((6, 5)).astype(dtype),
+              "bias": rng.standard_normal(5).astype(dtype), "not a parameter": np.ones(3, dtype),
+              "w": RowSparse(np.array([7, 0, 3], dtype=np.intp), rng.standard_normal((3, 5)).astype(dtype), (9, 5))}
+             for _ in range(3)]
     lr = 0.1  # not exact in binary: float32 rounds it, as numpy does
-    want = {n: p.copy() for n, p in start.items()}
-    for n, p in want.items():
-        g = grads[n]
-        if isinstance(g, RowSparse):
-            p[g.rows] -= lr * g.values
-        else:
-            p -= lr * g
-    params = {n: (p.copy() if p.base is None else p) for n, p in start.items()}
-    base = params["a"].base
-    calls = []
     d = native.dispatcher()
+    calls = []
     monkeypatch.setattr(d, "sgd_step", lambda *a, _f=d.sgd_step: calls.append(_f(*a)) or calls[-1])
-    SGD(params, lr=lr).step(grads)
+    results = []
+    for on in (None, False):
+        native.set_enabled(on)
+        params = start()
+        base = params["a"].base
+        opt = SGD(params, lr=lr, **settings)
+        for grads in steps:
+            opt.step(grads)
+        assert params["a"].base is base  # in place: the model's views are still its parameters
+        results.append((params, opt.state_dict()))
+    native.set_enabled(None)
     monkeypatch.undo()
-    assert calls == [True]  # one compiled call did them all
-    assert params["a"].base is base  # in place: the model's views are still its parameters
-    for n, p in params.items():
-        assert np.array_equal(p, want[n]), n
+    assert calls == [True] * 3  # one compiled call a step did them all (none with native code off)
+    (p1, s1), (p2, s2) = results
+    for n in p1:
+        assert p1[n].tobytes() == p2[n].tobytes(), n
+    for k in s1:
+        assert np.asarray(s1[k]).tobytes() == np.asarray(s2[k]).tobytes(), k
     p = rng.standard_normal((4, 3)).astype(dtype)
     before = p.copy()
     q = np.ones((4, 3), dtype)
-    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), np.ones((4, 3), np.float16)], lr) is None  # a dtype
-    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), np.ones((3, 3), dtype)], lr) is None  # a shape
-    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), p[::-1]], lr) is None  # overlaps its parameter
-    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), (np.array([4], dtype=np.intp), p[:1])], lr) is None  # a row
+    plain = (lr, 0.0, False, 0.0, None)
+    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), np.ones((4, 3), np.float16)], *plain) is None  # a dtype
+    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), np.ones((3, 3), dtype)], *plain) is None  # a shape
+    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), p[::-1]], *plain) is None  # overlaps its parameter
+    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), (np.array([4], dtype=np.intp), p[:1])], *plain) is None
+    assert d.sgd_step([q, p], [np.ones((4, 3), dtype), np.ones((4, 3), dtype)], lr, 0.9, False, 0.0,
+                      [np.zeros((4, 3), dtype), p]) is None  # a velocity that is its parameter
     assert np.array_equal(p, before) and np.array_equal(q, np.ones((4, 3), dtype))  # checked before any write
-    assert d.sgd_step([p], [p], lr) is True and np.array_equal(p, before - np.asarray(lr, dtype) * before)
+    assert d.sgd_step([p], [p], *plain) is True and np.array_equal(p, before - np.asarray(lr, dtype) * before)
 
 
 
