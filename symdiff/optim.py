@@ -506,16 +506,15 @@ class Adam(Optimizer):
         for (_, p), d in zip(ps, denoms):
             p -= d
 
-
     def _step_compiled(self, ps: list[tuple[str, np.ndarray]], grads: Mapping[str, Any], m: np.ndarray,
                        v: np.ndarray, g_flat: np.ndarray, denom: np.ndarray, t: int) -> bool:
-        """The flat step below (copy in, decay, :meth:`_moments`, subtract) in one compiled call
+        """:meth:`step`'s flat update (copy in, decay, :meth:`_moments`, subtract) in one compiled call
         (:func:`symdiff.native.dispatcher`'s ``adam_step``: numpy's operations in numpy's order, the
         same bits); False, nothing changed, where there is no compiler or it does not take the arrays."""
         native = _native.active()
         if native is None:
             return False
-        gs = []
+        gs: list[Any] = []
         for name, _ in ps:
             g = grads[name]
             gs.append((g.rows, g.values) if type(g) is RowSparse else g)
