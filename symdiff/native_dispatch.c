@@ -1034,6 +1034,36 @@ static int sgd_layout(PyArrayObject *a, int typenum, npy_intp *R, npy_intp *K, n
     return 0;
 }
 
+/* A parameter's gradient: a dense array of p's rank or a pair (rows, values) of a row-sparse one
+ * whose distinct rows index p's *R rows (then *R becomes the gradient's row count), read as
+ * sgd_layout reads an array; *rows is NULL for a dense one. 0 if usable (sgd_step and adam_step). */
+static int grad_layout(PyObject *go, PyArrayObject *p, int typenum, npy_intp *R, npy_intp K,
+                       const npy_intp **rows, npy_intp *gs, char **glo, char **ghi) {
+    PyObject *vo = go;
+    *rows = NULL;
+    if (PyTuple_Check(go)) {
+        if (PyTuple_GET_SIZE(go) != 2 || PyArray_NDIM(p) != 2) return -1;
+        PyObject *ro = PyTuple_GET_ITEM(go, 0);
+        vo = PyTuple_GET_ITEM(go, 1);
+        if (!PyArray_Check(ro) || !PyArray_Check(vo)) return -1;
+        PyArrayObject *ra = (PyArrayObject *)ro;
+        if (PyArray_NDIM(ra) != 1 || PyArray_TYPE(ra) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(ra)
+            || PyArray_NDIM((PyArrayObject *)vo) != 2) return -1;
+        const npy_intp *r = (const npy_intp *)PyArray_DATA(ra);
+        npy_intp S = PyArray_DIM(ra, 0);
+        for (npy_intp q = 0; q < S; q++) if (r[q] < 0 || r[q] >= *R) return -1;
+        if (PyArray_DIM((PyArrayObject *)vo, 0) != S) return -1;
+        *rows = r;
+    } else if (!PyArray_Check(go) || PyArray_NDIM((PyArrayObject *)go) != PyArray_NDIM(p)) {
+        return -1;
+    }
+    npy_intp gR, gK;
+    if (sgd_layout((PyArrayObject *)vo, typenum, &gR, &gK, gs, glo, ghi) || gK != K) return -1;
+    if (*rows == NULL && gR != *R) return -1;
+    if (*rows != NULL) *R = gR;  /* the loop runs over the gradient's rows */
+    return 0;
+}
+
 #define SGD_ROW(T)                                                                                     \
     do {                                                                                               \
         const T LR = (T)lr, MU = (T)mu, WD = (T)wd;                                                    \
@@ -1084,28 +1114,8 @@ static PyObject *sgd_step(PyObject *self, PyObject *args) {
         it->p = plo;
         it->v = NULL;
         it->dbl = typenum == NPY_DOUBLE;
-        it->rows = NULL;
-        npy_intp gR, gK;
-        PyObject *vo = go;
-        if (PyTuple_Check(go)) {  /* (rows, values): row-sparse, plain SGD only */
-            if (mu || wd || PyTuple_GET_SIZE(go) != 2 || PyArray_NDIM(p) != 2) goto unfit;
-            PyObject *ro = PyTuple_GET_ITEM(go, 0);
-            vo = PyTuple_GET_ITEM(go, 1);
-            if (!PyArray_Check(ro) || !PyArray_Check(vo)) goto unfit;
-            PyArrayObject *rows = (PyArrayObject *)ro;
-            if (PyArray_NDIM(rows) != 1 || PyArray_TYPE(rows) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(rows)
-                || PyArray_NDIM((PyArrayObject *)vo) != 2) goto unfit;
-            const npy_intp *r = (const npy_intp *)PyArray_DATA(rows);
-            npy_intp S = PyArray_DIM(rows, 0);
-            for (npy_intp q = 0; q < S; q++) if (r[q] < 0 || r[q] >= it->R) goto unfit;
-            if (PyArray_DIM((PyArrayObject *)vo, 0) != S) goto unfit;
-            it->rows = r;
-        } else if (!PyArray_Check(go) || PyArray_NDIM((PyArrayObject *)go) != PyArray_NDIM(p)) {
-            goto unfit;
-        }
-        if (sgd_layout((PyArrayObject *)vo, typenum, &gR, &gK, &it->gs, &glo, &ghi) || gK != it->K) goto unfit;
-        if (it->rows == NULL && gR != it->R) goto unfit;
-        if (it->rows != NULL) it->R = gR;  /* the loop runs over the gradient's rows */
+        if (PyTuple_Check(go) && (mu || wd)) goto unfit;  /* row-sparse: plain SGD only */
+        if (grad_layout(go, p, typenum, &it->R, it->K, &it->rows, &it->gs, &glo, &ghi)) goto unfit;
         /* a gradient overlapping its parameter other than exactly (p -= lr * p) would read updated values */
         if (glo < phi && plo < ghi && !(it->rows == NULL && glo == plo && it->gs == it->ps)) goto unfit;
         it->g = glo;
@@ -1249,31 +1259,10 @@ static PyObject *adam_step(PyObject *self, PyObject *args) {
         char *plo, *phi, *glo, *ghi;
         if (sgd_layout(p, typenum, &it->R, &it->K, &it->ps, &plo, &phi)) goto unfit;
         it->p = plo;
-        it->rows = NULL;
         rows_of[m] = it->R;
         offs[m] = N;
         N += it->R * it->K;
-        npy_intp gR, gK;
-        PyObject *vo = go;
-        if (PyTuple_Check(go)) {  /* (rows, values): row-sparse */
-            if (PyTuple_GET_SIZE(go) != 2 || PyArray_NDIM(p) != 2) goto unfit;
-            PyObject *ro = PyTuple_GET_ITEM(go, 0);
-            vo = PyTuple_GET_ITEM(go, 1);
-            if (!PyArray_Check(ro) || !PyArray_Check(vo)) goto unfit;
-            PyArrayObject *rows = (PyArrayObject *)ro;
-            if (PyArray_NDIM(rows) != 1 || PyArray_TYPE(rows) != NPY_INTP || !PyArray_IS_C_CONTIGUOUS(rows)
-                || PyArray_NDIM((PyArrayObject *)vo) != 2) goto unfit;
-            const npy_intp *r = (const npy_intp *)PyArray_DATA(rows);
-            npy_intp S = PyArray_DIM(rows, 0);
-            for (npy_intp q = 0; q < S; q++) if (r[q] < 0 || r[q] >= it->R) goto unfit;
-            if (PyArray_DIM((PyArrayObject *)vo, 0) != S) goto unfit;
-            it->rows = r;
-        } else if (!PyArray_Check(go) || PyArray_NDIM((PyArrayObject *)go) != PyArray_NDIM(p)) {
-            goto unfit;
-        }
-        if (sgd_layout((PyArrayObject *)vo, typenum, &gR, &gK, &it->gs, &glo, &ghi) || gK != it->K) goto unfit;
-        if (it->rows == NULL && gR != it->R) goto unfit;
-        if (it->rows != NULL) it->R = gR;
+        if (grad_layout(go, p, typenum, &it->R, it->K, &it->rows, &it->gs, &glo, &ghi)) goto unfit;
         it->g = glo;
         m++;
     }
