@@ -17,6 +17,9 @@
 #include <Python.h>
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
+#include <numpy/ufuncobject.h>
+#include <math.h>
+#include <string.h>
 
 typedef void (*kernel_t)(long R, long K, char **p, const long *rs);
 #define MAXOPS 192
@@ -994,6 +997,179 @@ done:
     return result;
 }
 
+/* ---- the loss head (crossEnt-softMax, mean) in one call, with numpy's own loops -----------------
+ * A batch's head is a 64 x labels array: numpy's nine calls there cost far more than the arithmetic,
+ * most of it in numpy's machinery gone cold after a run. These helpers do what ops.py's numpy code does,
+ * step for step, calling numpy's own inner loops (the ufunc's registered loop for exp, log and the
+ * add loop numpy's reductions call: pairwise, from 0) where numpy's bits depend on the loop, plain C
+ * (one IEEE operation each, no contraction) elsewhere. symdiff/numpy_loops.py hands the loops over and
+ * keeps them only if the results equal numpy's bit for bit. Anything else (layout, dtype, a value that
+ * is not finite, where numpy would warn) returns None and ops.py runs numpy. */
+typedef void (*uloop_t)(char **args, npy_intp const *dims, npy_intp const *steps, void *data);
+typedef struct { uloop_t fn; void *data; } uloop;
+static uloop loop_exp[2], loop_log[2], loop_add[2];  /* [0] float32, [1] float64 */
+static int head_ready = 0;
+
+/* The loop of a ufunc (nin inputs, one output) whose operands are all of type tn. */
+static int ufunc_loop(PyObject *obj, int nin, int tn, uloop *out) {
+    if (strcmp(Py_TYPE(obj)->tp_name, "numpy.ufunc") != 0) return -1;
+    PyUFuncObject *u = (PyUFuncObject *)obj;
+    if (u->nin != nin || u->nout != 1 || !u->functions || !u->types) return -1;
+    for (int i = 0; i < u->ntypes; i++) {
+        const char *ty = u->types + (Py_ssize_t)i * u->nargs;
+        int all = 1;
+        for (int j = 0; j < u->nargs; j++) all &= ty[j] == tn;
+        if (all && u->functions[i]) {
+            out->fn = (uloop_t)u->functions[i];
+            out->data = u->data ? u->data[i] : NULL;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* set_head_loops(exp, log, add) -> bool: take numpy's float32/float64 loops (or forget them: None). */
+static PyObject *set_head_loops(PyObject *self, PyObject *args) {
+    PyObject *e, *l, *a;
+    if (!PyArg_ParseTuple(args, "OOO", &e, &l, &a)) return NULL;
+    head_ready = 0;
+    if (e == Py_None) Py_RETURN_FALSE;
+    for (int k = 0; k < 2; k++) {
+        int tn = k ? NPY_DOUBLE : NPY_FLOAT;
+        if (ufunc_loop(e, 1, tn, &loop_exp[k]) || ufunc_loop(l, 1, tn, &loop_log[k])
+            || ufunc_loop(a, 2, tn, &loop_add[k])) Py_RETURN_FALSE;
+    }
+    head_ready = 1;
+    Py_RETURN_TRUE;
+}
+
+/* numpy's add.reduce of n contiguous elements at a: from 0, one call of the add loop (pairwise). */
+#define HEAD_SUM(T, k, a, n, res) do { \
+        (res) = 0; char *rargs_[3] = {(char *)&(res), (char *)(a), (char *)&(res)}; \
+        npy_intp rd_[1] = {(n)}, rs_[3] = {0, sizeof(T), 0}; \
+        loop_add[k].fn(rargs_, rd_, rs_, loop_add[k].data); } while (0)
+/* numpy's unary loop over n contiguous elements (in and out may be the same memory) */
+#define HEAD_UNARY(L, T, k, in, out, n) do { \
+        char *uargs_[2] = {(char *)(in), (char *)(out)}; npy_intp ud_[1] = {(n)}, us_[2] = {sizeof(T), sizeof(T)}; \
+        L[k].fn(uargs_, ud_, us_, L[k].data); } while (0)
+/* numpy's maximum of a row: the first element, then (m >= x or m is NaN) ? m : x */
+#define HEAD_MAX(a, c, m) do { (m) = (a)[0]; \
+        for (npy_intp j_ = 1; j_ < (c); j_++) (m) = ((m) >= (a)[j_] || (m) != (m)) ? (m) : (a)[j_]; } while (0)
+
+/* A C-contiguous array of typenum with nd dimensions (dims out), else -1. */
+static int head_array(PyObject *o, int nd, int typenum, npy_intp *dims) {
+    if (!PyArray_CheckExact(o)) return -1;
+    PyArrayObject *a = (PyArrayObject *)o;
+    if (PyArray_NDIM(a) != nd || PyArray_TYPE(a) != typenum || !PyArray_IS_C_CONTIGUOUS(a)) return -1;
+    for (int d = 0; d < nd; d++) dims[d] = PyArray_DIM(a, d);
+    return 0;
+}
+
+#define HEAD_CE_FORWARD(T, k) do { \
+        const T *o = (const T *)PyArray_DATA((PyArrayObject *)oo), *t = (const T *)PyArray_DATA((PyArrayObject *)to); \
+        T *z = (T *)PyArray_DATA((PyArrayObject *)zo), *e = (T *)PyArray_DATA((PyArrayObject *)eo); \
+        T *loss = (T *)PyArray_DATA((PyArrayObject *)out); \
+        for (npy_intp i = 0; i < n; i++) { T m; HEAD_MAX(o + i * c, c, m); \
+            for (npy_intp j = 0; j < c; j++) z[i * c + j] = o[i * c + j] - m; } \
+        HEAD_UNARY(loop_exp, T, k, z, e, n * c);                 /* np.exp(z) */ \
+        for (npy_intp i = 0; i < n; i++) HEAD_SUM(T, k, e + i * c, c, loss[i]);  /* .sum(axis=1) */ \
+        HEAD_UNARY(loop_log, T, k, loss, loss, n);               /* np.log(s, out=s) */ \
+        for (npy_intp i = 0; i < n; i++) { T ls = loss[i]; \
+            for (npy_intp j = 0; j < c; j++) { T u = z[i * c + j] - ls; z[i * c + j] = u * t[i * c + j]; } \
+            T r; HEAD_SUM(T, k, z + i * c, c, r); loss[i] = -r; if (!isfinite(r)) bad = 1; } \
+    } while (0)
+
+/* crossent_softmax(o, t) -> -sum(t * log_softmax(o), axis=1), as ops._crossent_softmax, or None. */
+static PyObject *crossent_softmax(PyObject *self, PyObject *args) {
+    PyObject *oo, *to;
+    if (!PyArg_ParseTuple(args, "OO", &oo, &to)) return NULL;
+    if (!head_ready || !PyArray_Check(oo)) Py_RETURN_NONE;
+    int typenum = PyArray_TYPE((PyArrayObject *)oo), k = typenum == NPY_DOUBLE, bad = 0;
+    npy_intp od[2], td[2];
+    if ((typenum != NPY_FLOAT && !k) || head_array(oo, 2, typenum, od) || head_array(to, 2, typenum, td)
+        || od[0] != td[0] || od[1] != td[1] || od[1] < 1) Py_RETURN_NONE;
+    npy_intp n = od[0], c = od[1];
+    PyObject *zo = PyArray_EMPTY(2, od, typenum, 0), *eo = PyArray_EMPTY(2, od, typenum, 0);
+    PyObject *out = PyArray_EMPTY(1, od, typenum, 0);
+    if (!zo || !eo || !out) { Py_XDECREF(zo); Py_XDECREF(eo); Py_XDECREF(out); return NULL; }
+    if (k) HEAD_CE_FORWARD(double, 1); else HEAD_CE_FORWARD(float, 0);
+    Py_DECREF(zo); Py_DECREF(eo);
+    if (bad) { Py_DECREF(out); Py_RETURN_NONE; }  /* numpy's path, with its warnings */
+    return out;
+}
+
+#define HEAD_CE_GRAD(T, k) do { \
+        const T *o = (const T *)PyArray_DATA((PyArrayObject *)oo), *t = (const T *)PyArray_DATA((PyArrayObject *)to); \
+        const T *d = (const T *)PyArray_DATA((PyArrayObject *)dobj); T *z = (T *)PyArray_DATA((PyArrayObject *)out); \
+        for (npy_intp i = 0; i < n; i++) { T m; HEAD_MAX(o + i * c, c, m); \
+            for (npy_intp j = 0; j < c; j++) z[i * c + j] = o[i * c + j] - m; } \
+        HEAD_UNARY(loop_exp, T, k, z, z, n * c);                 /* np.exp(z, out=z) */ \
+        for (npy_intp i = 0; i < n; i++) { T s, ts; \
+            HEAD_SUM(T, k, z + i * c, c, s); HEAD_SUM(T, k, t + i * c, c, ts); \
+            for (npy_intp j = 0; j < c; j++) { T u = z[i * c + j] / s; u = u * ts; u = u - t[i * c + j]; \
+                u = u * d[i]; z[i * c + j] = u; if (!isfinite(u)) bad = 1; } } \
+    } while (0)
+
+/* crossent_softmax_grad(delta, o, t) -> delta[:, None] * (softmax(o) * t.sum(1) - t), as
+ * ops._crossent_softmax_do, or None. */
+static PyObject *crossent_softmax_grad(PyObject *self, PyObject *args) {
+    PyObject *dobj, *oo, *to;
+    if (!PyArg_ParseTuple(args, "OOO", &dobj, &oo, &to)) return NULL;
+    if (!head_ready || !PyArray_Check(oo)) Py_RETURN_NONE;
+    int typenum = PyArray_TYPE((PyArrayObject *)oo), k = typenum == NPY_DOUBLE, bad = 0;
+    npy_intp od[2], td[2], dd[1];
+    if ((typenum != NPY_FLOAT && !k) || head_array(oo, 2, typenum, od) || head_array(to, 2, typenum, td)
+        || head_array(dobj, 1, typenum, dd) || od[0] != td[0] || od[1] != td[1] || dd[0] != od[0]
+        || od[1] < 1) Py_RETURN_NONE;
+    npy_intp n = od[0], c = od[1];
+    PyObject *out = PyArray_EMPTY(2, od, typenum, 0);
+    if (!out) return NULL;
+    if (k) HEAD_CE_GRAD(double, 1); else HEAD_CE_GRAD(float, 0);
+    if (bad) { Py_DECREF(out); Py_RETURN_NONE; }
+    return out;
+}
+
+/* mean_of(a) -> 0-d np.add.reduce(a) / a.size for a 1-D contiguous float array (numpy's mean), or None. */
+static PyObject *mean_of(PyObject *self, PyObject *args) {
+    PyObject *ao;
+    if (!PyArg_ParseTuple(args, "O", &ao)) return NULL;
+    if (!head_ready || !PyArray_Check(ao)) Py_RETURN_NONE;
+    int typenum = PyArray_TYPE((PyArrayObject *)ao);
+    npy_intp ad[1];
+    if ((typenum != NPY_FLOAT && typenum != NPY_DOUBLE) || head_array(ao, 1, typenum, ad) || ad[0] < 1
+        || ad[0] > 8192) Py_RETURN_NONE;  /* (longer: numpy's reduction may cut it into buffers) */
+    PyObject *out = PyArray_EMPTY(0, NULL, typenum, 0);
+    if (!out) return NULL;
+    if (typenum == NPY_DOUBLE) { double s; HEAD_SUM(double, 1, PyArray_DATA((PyArrayObject *)ao), ad[0], s);
+        *(double *)PyArray_DATA((PyArrayObject *)out) = s / (double)ad[0]; }
+    else { float s; HEAD_SUM(float, 0, PyArray_DATA((PyArrayObject *)ao), ad[0], s);
+        *(float *)PyArray_DATA((PyArrayObject *)out) = s / (float)ad[0]; }
+    return out;
+}
+
+/* mean_grad(delta, a) -> an array of a's shape filled with delta / a.size (ops._mean_back: np.full),
+ * for a 0-d delta of a's float dtype, or None. a's values are not read (it may be a stand-in). */
+static PyObject *mean_grad(PyObject *self, PyObject *args) {
+    PyObject *dobj, *ao;
+    if (!PyArg_ParseTuple(args, "OO", &dobj, &ao)) return NULL;
+    if (!PyArray_CheckExact(dobj) || !PyArray_CheckExact(ao)) Py_RETURN_NONE;
+    PyArrayObject *d = (PyArrayObject *)dobj, *a = (PyArrayObject *)ao;
+    int typenum = PyArray_TYPE(a);
+    npy_intp size = PyArray_SIZE(a);
+    if ((typenum != NPY_FLOAT && typenum != NPY_DOUBLE) || PyArray_TYPE(d) != typenum || PyArray_NDIM(d) != 0
+        || size < 1 || size > (1 << 24)) Py_RETURN_NONE;  /* (a count a float32 holds exactly) */
+    PyObject *out = PyArray_EMPTY(PyArray_NDIM(a), PyArray_DIMS(a), typenum, 0);
+    if (!out) return NULL;
+    if (typenum == NPY_DOUBLE) {
+        double v = *(const double *)PyArray_DATA(d) / (double)size, *o = (double *)PyArray_DATA((PyArrayObject *)out);
+        for (npy_intp i = 0; i < size; i++) o[i] = v;
+    } else {
+        float v = *(const float *)PyArray_DATA(d) / (float)size, *o = (float *)PyArray_DATA((PyArrayObject *)out);
+        for (npy_intp i = 0; i < size; i++) o[i] = v;
+    }
+    return out;
+}
+
 /* sgd_step(params, grads, lr, momentum, nesterov, weight_decay, velocities) -> True, or None.
  * SGD on every parameter in one call (a Python loop of `p -= lr * g` costs more than its
  * arithmetic on an LSTM's fourteen small arrays): params[i] -= lr * grads[i], where grads[i] is an
@@ -1308,6 +1484,11 @@ static PyMethodDef methods[] = {
     {"gemm", gemm, METH_VARARGS, "a @ b through that gemm as numpy calls it, or None where numpy would not."},
     {"run_forward", run_forward, METH_VARARGS, "Run forward steps (products, fused kernels); how many ran."},
     {"run_backward", run_backward, METH_VARARGS, "Run backward steps (products, fused kernels); how many ran."},
+    {"set_head_loops", set_head_loops, METH_VARARGS, "Hand over numpy's exp, log and add loops for the loss head."},
+    {"crossent_softmax", crossent_softmax, METH_VARARGS, "ops._crossent_softmax in one call, or None."},
+    {"crossent_softmax_grad", crossent_softmax_grad, METH_VARARGS, "ops._crossent_softmax_do in one call, or None."},
+    {"mean_grad", mean_grad, METH_VARARGS, "ops._mean_back's filled array in one call, or None."},
+    {"mean_of", mean_of, METH_VARARGS, "numpy's mean of a 1-D float array as a 0-d array, or None."},
     {"forward", forward, METH_VARARGS, "Run a generated forward kernel; None if the arrays do not fit it."},
     {"backward", backward, METH_VARARGS, "Run a generated backward kernel; None if the arrays do not fit it."},
     {"sgd_step", sgd_step, METH_VARARGS, "One SGD step (momentum, weight decay) of every parameter in place; None if one does not fit."},

@@ -129,6 +129,15 @@ def _crossent_dt(delta: np.ndarray, out: Any, p: np.ndarray, t: np.ndarray) -> n
 
 
 def _crossent_softmax(o: np.ndarray, t: np.ndarray) -> np.ndarray:
+    head = native.head()  # compiled: the same steps in one call, numpy's own loops (symdiff.numpy_loops)
+    if head is not None:
+        loss = head.crossent_softmax(o, t)
+        if loss is not None:
+            return loss
+    return _crossent_softmax_numpy(o, t)
+
+
+def _crossent_softmax_numpy(o: np.ndarray, t: np.ndarray) -> np.ndarray:
     z = _log_softmax(o)
     z *= t  # in place (a batch's few columns: the calls, not the arithmetic, cost here)
     loss = z.sum(axis=1)
@@ -136,6 +145,15 @@ def _crossent_softmax(o: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def _crossent_softmax_do(delta: np.ndarray, out: Any, o: np.ndarray, t: np.ndarray) -> np.ndarray:
+    head = native.head()
+    if head is not None:
+        g = head.crossent_softmax_grad(delta, o, t)
+        if g is not None:
+            return g
+    return _crossent_softmax_do_numpy(delta, out, o, t)
+
+
+def _crossent_softmax_do_numpy(delta: np.ndarray, out: Any, o: np.ndarray, t: np.ndarray) -> np.ndarray:
     # d/do_k of -sum_j t_j log softmax(o)_j = p_k * sum_j t_j - t_k   (= p - t for one-hot t)
     g = _softmax(o)
     g *= t.sum(axis=1, keepdims=True)
@@ -149,6 +167,15 @@ def _crossent_softmax_dt(delta: np.ndarray, out: Any, o: np.ndarray, t: np.ndarr
 
 
 def _mean(a: np.ndarray) -> np.ndarray:
+    head = native.head()  # compiled: numpy's pairwise add loop, as np.add.reduce calls it
+    if head is not None:
+        m = head.mean_of(a)
+        if m is not None:
+            return m
+    return _mean_numpy(a)
+
+
+def _mean_numpy(a: np.ndarray) -> np.ndarray:
     if type(a) is np.ndarray and a.dtype.kind == "f" and a.dtype.itemsize >= 4 and a.size:
         # what np.mean computes for these (one pairwise sum in the dtype, divided by the count),
         # without its dispatch and bookkeeping: 1 us of the 4 it takes on a batch's row losses
@@ -157,6 +184,15 @@ def _mean(a: np.ndarray) -> np.ndarray:
 
 
 def _mean_back(delta: Any, out: Any, a: np.ndarray) -> np.ndarray:
+    head = native.head()
+    if head is not None:
+        g = head.mean_grad(delta, a)
+        if g is not None:
+            return g
+    return _mean_back_numpy(delta, out, a)
+
+
+def _mean_back_numpy(delta: Any, out: Any, a: np.ndarray) -> np.ndarray:
     return np.full(np.shape(a), delta / np.size(a), dtype=np.result_type(a, delta))
 
 
