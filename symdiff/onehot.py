@@ -34,7 +34,7 @@ class OneHot:
     models never do it: each slot is a distinct one-hot position).
     """
 
-    __slots__ = ("indices", "depth", "dtype", "_valid", "_flat", "_segments")
+    __slots__ = ("indices", "depth", "dtype", "_valid", "_flat", "_segments", "_position")
     __array_priority__ = 100
 
     def __init__(self, indices: np.ndarray, depth: int, dtype: Any = np.float64) -> None:
@@ -48,6 +48,7 @@ class OneHot:
         self._valid: np.ndarray | None = None
         self._flat: tuple[np.ndarray, np.ndarray] | None = None
         self._segments: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._position: tuple[np.ndarray, int] | None = None  # (codes by position, t) from per_position
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -154,27 +155,40 @@ class OneHot:
         """
         idx = np.asarray(codes)
         _check_indices(idx, depth, "codes", "(n, positions)")
-        return cls._checked(np.ascontiguousarray(idx.T)[:, :, None], depth, dtype)
+        columns = np.ascontiguousarray(idx.T)
+        return cls._checked(columns[:, :, None], depth, dtype, stack=columns)
 
     @staticmethod
     def vstack(parts: "list[OneHot]") -> "OneHot":
-        """The rows of several one-hot matrices of one depth, stacked (slots padded with -1)."""
+        """The rows of several one-hot matrices of one depth, stacked (slots padded with -1).
+
+        All the positions of one :meth:`per_position` call, in order (a sequence model's stacked
+        input product), are already stacked in memory: their stack is a view, no copy."""
+        first = parts[0]._position
+        if first is not None and first[1] == 0 and len(parts) == first[0].shape[0]:
+            columns = first[0]
+            if all(p._position is not None and p._position[0] is columns and p._position[1] == t
+                   for t, p in enumerate(parts)) and len({(p.depth, p.dtype) for p in parts}) == 1:
+                return OneHot._checked([columns.reshape(-1, 1)], parts[0].depth, parts[0].dtype)[0]
         k = max(p.indices.shape[1] for p in parts)
         idx = [p.indices if p.indices.shape[1] == k else
                np.pad(p.indices, ((0, 0), (0, k - p.indices.shape[1])), constant_values=-1) for p in parts]
         return OneHot._checked([np.concatenate(idx)], parts[0].depth, parts[0].dtype)[0]
 
     @classmethod
-    def _checked(cls, indices: Any, depth: int, dtype: Any) -> "list[OneHot]":
+    def _checked(cls, indices: Any, depth: int, dtype: Any, stack: np.ndarray | None = None) -> "list[OneHot]":
         """One OneHot for each index array of ``indices``, known valid (rows of checked ones): no
         second pass over them. In one loop, as cheap as it gets: a sequence model's batch makes
-        one per position (the training loop's own overhead per batch counts)."""
+        one per position (the training loop's own overhead per batch counts). ``stack``: the
+        position-major codes whose rows ``indices`` are (per_position), so that :meth:`vstack`
+        stacks all of them, in order, as a view."""
         depth, dtype, new = int(depth), np.dtype(dtype), cls.__new__
         out = []
-        for idx in indices:
+        for t, idx in enumerate(indices):
             one = new(cls)
             one.indices, one.depth, one.dtype = idx, depth, dtype
             one._valid = one._flat = one._segments = None
+            one._position = None if stack is None else (stack, t)
             out.append(one)
         return out
 

@@ -552,6 +552,20 @@ def test_per_position_one_hots_are_the_columns_checked_once():
         OneHot.per_position(np.array([0.0, 1.0]), 6)
 
 
+def test_all_positions_stacked_in_order_are_a_view_of_the_codes():
+    codes = np.array([[0, 5, -1], [2, -1, -1], [4, 1, 3]], dtype=np.int32)
+    parts = OneHot.per_position(codes, 6, np.float32)
+    stacked = OneHot.vstack(parts)  # x0 rows, then x1 rows, ...: the position-major codes themselves
+    want = np.concatenate([np.asarray(x) for x in parts])
+    np.testing.assert_array_equal(np.asarray(stacked), want)
+    assert stacked.dtype == np.float32 and stacked.indices.shape == (9, 1)
+    assert np.shares_memory(stacked.indices, parts[0].indices)
+    for others in (parts[::-1], parts[:2], [parts[0], parts[1], OneHot(codes[:, 2], 6, np.float32)]):
+        again = OneHot.vstack(others)  # any other stack is a copy, in the order given
+        np.testing.assert_array_equal(np.asarray(again), np.concatenate([np.asarray(x) for x in others]))
+        assert not np.shares_memory(again.indices, parts[0].indices)
+
+
 @pytest.mark.parametrize("indices", [
     np.array([0, 3, 5, 1, 3]),                                     # one-hot rows
     np.array([0, -1, 5, -1, 2]),                                   # with padding rows (all zero)
