@@ -109,21 +109,6 @@ def runs() -> Any | None:
     return d if blas.install(d) else None
 
 
-def head() -> Any | None:
-    """The dispatcher, when the loss head (crossEnt-softMax, mean) may run there: native code on and
-    numpy's exp, log and add loops found and agreeing with numpy (:mod:`symdiff.numpy_loops`); else None.
-    Asked on every call of those ops: one look-up once decided."""
-    d = active()
-    if d is None:
-        return None
-    ok = _state.get("head")
-    if ok is None:
-        from . import numpy_loops
-
-        ok = _state["head"] = numpy_loops.install(d)
-    return d if ok else None
-
-
 def set_enabled(on: bool | None) -> None:
     """Switch native code off (``False``) or back on for this process; ``None``: as ``SYMDIFF_NATIVE`` says.
 

@@ -10,23 +10,17 @@ bit for bit (:func:`install`); otherwise ``symdiff.ops`` keeps computing the hea
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+#: ``reference(o, t, d) -> (loss, gradient, mean of loss, mean's gradient for seed d[-1])`` with numpy
+Reference = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, ...]]
 
 _found: dict[str, bool] = {}
 
 
-def _reference(o: np.ndarray, t: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, ...]:
-    """What ``symdiff.ops`` computes with numpy (imported here lazily: ops imports this module's user)."""
-    from . import ops
-
-    loss = ops._crossent_softmax_numpy(o, t)
-    return (loss, ops._crossent_softmax_do_numpy(d, None, o, t), ops._mean_numpy(loss),
-            ops._mean_back_numpy(d[-1:].reshape(()), None, loss))
-
-
-def _agrees(dispatch: Any) -> bool:
+def _agrees(dispatch: Any, reference: Reference) -> bool:
     """Whether the dispatcher's head equals numpy's to the bit (row lengths below, at and above
     numpy's 8-wide unrolling and its 128 block; large and tiny logits, ties, one-hot and soft targets)."""
     rng = np.random.default_rng(0)
@@ -40,7 +34,7 @@ def _agrees(dispatch: Any) -> bool:
                     t[1] = rng.random(c).astype(dtype)  # a soft target
                 d = np.full(n, 1 / n, dtype)
                 d[-1] = -3.0
-                want = _reference(o, t, d)
+                want = reference(o, t, d)
                 got = (dispatch.crossent_softmax(o, t), dispatch.crossent_softmax_grad(d, o, t),
                        dispatch.mean_of(want[0]), dispatch.mean_grad(d[-1:].reshape(()), want[0]))
                 for g, w in zip(got, want):
@@ -49,13 +43,14 @@ def _agrees(dispatch: Any) -> bool:
     return True
 
 
-def install(dispatch: Any) -> bool:
-    """Hand numpy's loops to the dispatcher (once); whether the head may run there."""
+def install(dispatch: Any, reference: Reference) -> bool:
+    """Hand numpy's loops to the dispatcher (once); whether the head may run there: whether it
+    agrees with ``reference``, the numpy code it stands for (``symdiff.ops``)."""
     if "ok" in _found:
         return _found["ok"]
     ok = False
     try:
-        ok = bool(dispatch.set_head_loops(np.exp, np.log, np.add)) and _agrees(dispatch)
+        ok = bool(dispatch.set_head_loops(np.exp, np.log, np.add)) and _agrees(dispatch, reference)
     except Exception:  # noqa: BLE001 - anything odd: the head stays numpy's
         ok = False
     if not ok:

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import sympy as sp
 
-from . import native
+from . import native, numpy_loops
 from .onehot import OneHot
 from .registry import MULTI_OPS, Op, register
 from .declare import defop, training_backward
@@ -128,8 +128,22 @@ def _crossent_dt(delta: np.ndarray, out: Any, p: np.ndarray, t: np.ndarray) -> n
     return -delta[:, None] * np.log(p)
 
 
+def _head() -> Any | None:
+    """The dispatcher when the loss head may run there (native code on, numpy's loops handed over and
+    agreeing with the numpy code below: :mod:`symdiff.numpy_loops`), else None. One look-up once decided."""
+    d = native.active()
+    return d if d is not None and numpy_loops.install(d, _head_reference) else None
+
+
+def _head_reference(o: np.ndarray, t: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The head with numpy (what the compiled head must equal): loss, its gradient, their means."""
+    loss = _crossent_softmax_numpy(o, t)
+    return (loss, _crossent_softmax_do_numpy(d, None, o, t), _mean_numpy(loss),
+            _mean_back_numpy(d[-1:].reshape(()), None, loss))
+
+
 def _crossent_softmax(o: np.ndarray, t: np.ndarray) -> np.ndarray:
-    head = native.head()  # compiled: the same steps in one call, numpy's own loops (symdiff.numpy_loops)
+    head = _head()  # compiled: the same steps in one call, numpy's own loops (symdiff.numpy_loops)
     if head is not None:
         loss = head.crossent_softmax(o, t)
         if loss is not None:
@@ -145,7 +159,7 @@ def _crossent_softmax_numpy(o: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def _crossent_softmax_do(delta: np.ndarray, out: Any, o: np.ndarray, t: np.ndarray) -> np.ndarray:
-    head = native.head()
+    head = _head()
     if head is not None:
         g = head.crossent_softmax_grad(delta, o, t)
         if g is not None:
@@ -167,7 +181,7 @@ def _crossent_softmax_dt(delta: np.ndarray, out: Any, o: np.ndarray, t: np.ndarr
 
 
 def _mean(a: np.ndarray) -> np.ndarray:
-    head = native.head()  # compiled: numpy's pairwise add loop, as np.add.reduce calls it
+    head = _head()  # compiled: numpy's pairwise add loop, as np.add.reduce calls it
     if head is not None:
         m = head.mean_of(a)
         if m is not None:
@@ -184,7 +198,7 @@ def _mean_numpy(a: np.ndarray) -> np.ndarray:
 
 
 def _mean_back(delta: Any, out: Any, a: np.ndarray) -> np.ndarray:
-    head = native.head()
+    head = _head()
     if head is not None:
         g = head.mean_grad(delta, a)
         if g is not None:
