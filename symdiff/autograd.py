@@ -8,6 +8,7 @@ step is then a list index and a call: no name look-ups, no gradient for data.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -86,6 +87,13 @@ class Program:
         self.names = names
         self.slot = slot
         self.leaves = leaves
+        # the leaves are slots 0 .. L-1 (named before any step's output): forward fetches their values
+        # from the input dict in one call and starts the slot list with them
+        assert [k for _, k in leaves] == list(range(len(leaves)))
+        leaf_names = [n for n, _ in leaves]
+        self._leaf_values: Any = (itemgetter(*leaf_names) if len(leaf_names) > 1 else
+                                  (lambda d: (d[leaf_names[0]],)) if leaf_names else (lambda d: ()))
+        self._step_slots: list[None] = [None] * (len(names) - len(leaves))
         # names an input dict may hold: this list's registers and the model's (a value for a
         # register another list of the same model uses is fine); anything else is a typo
         self.xman = xman
@@ -144,23 +152,21 @@ class Program:
         stay; the others shrink to a zero-stride stand-in of the same shape and dtype
         (``backward=False``: to ``None``).
         """
-        unknown = inputs.keys() - self.known
-        if unknown:
-            raise self._unknown_input(min(unknown))
-        v: list[Any] = [None] * len(self.names)
+        if not self.known.issuperset(inputs):
+            raise self._unknown_input(min(inputs.keys() - self.known))
         if isinstance(keep, str):
             keep = (keep,)
         releases = None if keep is None else self._release_plan(frozenset(keep), backward)
-        for name, k in self.leaves:
-            try:
-                val = inputs[name]
-            except KeyError:
-                raise MissingInputError(
-                    f"no value for register {name!r}: pass it in the input dict "
-                    f"(e.g. xm.inputDict({name}=...)) or give it a default") from None
-            if type(val) is not np.ndarray and (k in self.dense_leaves or not isinstance(val, OneHot)):
-                val = np.asarray(val)
-            v[k] = val
+        try:
+            values = self._leaf_values(inputs)
+        except KeyError:
+            name = next(n for n, _ in self.leaves if n not in inputs)
+            raise MissingInputError(
+                f"no value for register {name!r}: pass it in the input dict "
+                f"(e.g. xm.inputDict({name}=...)) or give it a default") from None
+        v: list[Any] = [val if val.__class__ is np.ndarray else self._leaf_value(k, val)
+                        for k, val in enumerate(values)]
+        v += self._step_slots
         k = 0
         stand_in = _ghost if backward else _gone
         plan_key = None if releases is None else (frozenset(keep), backward)
@@ -190,6 +196,13 @@ class Program:
             raise self._error(k, exc, v, "forward") from exc
         self.counters.forward_steps += len(self.forward_plan) if releases is None else len(releases)
         return v
+
+    def _leaf_value(self, k: int, val: Any) -> Any:
+        """A leaf's value that is no plain array: a OneHot stays sparse where a kernel expects one;
+        anything else is handed over as an array."""
+        if k in self.dense_leaves or not isinstance(val, OneHot):
+            return np.asarray(val)
+        return val
 
     def _runs_of(self, pairs: Sequence[tuple[tuple[Any, ...], tuple[Any, ...] | None]], at: int) -> list[Any]:
         """The entries of ``pairs`` ``(entry, description)``, with each stretch of two or more consecutive

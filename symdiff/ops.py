@@ -369,7 +369,7 @@ class RowBlocks:
     def of(cls, parts: list[Any], layout: np.ndarray) -> "RowBlocks | None":
         """``parts`` as row blocks if they are plain matrices of one shape and dtype (no vector blocks)."""
         first = parts[0]
-        if type(first) is not np.ndarray or first.ndim != 2 or layout[1].any():
+        if type(first) is not np.ndarray or first.ndim != 2 or _remembered(layout)[3]:
             return None
         shape, dtype = first.shape, first.dtype
         if all(type(p) is np.ndarray and p.shape == shape and p.dtype == dtype for p in parts):
@@ -401,23 +401,26 @@ class Blocks(list):
     dtype = None
 
 
-_last_cuts: tuple[Any, list[Any], list[Any]] = (None, [], [])
+#: layouts met lately, by identity: (layout, block indices, their ``(..., index)`` keys, any vector block)
+_layout_cuts: dict[int, tuple[Any, list[Any], list[Any], bool]] = {}
 
 
-def _remembered(layout: np.ndarray) -> tuple[Any, list[Any], list[Any]]:
-    """The last layout's block indices and their ``(..., index)`` keys, made again for a new one.
+def _remembered(layout: np.ndarray) -> tuple[Any, list[Any], list[Any], bool]:
+    """A layout's block indices, their ``(..., index)`` keys and whether a block is a vector, made once.
 
-    By identity (layouts are internal and never written): one layout serves every step of a
-    batch, forward and backward.
+    By identity (layouts are internal, never written, and each op's are reused batch after batch;
+    held here, so an id stays theirs): a batch meets a few (an LSTM's gate weights, its stacked
+    inputs), forward and backward, so a few are kept, not only the last.
     """
-    global _last_cuts
-    last = _last_cuts
-    if last[0] is layout:
-        return last
+    hit = _layout_cuts.get(id(layout))
+    if hit is not None and hit[0] is layout:
+        return hit
     offsets, vectors = layout.tolist()  # plain ints: indexing with numpy scalars is slower
     cuts = [a if v else slice(a, b) for a, b, v in zip(offsets, offsets[1:], vectors)]
-    _last_cuts = last = (layout, cuts, [(Ellipsis, c) for c in cuts])
-    return last
+    if len(_layout_cuts) >= 32:
+        _layout_cuts.clear()
+    hit = _layout_cuts[id(layout)] = (layout, cuts, [(Ellipsis, c) for c in cuts], any(vectors))
+    return hit
 
 
 def _cuts(layout: np.ndarray) -> list[Any]:
@@ -442,7 +445,7 @@ def _join(parts: list[Any], layout: np.ndarray | None, axis: int = -1) -> Any:
         joined = _side_by_side(parts)
         if joined is not None:
             return joined
-    if layout[1].any():
+    if _remembered(layout)[3]:
         parts = [np.expand_dims(d, axis) if v else d for d, v in zip(parts, layout[1].tolist())]
     return np.concatenate(parts, axis=axis)
 
