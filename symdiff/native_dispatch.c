@@ -445,22 +445,29 @@ static PyObject *onehot_gather(PyObject *self, PyObject *args) {
     if (onehot_indices(idx, D, &n, &k, &wide)) Py_RETURN_NONE;
     npy_intp ws = PyArray_STRIDE(w, 0) / isz;
     npy_intp dims[2] = {n, H};
-    PyObject *out = PyArray_ZEROS(2, dims, typenum, 0);
+    /* not zeroed first: a row's first selected row of w is written as 0 + w[c] (the same bits as
+     * adding it to zeros, -0.0 included), later ones added; a row selecting nothing is zeroed */
+    PyObject *out = PyArray_EMPTY(2, dims, typenum, 0);
     if (!out) return NULL;
     for (npy_intp r = 0; r < n; r++) {
+        int first = 1;
         for (npy_intp s = 0; s < k; s++) {
             npy_intp c = ONEHOT_COLUMN(idx, wide, r * k + s);
             if (c < 0) continue;
             if (typenum == NPY_DOUBLE) {
                 double *restrict o = (double *)PyArray_DATA((PyArrayObject *)out) + r * H;
                 const double *restrict a = (const double *)PyArray_DATA(w) + c * ws;
-                for (npy_intp h = 0; h < H; h++) o[h] += a[h];
+                if (first) for (npy_intp h = 0; h < H; h++) o[h] = 0.0 + a[h];
+                else for (npy_intp h = 0; h < H; h++) o[h] += a[h];
             } else {
                 float *restrict o = (float *)PyArray_DATA((PyArrayObject *)out) + r * H;
                 const float *restrict a = (const float *)PyArray_DATA(w) + c * ws;
-                for (npy_intp h = 0; h < H; h++) o[h] += a[h];
+                if (first) for (npy_intp h = 0; h < H; h++) o[h] = 0.0f + a[h];
+                else for (npy_intp h = 0; h < H; h++) o[h] += a[h];
             }
+            first = 0;
         }
+        if (first) memset(PyArray_BYTES((PyArrayObject *)out) + r * H * isz, 0, (size_t)(H * isz));
     }
     return out;
 }

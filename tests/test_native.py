@@ -312,8 +312,11 @@ def test_compiled_one_hot_product_gradient_and_row_update_give_numpys_bits(compi
     rng = np.random.default_rng(8)
     codes = rng.integers(-1, 9, size=(40, 3)).astype(index_dtype)
     codes[0] = [4, 4, -1]
+    codes[1] = [-1, -1, -1]  # a row selecting nothing: zeros (the gather does not zero its output first)
+    codes[2] = [6, -1, -1]
     x = OneHot(codes, 9, dtype)
     w = rng.standard_normal((9, 7)).astype(dtype)
+    w[6, :3] = -0.0  # its first row is added to zeros: 0 + -0.0 is +0.0, as in numpy's sum
     delta = rng.standard_normal((40, 7)).astype(dtype)
     d = native.dispatcher()
     got, grad = x.matmul(w), x.rmatmul_grad(delta)
@@ -321,6 +324,7 @@ def test_compiled_one_hot_product_gradient_and_row_update_give_numpys_bits(compi
     x_numpy = OneHot(codes, 9, dtype)
     want, want_grad = x.matmul(w), x_numpy.rmatmul_grad(delta)
     assert got.dtype == want.dtype == dtype and np.array_equal(got, want)
+    assert np.array_equal(np.signbit(got), np.signbit(want)) and not np.signbit(got[2, :3]).any()
     rows, _, starts = x_numpy._segments
     assert np.array_equal(grad.rows, want_grad.rows)
     assert np.array_equal(grad.values, d.segment_sum(delta, rows.astype(np.intp), starts.astype(np.intp)))
