@@ -107,6 +107,7 @@ class Program:
         self.dense_leaves = {k for n, k in leaves if n not in sparse}
         params = set(params)
         self.params = [n for n, _ in leaves if n in params]
+        self._param_slots = [slot[n] for n in self.params]
         # registers that depend on a parameter: the only ones worth a gradient
         needs = {n for n in self.params}
         for s in self.steps:
@@ -404,21 +405,23 @@ class Program:
         for value in seeds.values():
             if isinstance(value, np.ndarray):
                 taken.setdefault(id(_owner(value)), []).append(value)
-        for name in self.params:
-            k = self.slot[name]
+        for k in self._param_slots:
             a = g[k]
-            memory = a.values if isinstance(a, RowSparse) else a  # a row-sparse gradient's memory is its rows
-            if not isinstance(memory, np.ndarray):
+            memory = a.values if a.__class__ is RowSparse else a  # a row-sparse gradient's memory is its rows
+            if memory.__class__ is not np.ndarray and not isinstance(memory, np.ndarray):
                 continue
-            owner = id(_owner(memory))
+            base = memory.base
+            owner = id(memory if base is None else base)
             same = taken.get(owner)
             if same is None:  # the usual case: memory no other gradient or seed uses
                 taken[owner] = [memory]
                 continue
-            if any(np.shares_memory(memory, b) for b in same):
-                a = g[k] = a.copy()
-                memory = a.values if isinstance(a, RowSparse) else a
-                same = taken.setdefault(id(memory), [])
+            for b in same:  # (views of one buffer, e.g. a joined gradient's column blocks: usually apart)
+                if np.shares_memory(memory, b):
+                    a = g[k] = a.copy()
+                    memory = a.values if isinstance(a, RowSparse) else a
+                    same = taken.setdefault(id(memory), [])
+                    break
             same.append(memory)
         return g
 
