@@ -134,6 +134,8 @@ class Program:
         self._releases: dict[tuple[frozenset[str], bool], list[tuple[Any, ...]]] = {}
         # runs of steps in one native call (see _Run): the dispatcher when it can, else None
         self.runs = native_kernels.runs() if native else None
+        # backward's ownership check: a compiled proof that two views of one buffer are apart, before numpy's
+        self._apart = getattr(native_kernels.active(), "apart", None) if native else None
         self._forward_items: dict[Any, list[Any]] = {}
         self._backward_items: dict[tuple[tuple[str, ...], bool], list[Any]] = {}
         self._backward_plans: dict[tuple[str, ...], tuple[list[tuple[Any, int]], int]] = {}
@@ -402,6 +404,7 @@ class Program:
         # gradient memory of its own, shared with no other param's gradient and no caller's seed,
         # so in-place updates (gradient clipping) touch exactly one gradient
         taken: dict[int, list[np.ndarray]] = {}
+        apart = self._apart
         for value in seeds.values():
             if isinstance(value, np.ndarray):
                 taken.setdefault(id(_owner(value)), []).append(value)
@@ -417,7 +420,7 @@ class Program:
                 taken[owner] = [memory]
                 continue
             for b in same:  # (views of one buffer, e.g. a joined gradient's column blocks: usually apart)
-                if np.shares_memory(memory, b):
+                if (apart is None or not apart(memory, b)) and np.shares_memory(memory, b):
                     a = g[k] = a.copy()
                     memory = a.values if isinstance(a, RowSparse) else a
                     same = taken.setdefault(id(memory), [])

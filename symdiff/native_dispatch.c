@@ -1177,6 +1177,38 @@ static PyObject *mean_grad(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* apart(a, b) -> True if arrays a and b provably share no byte, else False (then ask np.shares_memory).
+ * Proved by their extents, or, for two 2-D arrays with the same row stride and contiguous rows (column
+ * blocks of one buffer: a joined gradient cut per gate), by where their rows sit within a row stride.
+ * backward's ownership check asks it of every two param gradients of one buffer, every batch. */
+static PyObject *apart(PyObject *self, PyObject *args) {
+    PyObject *ao, *bo;
+    if (!PyArg_ParseTuple(args, "OO", &ao, &bo)) return NULL;
+    if (!PyArray_Check(ao) || !PyArray_Check(bo)) Py_RETURN_FALSE;
+    PyArrayObject *x[2] = {(PyArrayObject *)ao, (PyArrayObject *)bo};
+    char *lo[2], *hi[2];
+    for (int i = 0; i < 2; i++) {
+        if (PyArray_SIZE(x[i]) == 0) Py_RETURN_TRUE;  /* no memory at all */
+        lo[i] = hi[i] = PyArray_BYTES(x[i]);
+        for (int d = 0; d < PyArray_NDIM(x[i]); d++) {
+            npy_intp span = (PyArray_DIM(x[i], d) - 1) * PyArray_STRIDE(x[i], d);
+            if (span < 0) lo[i] += span; else hi[i] += span;
+        }
+        hi[i] += PyArray_ITEMSIZE(x[i]);
+    }
+    if (hi[0] <= lo[1] || hi[1] <= lo[0]) Py_RETURN_TRUE;
+    if (PyArray_NDIM(x[0]) != 2 || PyArray_NDIM(x[1]) != 2) Py_RETURN_FALSE;
+    npy_intp isz = PyArray_ITEMSIZE(x[0]), s0 = PyArray_STRIDE(x[0], 0);
+    npy_intp wa = PyArray_DIM(x[0], 1) * isz, wb = PyArray_DIM(x[1], 1) * isz;
+    if (PyArray_ITEMSIZE(x[1]) != isz || PyArray_STRIDE(x[1], 0) != s0 || s0 <= 0 || wa > s0 || wb > s0
+        || (PyArray_DIM(x[0], 1) > 1 && PyArray_STRIDE(x[0], 1) != isz)
+        || (PyArray_DIM(x[1], 1) > 1 && PyArray_STRIDE(x[1], 1) != isz)) Py_RETURN_FALSE;
+    npy_intp off = (npy_intp)(PyArray_BYTES(x[1]) - PyArray_BYTES(x[0])) % s0;
+    if (off < 0) off += s0;  /* b's rows start off bytes into a row stride measured from a's rows */
+    if (off >= wa && off + wb <= s0) Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
 /* sgd_step(params, grads, lr, momentum, nesterov, weight_decay, velocities) -> True, or None.
  * SGD on every parameter in one call (a Python loop of `p -= lr * g` costs more than its
  * arithmetic on an LSTM's fourteen small arrays): params[i] -= lr * grads[i], where grads[i] is an
@@ -1494,6 +1526,7 @@ static PyMethodDef methods[] = {
     {"set_head_loops", set_head_loops, METH_VARARGS, "Hand over numpy's exp, log and add loops for the loss head."},
     {"crossent_softmax", crossent_softmax, METH_VARARGS, "ops._crossent_softmax in one call, or None."},
     {"crossent_softmax_grad", crossent_softmax_grad, METH_VARARGS, "ops._crossent_softmax_do in one call, or None."},
+    {"apart", apart, METH_VARARGS, "True if two arrays provably share no memory, else False."},
     {"mean_grad", mean_grad, METH_VARARGS, "ops._mean_back's filled array in one call, or None."},
     {"mean_of", mean_of, METH_VARARGS, "numpy's mean of a 1-D float array as a 0-d array, or None."},
     {"forward", forward, METH_VARARGS, "Run a generated forward kernel; None if the arrays do not fit it."},

@@ -701,3 +701,30 @@ def test_fold_cuts_leaves_a_cut_whose_block_is_read_outside_the_fused_step():
     assert results[0][0] == results[1][0]
     for x, y in zip(results[0][1], results[1][1]):
         np.testing.assert_array_equal(x, y)
+
+
+def test_apart_proves_only_what_is_true(compiled):
+    """backward's ownership check trusts apart(a, b) before np.shares_memory: it must never call two
+    arrays apart that share memory, and it does prove a joined gradient's column blocks apart."""
+    d = native.dispatcher()
+    joined = np.zeros((50, 800), np.float32)
+    gates = [joined[:, c:c + 200] for c in range(0, 800, 200)]
+    assert all(d.apart(a, b) for a in gates for b in gates if a is not b)
+    assert not d.apart(gates[0], gates[0]) and not d.apart(joined[:, 150:250], gates[1])
+    assert not d.apart(joined, joined.T) and d.apart(joined[:0], joined)
+    rng = np.random.default_rng(4)
+    claimed = 0
+    for _ in range(4000):
+        buf = np.zeros((int(rng.integers(1, 9)), int(rng.integers(1, 12))))
+
+        def view():
+            r0, r1 = sorted(rng.integers(0, buf.shape[0] + 1, 2))
+            c0, c1 = sorted(rng.integers(0, buf.shape[1] + 1, 2))
+            v = buf[r0:r1, c0:c1]
+            return v[::-1] if rng.random() < 0.2 else v.T if rng.random() < 0.1 else v
+
+        a, b = view(), view()
+        if d.apart(a, b):
+            claimed += 1
+            assert not np.shares_memory(a, b), (a.shape, a.strides, b.shape, b.strides)
+    assert claimed > 500  # (it does prove things)
