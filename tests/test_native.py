@@ -12,6 +12,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -343,6 +344,49 @@ def test_compiled_one_hot_product_gradient_and_row_update_give_numpys_bits(compi
     assert d.rows_sub_scaled(p_native.astype(np.float16), grad.rows, grad.values, 0.3) is None
 
 
+def _optimiser_case(dtype: Any, rng: np.random.Generator, seed: int, extra: dict[str, Any] | None = None) -> Any:
+    """What the compiled optimiser steps are checked on: a fresh start each call (two column blocks of
+    one array, a bias, a one-hot weight) and three steps' gradients (the weight's row-sparse) from rng."""
+    from symdiff.init import side_by_side
+    from symdiff.onehot import RowSparse
+
+    def start() -> dict[str, np.ndarray]:
+        r = np.random.default_rng(seed)
+        return {**side_by_side({g: r.standard_normal((6, 5)).astype(dtype) for g in "ab"}),  # strided views
+                "bias": r.standard_normal(5).astype(dtype), "w": r.standard_normal((9, 5)).astype(dtype)}
+
+    steps = [{"a": rng.standard_normal((6, 5)).astype(dtype), "b": rng.standard_normal((6, 5)).astype(dtype),
+              "bias": rng.standard_normal(5).astype(dtype), **(extra or {}),
+              "w": RowSparse(np.array([7, 0, 3], dtype=np.intp), rng.standard_normal((3, 5)).astype(dtype), (9, 5))}
+             for _ in range(3)]
+    return start, steps
+
+
+def _same_bits_on_and_off(monkeypatch: Any, d: Any, method: str, start: Any, steps: Any, make: Any) -> list[Any]:
+    """Run the optimiser ``make(params)`` over ``steps`` with native code on, then off; check both end with
+    the same bytes in every parameter and state entry, updated in place; what each compiled call returned."""
+    calls: list[Any] = []
+    monkeypatch.setattr(d, method, lambda *a, _f=getattr(d, method): calls.append(_f(*a)) or calls[-1])
+    results = []
+    for on in (None, False):
+        native.set_enabled(on)
+        params = start()
+        base = params["a"].base
+        opt = make(params)
+        for grads in steps:
+            opt.step(grads)
+        assert params["a"].base is base  # in place: the model's views are still its parameters
+        results.append((params, opt.state_dict()))
+    native.set_enabled(None)
+    monkeypatch.undo()
+    (p1, s1), (p2, s2) = results
+    for n in p1:
+        assert p1[n].tobytes() == p2[n].tobytes(), n
+    for k in s1:
+        assert np.asarray(s1[k]).tobytes() == np.asarray(s2[k]).tobytes(), k
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("settings", [{}, {"weight_decay": 0.01}, {"momentum": 0.9},
                                       {"momentum": 0.5, "nesterov": True, "weight_decay": 0.1}])
@@ -352,43 +396,14 @@ def test_compiled_sgd_step_gives_numpys_bits_for_every_parameter_or_changes_noth
     as numpy does (scalars in p's dtype, a product before a sum), on column blocks of one array, 1-d biases and
     row-sparse gradients: after a few steps parameters and velocities are the bits of the numpy path; anything
     it cannot take (a dtype, a shape, a gradient overlapping its parameter) changes nothing."""
-    from symdiff.init import side_by_side
-    from symdiff.onehot import RowSparse
     from symdiff.optim import SGD
 
     rng = np.random.default_rng(3)
-
-    def start():
-        r = np.random.default_rng(4)
-        return {**side_by_side({g: r.standard_normal((6, 5)).astype(dtype) for g in "ab"}),  # strided views
-                "bias": r.standard_normal(5).astype(dtype), "w": r.standard_normal((9, 5)).astype(dtype)}
-
-    steps = [{"a": rng.standard_normal((6, 5)).astype(dtype), "b": rng.standard_normal((6, 5)).astype(dtype),
-              "bias": rng.standard_normal(5).astype(dtype), "not a parameter": np.ones(3, dtype),
-              "w": RowSparse(np.array([7, 0, 3], dtype=np.intp), rng.standard_normal((3, 5)).astype(dtype), (9, 5))}
-             for _ in range(3)]
+    start, steps = _optimiser_case(dtype, rng, 4, extra={"not a parameter": np.ones(3, dtype)})
     lr = 0.1  # not exact in binary: float32 rounds it, as numpy does
     d = native.dispatcher()
-    calls = []
-    monkeypatch.setattr(d, "sgd_step", lambda *a, _f=d.sgd_step: calls.append(_f(*a)) or calls[-1])
-    results = []
-    for on in (None, False):
-        native.set_enabled(on)
-        params = start()
-        base = params["a"].base
-        opt = SGD(params, lr=lr, **settings)
-        for grads in steps:
-            opt.step(grads)
-        assert params["a"].base is base  # in place: the model's views are still its parameters
-        results.append((params, opt.state_dict()))
-    native.set_enabled(None)
-    monkeypatch.undo()
+    calls = _same_bits_on_and_off(monkeypatch, d, "sgd_step", start, steps, lambda ps: SGD(ps, lr=lr, **settings))
     assert calls == [True] * 3  # one compiled call a step did them all (none with native code off)
-    (p1, s1), (p2, s2) = results
-    for n in p1:
-        assert p1[n].tobytes() == p2[n].tobytes(), n
-    for k in s1:
-        assert np.asarray(s1[k]).tobytes() == np.asarray(s2[k]).tobytes(), k
     p = rng.standard_normal((4, 3)).astype(dtype)
     before = p.copy()
     q = np.ones((4, 3), dtype)
@@ -410,39 +425,13 @@ def test_compiled_adam_step_gives_the_numpy_flat_steps_bits(compiled, monkeypatc
     """adam_step (copy in, L2 or decoupled decay, the moments, the step, in one call) rounds every operation
     as Adam's numpy path does: after a few steps parameters and state are the same bits; and it takes
     nothing it cannot do (None, nothing written)."""
-    from symdiff.init import side_by_side
-    from symdiff.onehot import RowSparse
     from symdiff.optim import make_optimizer
 
-    rng = np.random.default_rng(5)
-
-    def start():
-        r = np.random.default_rng(6)
-        return {**side_by_side({g: r.standard_normal((6, 5)).astype(dtype) for g in "ab"}),
-                "bias": r.standard_normal(5).astype(dtype), "w": r.standard_normal((9, 5)).astype(dtype)}
-
-    steps = [{"a": rng.standard_normal((6, 5)).astype(dtype), "b": rng.standard_normal((6, 5)).astype(dtype),
-              "bias": rng.standard_normal(5).astype(dtype),
-              "w": RowSparse(np.array([7, 0, 3], dtype=np.intp), rng.standard_normal((3, 5)).astype(dtype), (9, 5))}
-             for _ in range(3)]
+    start, steps = _optimiser_case(dtype, np.random.default_rng(5), 6)
     d = native.dispatcher()
-    calls = []
-    monkeypatch.setattr(d, "adam_step", lambda *a, _f=d.adam_step: calls.append(_f(*a)) or calls[-1])
-    results = []
-    for on in (None, False):
-        native.set_enabled(on)
-        params = start()
-        opt = make_optimizer(name, params, 0.01, weight_decay=wd)
-        for grads in steps:
-            opt.step(grads)
-        results.append((params, opt.state_dict()))
+    calls = _same_bits_on_and_off(monkeypatch, d, "adam_step", start, steps,
+                                  lambda ps: make_optimizer(name, ps, 0.01, weight_decay=wd))
     assert calls == [True] * 3  # compiled: one call a step (and none with native code off)
-    (p1, s1), (p2, s2) = results
-    for n in p1:
-        assert p1[n].tobytes() == p2[n].tobytes(), n
-    for k in s1:
-        assert np.asarray(s1[k]).tobytes() == np.asarray(s2[k]).tobytes(), k
-    native.set_enabled(None)
     p = np.ones((4, 3), dtype)
     flat = tuple(np.zeros(12, dtype) for _ in range(4))
     scalars = (0.9, 0.1, 0.999, 0.001, 0.03, 1e-8, 0.1, 0.0, 1.0)
