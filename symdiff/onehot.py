@@ -166,10 +166,13 @@ class OneHot:
         input product), are already stacked in memory: their stack is a view, no copy."""
         first = parts[0]._position
         if first is not None and first[1] == 0 and len(parts) == first[0].shape[0]:
-            columns = first[0]
-            if all(p._position is not None and p._position[0] is columns and p._position[1] == t
-                   for t, p in enumerate(parts)) and len({(p.depth, p.dtype) for p in parts}) == 1:
-                return OneHot._checked([columns.reshape(-1, 1)], parts[0].depth, parts[0].dtype)[0]
+            columns, depth, dtype = first[0], parts[0].depth, parts[0].dtype
+            for t, p in enumerate(parts):  # one plain loop: it runs every batch of a sequence model
+                at = p._position
+                if at is None or at[0] is not columns or at[1] != t or p.depth != depth or p.dtype != dtype:
+                    break
+            else:
+                return OneHot._checked([columns.reshape(-1, 1)], depth, dtype)[0]
         k = max(p.indices.shape[1] for p in parts)
         idx = [p.indices if p.indices.shape[1] == k else
                np.pad(p.indices, ((0, 0), (0, k - p.indices.shape[1])), constant_values=-1) for p in parts]

@@ -272,8 +272,13 @@ class Stack:
             hit = self._views.get(tuple(map(id, parts)))
             if hit is not None and all(a is b for a, b in zip(hit[0], parts)):
                 return hit[1], hit[2]
-        if axis == 0 and all(isinstance(p, OneHot) for p in parts) and len({p.depth for p in parts}) == 1:
-            return OneHot.vstack(list(parts)), self._layout(tuple(p.shape[0] for p in parts), (False,) * k)
+        if axis == 0 and isinstance(parts[0], OneHot):  # one plain pass over the parts (an LSTM's x0 ... x9)
+            depth = parts[0].depth
+            for p in parts:
+                if not isinstance(p, OneHot) or p.depth != depth:
+                    break
+            else:
+                return OneHot.vstack(list(parts)), self._layout(tuple([p.indices.shape[0] for p in parts]), (False,) * k)
         dense = [np.asarray(p) for p in parts]
         if any(d.ndim not in (1, 2) for d in dense):
             raise ValueError(f"{self.name} needs vectors or matrices, got shapes {[d.shape for d in dense]}")

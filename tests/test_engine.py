@@ -566,6 +566,29 @@ def test_all_positions_stacked_in_order_are_a_view_of_the_codes():
         assert not np.shares_memory(again.indices, parts[0].indices)
 
 
+def test_vconcat_of_one_hots_stays_one_hot_only_for_one_depth_and_views_only_one_call():
+    from symdiff.ops import Stack
+    codes = np.array([[0, 5, -1], [2, -1, -1], [4, 1, 3]], dtype=np.int32)
+    parts = OneHot.per_position(codes, 6, np.float32)
+    vconcat = Stack(3, 0)
+    stacked, layout = vconcat.forward(*parts)
+    assert isinstance(stacked, OneHot) and np.shares_memory(stacked.indices, parts[0].indices)
+    assert layout[0].tolist() == [0, 3, 6, 9]
+    # the same position from another call (other codes): a copy in the order given, not the first call's view
+    other = OneHot.per_position(codes[::-1].copy(), 6, np.float32)
+    mixed = [parts[0], other[1], parts[2]]
+    again, _ = vconcat.forward(*mixed)
+    np.testing.assert_array_equal(np.asarray(again), np.concatenate([np.asarray(x) for x in mixed]))
+    assert not np.shares_memory(again.indices, parts[0].indices)
+    # a plain array among them, or a one-hot of another depth: the dense join (or its error), never a OneHot
+    dense = np.ones((3, 6), np.float32)
+    joined, _ = vconcat.forward(parts[0], dense, parts[2])
+    assert type(joined) is np.ndarray
+    np.testing.assert_array_equal(joined, np.concatenate([np.asarray(parts[0]), dense, np.asarray(parts[2])]))
+    with pytest.raises(ValueError, match="agree along axis"):
+        vconcat.forward(parts[0], OneHot(codes[:, 1], 7, np.float32), parts[2])
+
+
 @pytest.mark.parametrize("indices", [
     np.array([0, 3, 5, 1, 3]),                                     # one-hot rows
     np.array([0, -1, 5, -1, 2]),                                   # with padding rows (all zero)
