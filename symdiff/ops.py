@@ -377,9 +377,10 @@ class RowBlocks:
         if type(first) is not np.ndarray or first.ndim != 2 or _remembered(layout)[3]:
             return None
         shape, dtype = first.shape, first.dtype
-        if all(type(p) is np.ndarray and p.shape == shape and p.dtype == dtype for p in parts):
-            return cls(parts)
-        return None
+        for p in parts:  # one plain loop (no generator): an LSTM's ten step gradients, every batch
+            if type(p) is not np.ndarray or p.shape != shape or (p.dtype is not dtype and p.dtype != dtype):
+                return None
+        return cls(parts)
 
     def joined(self) -> np.ndarray:
         return np.concatenate(self.parts, axis=0)

@@ -469,6 +469,20 @@ def test_row_blocks_are_read_in_place_as_their_concatenation():
         assert d.segment_sum([parts[0], parts[1].astype(np.float32)], r[:1], starts[:1]) is None
 
 
+def test_row_blocks_only_of_plain_matrices_of_one_shape_and_dtype():
+    """RowBlocks.of stands for the join only where the join is a plain stack of equal blocks."""
+    from symdiff.ops import RowBlocks, Stack
+
+    parts = [np.full((4, 3), float(t)) for t in range(3)]
+    _, layout = Stack(3, 0).forward(*parts)
+    rows = RowBlocks.of(parts, layout)
+    assert rows is not None and np.array_equal(np.asarray(rows), np.concatenate(parts))
+    for odd in (parts[1].astype(np.float32), parts[1][:3], np.ones(3), np.ma.asarray(parts[1])):
+        assert RowBlocks.of([parts[0], odd, parts[2]], layout) is None, odd
+    _, with_vector = Stack(2, 0).forward(parts[0], np.ones(3))  # a vector block: no equal row blocks
+    assert RowBlocks.of(parts[:2], with_vector) is None
+
+
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_training_steps_compiled_and_numpy_agree(compiled, monkeypatch, kind, dtype):
