@@ -16,7 +16,7 @@ import numpy as np
 from .errors import GraphError, MissingInputError, ShapeError, SymdiffError, UnknownNameError, did_you_mean
 from .graph import Step, XMan
 from .onehot import OneHot, RowSparse
-from .ops import MATMUL_KERNELS, Blocks, CutFed, shared_transposes
+from .ops import MATMUL_KERNELS, TRANSPOSED_COPY_SIZES, Blocks, CutFed, shared_transposes
 from .passes import DEFAULT_PASSES, PASSES
 from . import native as native_kernels
 from .registry import MULTI_OPS, get_op
@@ -134,6 +134,8 @@ class Program:
         self._releases: dict[tuple[frozenset[str], bool], list[tuple[Any, ...]]] = {}
         # runs of steps in one native call (see _Run): the dispatcher when it can, else None
         self.runs = native_kernels.runs() if native else None
+        if self.runs is not None:  # products by bᵀ as _mul_da makes them: the same gemm call, the same bits
+            self.runs.set_transposed_copy(*TRANSPOSED_COPY_SIZES)
         # backward's ownership check: a compiled proof that two views of one buffer are apart, before numpy's
         self._apart = getattr(native_kernels.active(), "apart", None) if native else None
         self._forward_items: dict[Any, list[Any]] = {}

@@ -588,6 +588,18 @@ static PyObject *set_blas(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The sizes of a C-ordered right operand b for which delta @ b.T multiplies by a contiguous copy of b.T,
+ * as symdiff.ops._mul_da does: symdiff.ops.TRANSPOSED_COPY_SIZES, handed over by the Program that runs
+ * (set_transposed_copy), so that both paths make the same gemm call. Until then: never (an empty range). */
+static npy_intp tcopy_lo = 1, tcopy_hi = 0;
+
+static PyObject *set_transposed_copy(PyObject *self, PyObject *args) {
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTuple(args, "nn", &lo, &hi)) return NULL;
+    tcopy_lo = lo; tcopy_hi = hi;
+    Py_RETURN_NONE;
+}
+
 /* numpy's is_blasable2d (umath/matmul.c.src) */
 static int blasable2d(npy_intp s1, npy_intp s2, npy_intp d1, npy_intp d2, npy_intp isz) {
     if (s2 != isz) return 0;
@@ -877,7 +889,7 @@ static int accumulate(PyObject *g, Py_ssize_t t, long how, PyObject *d) {
  * step its inputs' gradients from the kernel's: an index, or (layout input, indices) of blocks to
  * join); with drop, g[s] = v[s] = None for the dropped slots after the
  * step (Program.backward's params_only). delta @ b.T uses a contiguous copy of b.T where
- * symdiff.ops._mul_da does (C-ordered b of 1024..65536 elements), made once per b in this call. */
+ * symdiff.ops._mul_da does (set_transposed_copy), made once per b in this call. */
 static PyObject *run_backward(PyObject *self, PyObject *args) {
     PyObject *steps, *g, *v;
     int drop;
@@ -899,7 +911,7 @@ static PyObject *run_backward(PyObject *self, PyObject *args) {
                 if (!PyArray_CheckExact(b)) break;
                 PyArrayObject *ba = (PyArrayObject *)b;
                 npy_intp size = PyArray_SIZE(ba);
-                if (PyArray_NDIM(ba) == 2 && PyArray_IS_C_CONTIGUOUS(ba) && size >= 1024 && size <= (1 << 16)) {
+                if (PyArray_NDIM(ba) == 2 && PyArray_IS_C_CONTIGUOUS(ba) && size >= tcopy_lo && size <= tcopy_hi) {
                     PyObject *bt = NULL;
                     for (int c = 0; c < ncache; c++) if (cache_b[c] == b) bt = cache_t[c];
                     if (!bt) {
@@ -1520,6 +1532,7 @@ static PyMethodDef methods[] = {
     {"segment_sum", segment_sum, METH_VARARGS, "Sums of groups of rows of a matrix, or None."},
     {"join_columns", join_columns, METH_VARARGS, "The array some column blocks are side by side in, or None."},
     {"set_blas", set_blas, METH_VARARGS, "Hand over the cblas_?gemm numpy's matmul calls."},
+    {"set_transposed_copy", set_transposed_copy, METH_VARARGS, "The b sizes for which delta @ b.T copies b.T (ops._mul_da's)."},
     {"gemm", gemm, METH_VARARGS, "a @ b through that gemm as numpy calls it, or None where numpy would not."},
     {"run_forward", run_forward, METH_VARARGS, "Run forward steps (products, fused kernels); how many ran."},
     {"run_backward", run_backward, METH_VARARGS, "Run backward steps (products, fused kernels); how many ran."},

@@ -62,14 +62,19 @@ def shared_transposes() -> Iterator[None]:
         _PASS.transposes = outer
 
 
+#: the sizes of a C-ordered right operand ``b`` for which ``delta @ b.T`` multiplies by a contiguous copy
+#: of ``b.T``: OpenBLAS is slower with a transposed right operand at these sizes than the copy costs
+#: (LSTM, 64x200 @ (50x200).T: 34 us; 3.6 us copy + 24 us). A native run (symdiff.autograd) is handed
+#: the same sizes, so that it makes the same gemm call and gets the same bits
+TRANSPOSED_COPY_SIZES = (1024, 1 << 16)
+
+
 def _mul_da(delta: Any, out: Any, a: Any, b: np.ndarray) -> np.ndarray:
     if type(delta) is RowBlocks:
         delta = delta.joined()
     if np.ndim(b) == 1:  # matrix-vector (or vector-vector) product: delta has lost b's axis
         return np.multiply.outer(delta, b) if np.ndim(a) == 2 else delta * b
-    if b.flags.c_contiguous and 1024 <= b.size <= 1 << 16:
-        # OpenBLAS is slower with a transposed right operand at these sizes than the copy
-        # costs (LSTM, 64x200 @ (50x200).T: 34 us; 3.6 us copy + 24 us)
+    if b.flags.c_contiguous and TRANSPOSED_COPY_SIZES[0] <= b.size <= TRANSPOSED_COPY_SIZES[1]:
         cache = getattr(_PASS, "transposes", None)
         if cache is None:
             return delta @ np.ascontiguousarray(b.T)
